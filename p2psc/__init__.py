@@ -1,0 +1,31 @@
+"""p2psc: authenticated, encrypted peer-to-peer channels over TCP and UDP for asyncio.
+
+Each peer has an id, an RSA private key and the public keys of the peers it knows; a handshake
+(RSA-PSS signatures, RSA-OAEP key transport and X25519) gives every connection fresh AEAD keys.
+See README.md and docs/PROTOCOL.md.
+"""
+
+from .p2pexcept import (ChannelNotReady, ConfigError, ConnectionLost, CRCError, DirectoryError,
+                        HandshakeError, HandshakeTimeout, InvalidDataType, MessageTooLarge,
+                        MissRemoteAddr, P2PError, ProtocolError, SignCheckError, StatusError,
+                        UnknownPeerError)
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "P2PHandler", "TcpP2P", "__version__",
+    "P2PError", "ConfigError", "UnknownPeerError", "MissRemoteAddr", "CRCError",
+    "ChannelNotReady", "InvalidDataType", "SignCheckError", "StatusError", "HandshakeError",
+    "HandshakeTimeout", "ProtocolError", "MessageTooLarge", "ConnectionLost", "DirectoryError",
+]
+
+
+def __getattr__(name: str) -> object:
+    # Imported lazily so that `import p2psc.keys` stays light.
+    if name == "P2PHandler":
+        from .p2phandler import P2PHandler
+        return P2PHandler
+    if name == "TcpP2P":
+        from .p2p import TcpP2P
+        return TcpP2P
+    raise AttributeError(f"module 'p2psc' has no attribute {name!r}")

@@ -1,0 +1,325 @@
+"""Peer configuration: ``conf/config.json`` and the files it names, loaded and checked at start-up.
+
+A peer folder (the original layout)::
+
+    conf/config.json        {"my_prikey_file": "$[workdir]$/data/private_key.pem", ...}
+    data/config.json        {"peer_id": "test1.com", "host": "127.0.0.1", "port": 10098}
+    data/peers.json         {"test2.com": {"peer_id": "test2.com", "host": "localhost", "port": 10099}}
+    data/private_key.pem
+    data/pubkeys/test2.com.pubkey.pem
+
+Every mistake is reported as a :class:`ConfigError` naming the file and what is wrong.
+The reference of every key is in docs/CONFIG.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from . import keys
+from .p2pexcept import ConfigError, UnknownPeerError
+from .suites import SUITES_BY_NAME, default_suite_name
+
+log = logging.getLogger("p2psc.config")
+
+__all__ = ["Settings", "PeerAddress", "PeerConfig", "PeerStore", "read_config_file",
+           "substitute", "load_peer_config", "config_from_appublic"]
+
+#: Largest JSON config file read (peers.json with thousands of peers stays far below).
+MAX_JSON_FILE_SIZE = 16 * 1024 * 1024
+_VAR_RE = re.compile(r"\$\[(.*?)\]\$")
+
+
+@dataclass
+class Settings:
+    """Protocol and resource settings; each may be set as a top-level key of conf/config.json."""
+
+    cipher_suite: str = field(default_factory=default_suite_name)
+    enable_rc4: bool = False
+    max_message_size: int = 16 * 1024 * 1024
+    handshake_timeout: float = 10.0
+    timestamp_window: float = 120.0
+    rekey_after_time: float = 600.0
+    rekey_after_messages: int = 1 << 24
+    pending_max_messages: int = 1024
+    pending_max_bytes: int = 16 * 1024 * 1024
+    replay_cache_size: int = 65536
+    idle_timeout: float = 0.0
+    keepalive_interval: float = 0.0
+    allow_key_change: bool = False
+    directory_timeout: float = 5.0
+    # UDP
+    udp_max_payload: int = 1200
+    udp_handshake_retry: float = 1.0
+    udp_handshake_timeout: float = 15.0
+    udp_session_idle_timeout: float = 180.0
+    udp_rekey_grace: float = 10.0
+
+    @classmethod
+    def from_mapping(cls, conf: Mapping[str, Any], where: str) -> "Settings":
+        """Build settings from the keys of ``conf`` that name a setting; check types and ranges."""
+        s = cls()
+        for f in fields(cls):
+            if f.name not in conf:
+                continue
+            value = conf[f.name]
+            default = getattr(s, f.name)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where}: {f.name} must be true or false, not {value!r}")
+            elif isinstance(default, (int, float)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"{where}: {f.name} must be a number, not {value!r}")
+                if isinstance(default, int) and not isinstance(value, int):
+                    raise ConfigError(f"{where}: {f.name} must be a whole number, not {value!r}")
+                if value < 0:
+                    raise ConfigError(f"{where}: {f.name} must not be negative")
+            elif not isinstance(value, str):
+                raise ConfigError(f"{where}: {f.name} must be a string, not {value!r}")
+            setattr(s, f.name, value)
+        if s.cipher_suite not in SUITES_BY_NAME:
+            raise ConfigError(f"{where}: unknown cipher_suite {s.cipher_suite!r}; "
+                              f"choose one of {', '.join(SUITES_BY_NAME)}")
+        if SUITES_BY_NAME[s.cipher_suite].weak and not s.enable_rc4:
+            raise ConfigError(f"{where}: cipher_suite {s.cipher_suite} needs enable_rc4: true "
+                              "(it is weak; see the README)")
+        if not 1 <= s.max_message_size <= (1 << 31):
+            raise ConfigError(f"{where}: max_message_size must be between 1 and 2**31")
+        if s.handshake_timeout <= 0 or s.timestamp_window <= 0:
+            raise ConfigError(f"{where}: handshake_timeout and timestamp_window must be positive")
+        if s.rekey_after_messages < 1 or s.rekey_after_time <= 0:
+            raise ConfigError(f"{where}: rekey_after_messages and rekey_after_time must be positive")
+        return s
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """A peer's id and where to reach it."""
+
+    peer_id: str
+    host: str
+    port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peer_id": self.peer_id, "host": self.host, "port": self.port}
+
+
+def _parse_address(obj: Any, where: str, expected_id: str | None = None) -> PeerAddress:
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"{where}: expected an object with peer_id, host and port")
+    peer_id = obj.get("peer_id", expected_id)
+    try:
+        keys.validate_peer_id(peer_id)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if expected_id is not None and peer_id != expected_id:
+        raise ConfigError(f"{where}: entry {expected_id!r} has peer_id {peer_id!r}")
+    host = obj.get("host")
+    port = obj.get("port")
+    if not isinstance(host, str) or not host or len(host) > 255:
+        raise ConfigError(f"{where}: peer {peer_id}: host must be a non-empty string")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: peer {peer_id}: port must be a whole number 0-65535")
+    return PeerAddress(peer_id, host, port)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_FILE_SIZE:
+            raise ConfigError(f"{path}: {what} is {size} bytes, over the {MAX_JSON_FILE_SIZE} limit")
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{path}: {what} is not valid JSON: {exc}") from None
+
+
+def substitute(value: Any, namespace: Mapping[str, str], where: str) -> Any:
+    """Replace ``$[name]$`` in every string of ``value`` (recursively), as appPublic does
+    for ``workdir``, ``ProgramPath`` and ``home``; an unknown name is a :class:`ConfigError`."""
+    if isinstance(value, str):
+        def repl(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in namespace:
+                raise ConfigError(f"{where}: unknown variable $[{name}]$ "
+                                  f"(known: {', '.join(sorted(namespace))})")
+            return namespace[name]
+        return _VAR_RE.sub(repl, value)
+    if isinstance(value, list):
+        return [substitute(v, namespace, where) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute(v, namespace, where) for k, v in value.items()}
+    return value
+
+
+def read_config_file(workdir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``<workdir>/conf/config.json`` with ``$[workdir]$``, ``$[ProgramPath]$`` and
+    ``$[home]$`` substituted; appPublic's process-wide singleton is not touched."""
+    wd = os.path.abspath(os.fspath(workdir))
+    path = Path(wd, "conf", "config.json")
+    raw = _read_json(path, "config file")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a JSON object")
+    namespace = {
+        "workdir": wd,
+        "ProgramPath": os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else ".")),
+        "home": str(Path.home()),
+    }
+    conf = substitute(raw, namespace, str(path))
+    conf["__config_file__"] = str(path)
+    return conf
+
+
+def config_from_appublic() -> dict[str, Any]:
+    """The config of appPublic's ``getConfig()`` singleton (as the original README sets up)."""
+    try:
+        from appPublic.jsonConfig import getConfig
+    except ImportError as exc:  # pragma: no cover - appPublic is a dependency
+        raise ConfigError(f"appPublic is not installed: {exc}") from None
+    try:
+        cfg = getConfig()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{exc.filename}: config file not found (run from a peer folder, "
+                          "or pass workdir=)") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"conf/config.json: cannot load: {exc}") from None
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items() if k not in ("__jsonholder__", "NS")}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    conf = plain(dict(cfg))
+    holder = cfg.get("__jsonholder__") if isinstance(cfg, dict) else None
+    conf["__config_file__"] = str(holder) if holder else "conf/config.json"
+    return conf
+
+
+class PeerStore:
+    """The peers this peer knows: their addresses (``known_peers_file``) and public keys
+    (``peer_pubkey_path``), held in memory after start-up so no file is read on the event loop."""
+
+    def __init__(self, known_peers_file: Path, peer_pubkey_path: Path,
+                 addresses: dict[str, PeerAddress], public_keys: dict[str, rsa.RSAPublicKey]):
+        self.known_peers_file = known_peers_file
+        self.peer_pubkey_path = peer_pubkey_path
+        self._addresses = addresses
+        self._public_keys = public_keys
+
+    @classmethod
+    def load(cls, known_peers_file: Path, peer_pubkey_path: Path) -> "PeerStore":
+        """Read the known peers file and every ``*.pubkey.pem`` in the public key folder."""
+        if not peer_pubkey_path.is_dir():
+            raise ConfigError(f"{peer_pubkey_path}: peer_pubkey_path is not a folder")
+        raw = _read_json(known_peers_file, "known peers file")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{known_peers_file}: must be a JSON object of peer id -> record")
+        addresses = {pid: _parse_address(rec, str(known_peers_file), pid) for pid, rec in raw.items()}
+        public_keys: dict[str, rsa.RSAPublicKey] = {}
+        for path in sorted(peer_pubkey_path.glob("*" + keys.PUBKEY_SUFFIX)):
+            peer_id = path.name[: -len(keys.PUBKEY_SUFFIX)]
+            try:
+                keys.validate_peer_id(peer_id)
+            except ConfigError:
+                log.warning("%s: ignored: the file name is not a valid peer id", path)
+                continue
+            public_keys[peer_id] = keys.load_public_key(path)
+        for peer_id in addresses:
+            if peer_id not in public_keys:
+                raise ConfigError(f"{known_peers_file}: known peer {peer_id} has no public key file "
+                                  f"{peer_pubkey_path / (peer_id + keys.PUBKEY_SUFFIX)}")
+        return cls(known_peers_file, peer_pubkey_path, addresses, public_keys)
+
+    def public_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
+        """The peer's public key, or None when it is not known."""
+        return self._public_keys.get(peer_id)
+
+    def address(self, peer_id: str) -> PeerAddress:
+        """The peer's address; :class:`UnknownPeerError` when it is not a known peer."""
+        try:
+            return self._addresses[peer_id]
+        except KeyError:
+            raise UnknownPeerError(f"unknown peer {peer_id!r}: not in {self.known_peers_file}") from None
+
+    def known_ids(self) -> list[str]:
+        return sorted(self._addresses)
+
+    def add(self, address: PeerAddress, public_key: rsa.RSAPublicKey, *, persist: bool = True) -> None:
+        """Add or update a known peer in memory and, with ``persist``, on disk (atomic writes).
+
+        The caller decides whether a changed public key is acceptable.
+        """
+        keys.validate_peer_id(address.peer_id)
+        if persist:
+            keys.atomic_write(self.peer_pubkey_path / (address.peer_id + keys.PUBKEY_SUFFIX),
+                              keys.public_key_pem(public_key))
+            table = {pid: a.to_json() for pid, a in self._addresses.items()}
+            table[address.peer_id] = address.to_json()
+            keys.atomic_write(self.known_peers_file,
+                              (json.dumps(table, indent=2, sort_keys=True) + "\n").encode())
+        self._public_keys[address.peer_id] = public_key
+        self._addresses[address.peer_id] = address
+
+
+@dataclass
+class PeerConfig:
+    """Everything a peer needs to run: its identity, its known peers and its settings."""
+
+    peer_id: str
+    host: str
+    port: int
+    private_key: rsa.RSAPrivateKey
+    peers: PeerStore
+    settings: Settings
+    find_peer_info_url: str | None
+    config_file: str
+    xconfig_file: str
+
+
+_REQUIRED = ("my_prikey_file", "xconfig", "known_peers_file", "peer_pubkey_path")
+
+
+def load_peer_config(conf: Mapping[str, Any]) -> PeerConfig:
+    """Check a config mapping (keys as in conf/config.json, variables already substituted)
+    and load the files it names."""
+    where = str(conf.get("__config_file__", "config"))
+    if not isinstance(conf, Mapping):
+        raise ConfigError(f"{where}: the config must be a mapping")
+    for k in _REQUIRED:
+        v = conf.get(k)
+        if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
+            raise ConfigError(f"{where}: missing or empty {k!r}")
+    settings = Settings.from_mapping(conf, where)
+
+    password = conf.get("my_prikey_password")
+    if password is None:
+        password = os.environ.get("P2PSC_PRIKEY_PASSWORD")
+    if password is not None and not isinstance(password, str):
+        raise ConfigError(f"{where}: my_prikey_password must be a string")
+    private_key = keys.load_private_key(conf["my_prikey_file"], password.encode() if password else None)
+
+    xconfig = Path(conf["xconfig"])
+    me = _parse_address(_read_json(xconfig, "own peer record (xconfig)"), str(xconfig))
+    peers = PeerStore.load(Path(conf["known_peers_file"]), Path(conf["peer_pubkey_path"]))
+
+    url = conf.get("find_peer_info_url")
+    if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+        raise ConfigError(f"{where}: find_peer_info_url must be an http:// or https:// URL")
+    return PeerConfig(peer_id=me.peer_id, host=me.host, port=me.port, private_key=private_key,
+                      peers=peers, settings=settings, find_peer_info_url=url or None,
+                      config_file=where, xconfig_file=str(xconfig))

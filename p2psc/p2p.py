@@ -1,0 +1,370 @@
+"""``TcpP2P``: the asyncio protocol applications subclass for TCP peers.
+
+A thin adapter over the sans-IO :class:`p2psc.connection.Connection`: it feeds received
+bytes in, dispatches events to the hooks, and writes what the connection produces. Records
+sent in one event-loop iteration are coalesced into one socket write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .connection import (Connection, ConnectionClosed, HandshakeComplete, MessageReceived,
+                         PeerKeyNeeded, Role, State)
+from .p2pexcept import (ChannelNotReady, ConnectionLost, HandshakeError, HandshakeTimeout,
+                        InvalidDataType, MessageTooLarge, P2PError)
+
+if TYPE_CHECKING:
+    from .p2phandler import P2PHandler
+
+log = logging.getLogger("p2psc.p2p")
+
+__all__ = ["TcpP2P", "SecureTransport"]
+
+
+class SecureTransport:
+    """What ``TcpP2P.transport`` is: the asyncio transport, except that ``close()`` first
+    sends the authenticated CLOSE record (so the peer can tell a clean close from a
+    truncation) and ``write()`` sends an encrypted message like ``send()``."""
+
+    __slots__ = ("_protocol", "_transport")
+
+    def __init__(self, protocol: "TcpP2P", transport: asyncio.Transport):
+        self._protocol = protocol
+        self._transport = transport
+
+    def close(self) -> None:
+        """Send CLOSE (after anything queued) and close the connection."""
+        self._protocol.close()
+
+    def abort(self) -> None:
+        """Close at once, without CLOSE (the peer sees a lost connection)."""
+        self._protocol._abort()
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` as one encrypted message (same as ``protocol.send``)."""
+        self._protocol.send(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    @property
+    def raw(self) -> asyncio.Transport:
+        """The underlying asyncio transport (writing to it directly breaks the channel)."""
+        return self._transport
+
+    def __getattr__(self, name: str) -> Any:  # pause_reading, get_write_buffer_size, ...
+        return getattr(self._transport, name)
+
+
+class TcpP2P(asyncio.Protocol):
+    """An authenticated, encrypted TCP channel to one peer.
+
+    Built by :class:`~p2psc.p2phandler.P2PHandler` as ``ProtocolClass(handler, myid, peer_id)``
+    (``peer_id`` is None on the accepting side until the handshake names the peer).
+    Override :meth:`on_handshaked`, :meth:`on_recv` and :meth:`on_closed`.
+
+    ``send()`` before the handshake completes queues the message (at most
+    ``pending_max_messages`` messages and ``pending_max_bytes`` bytes; past that it raises
+    :class:`ChannelNotReady`); the queue is flushed, in order, when the handshake completes.
+    """
+
+    def __init__(self, handler: "P2PHandler", myid: str, peer_id: str | None = None):
+        self.handler = handler
+        self.myid = myid
+        self.peer_id = peer_id
+        self.transport: SecureTransport | None = None
+        self._raw: asyncio.Transport | None = None
+        self._conn: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._handshaked = False
+        self._error: P2PError | None = None
+        self._closed = False
+        self._close_reason_set = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._lookup_task: asyncio.Task[None] | None = None
+        self._peername: Any = None
+        self._got_data = False
+
+    # -- hooks for applications ---------------------------------------------------------------
+
+    def on_handshaked(self) -> None:
+        """Called once the peer is authenticated and data can flow (both sides)."""
+
+    def on_recv(self, data: bytes) -> None:
+        """Called with each message the peer sent, decrypted and authenticated."""
+
+    def on_closed(self, exc: Exception | None) -> None:
+        """Called once when the connection ends: ``exc`` is None for a clean close."""
+
+    # -- API ------------------------------------------------------------------------------------
+
+    @property
+    def handshaked(self) -> bool:
+        """True once the handshake completed (and until the connection closes)."""
+        return self._handshaked and not self._closed
+
+    @property
+    def suite(self) -> str | None:
+        """The cipher suite in use, once handshaked."""
+        return self._conn.suite_name if self._conn else None
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send one message; it arrives as exactly one ``on_recv`` on the other side."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidDataType(f"send() takes bytes-like data, not {type(data).__name__}")
+        conn = self._conn
+        if self._handshaked and conn is not None and not self._closed:
+            conn.send(data)
+            if self._flush_handle is None:
+                self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+            return
+        if self._closed or self._error is not None:
+            raise ChannelNotReady("the connection is closed")
+        settings = self.handler.settings
+        if len(data) > settings.max_message_size:
+            raise MessageTooLarge(f"message of {len(data)} bytes is over the "
+                                  f"{settings.max_message_size}-byte limit")
+        if (len(self._pending) >= settings.pending_max_messages
+                or self._pending_bytes + len(data) > settings.pending_max_bytes):
+            raise ChannelNotReady("the handshake has not completed and the pre-handshake queue "
+                                  "is full")
+        self._pending.append(bytes(data))
+        self._pending_bytes += len(data)
+
+    async def wait_handshaked(self) -> None:
+        """Return when the handshake is done; raise its error if it failed or the connection
+        closed first."""
+        if self._handshaked:
+            return
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise HandshakeError("the connection closed before the handshake completed")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        if self._closed:
+            raise self._error or ChannelNotReady("the connection is closed")
+        if not self._paused:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    def close(self) -> None:
+        """Close gracefully: flush, send the authenticated CLOSE record, close the socket."""
+        if self._raw is None or self._closed:
+            return
+        conn = self._conn
+        if conn is not None and self._handshaked:
+            conn.close()
+            self._flush()
+        self._set_closed(None)
+        self._raw.close()
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._loop = asyncio.get_running_loop()
+        self._raw = transport
+        self.transport = SecureTransport(self, transport)
+        self._peername = transport.get_extra_info("peername")
+        handler = self.handler
+        role = Role.INITIATOR if self.peer_id is not None else Role.RESPONDER
+        try:
+            self._conn = handler._new_connection(role, self.peer_id)
+        except P2PError as exc:
+            self._fail(exc)
+            return
+        handler._register(self)
+        self._timer = self._loop.call_later(handler.settings.handshake_timeout,
+                                            self._on_handshake_timeout)
+        if role is Role.INITIATOR:
+            self._conn.initiate()
+            self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is None or self._closed:
+            return
+        self._got_data = True
+        try:
+            events = conn.receive_data(data)
+        except P2PError as exc:
+            self._fail(exc)
+            return
+        if events:
+            self._dispatch(events)
+        if conn._out and self._flush_handle is None:
+            self._flush()
+
+    def eof_received(self) -> bool:
+        if self._conn is not None:
+            self._dispatch(self._conn.receive_eof())
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._lookup_task is not None:
+            self._lookup_task.cancel()
+        if not self._closed:
+            if exc is not None:
+                err: P2PError = ConnectionLost(f"connection lost: {exc}")
+            elif self._handshaked:
+                err = ConnectionLost("the connection ended without the peer's CLOSE record")
+            else:
+                err = HandshakeError("the connection closed before the handshake completed")
+            self._set_closed(err)
+        self._conn = None
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_exception(self._error or ChannelNotReady("the connection is closed"))
+        self._drain_waiters.clear()
+        self.handler._unregister(self)
+        self._call_hook(self.on_closed, self._error)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._drain_waiters.clear()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _dispatch(self, events: list[Any]) -> None:
+        for ev in events:
+            if self._closed:
+                return
+            if type(ev) is MessageReceived:
+                self._call_hook(self.on_recv, ev.data)
+            elif type(ev) is HandshakeComplete:
+                self._on_handshake_complete(ev.peer_id)
+            elif type(ev) is ConnectionClosed:
+                self._set_closed(ev.error)
+                if ev.error is not None:
+                    # a connection that closes before sending anything (a port probe) is routine
+                    level = logging.WARNING if self._got_data else logging.DEBUG
+                    log.log(level, "%s: %s", self._describe(), ev.error)
+                if self._raw is not None:
+                    self._raw.close()
+            elif type(ev) is PeerKeyNeeded:
+                self._lookup_task = asyncio.ensure_future(self._resolve_peer_key(ev.peer_id))
+
+    async def _resolve_peer_key(self, peer_id: str) -> None:
+        try:
+            key = await self.handler._lookup_unknown_peer(peer_id)
+        except P2PError as exc:
+            log.info("%s: lookup of %s failed: %s", self._describe(), peer_id, exc)
+            key = None
+        conn = self._conn
+        if conn is None or self._closed or conn.state is not State.AWAIT_PEER_KEY:
+            return
+        try:
+            events = conn.provide_peer_key(key)
+        except P2PError as exc:
+            self._fail(exc)
+            return
+        self._dispatch(events)
+        self._flush()
+
+    def _on_handshake_complete(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+        self._handshaked = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn = self._conn
+        assert conn is not None
+        for data in self._pending:
+            conn.send(data)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self.handler._on_handshaked(self)
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+        log.debug("%s: handshake complete (%s)", self._describe(), conn.suite_name)
+        self._call_hook(self.on_handshaked)
+        self._flush()
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        conn, raw = self._conn, self._raw
+        if conn is None or raw is None:
+            return
+        out = conn.data_to_send()
+        if out and not raw.is_closing():
+            if len(out) == 1:
+                raw.write(out[0])
+            else:
+                raw.write(b"".join(out))
+
+    def _on_handshake_timeout(self) -> None:
+        self._timer = None
+        if not self._handshaked and not self._closed:
+            self._fail(HandshakeTimeout(
+                f"handshake not completed within {self.handler.settings.handshake_timeout} s"))
+
+    def _fail(self, exc: P2PError) -> None:
+        """A protocol failure: log it, close the connection without sending anything more."""
+        if self._closed:
+            return
+        log.warning("%s: %s: %s", self._describe(), type(exc).__name__, exc)
+        self._set_closed(exc)
+        if self._raw is not None:
+            self._raw.abort()
+
+    def _abort(self) -> None:
+        if not self._closed:
+            self._set_closed(ConnectionLost("aborted locally"))
+        if self._raw is not None:
+            self._raw.abort()
+
+    def _set_closed(self, error: P2PError | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._error = error
+        if self._conn is not None and self._conn.state is not State.CLOSED:
+            self._conn.state = State.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._pending.clear()
+        for fut in self._waiters:  # only waiting while the handshake is not complete
+            if not fut.done():
+                fut.set_exception(error or HandshakeError("the connection closed before the "
+                                                          "handshake completed"))
+        self._waiters.clear()
+
+    def _call_hook(self, hook: Any, *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("%s: exception in %s", self._describe(), getattr(hook, "__name__", hook))
+
+    def _describe(self) -> str:
+        who = self.peer_id or "unknown peer"
+        return f"{who} at {self._peername}" if self._peername else who

@@ -1,0 +1,166 @@
+"""``P2PHandler``: a peer's identity, its known peers, and its servers and connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Callable, Mapping, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .config import PeerConfig, Settings, config_from_appublic, load_peer_config, read_config_file
+from .connection import Connection, Role
+from .p2p import TcpP2P
+from .p2pexcept import ConfigError, StatusError, UnknownPeerError
+from .replay import InitReplayCache
+
+log = logging.getLogger("p2psc.p2phandler")
+
+__all__ = ["P2PHandler"]
+
+P = TypeVar("P", bound=TcpP2P)
+
+
+class P2PHandler:
+    """One peer: its RSA key, its known peers, and the connections it makes or accepts.
+
+    - ``P2PHandler(loop=None)``: the config of appPublic's ``getConfig()`` (as the original
+      README sets up, from ``./conf/config.json``);
+    - ``P2PHandler(workdir=DIR)``: reads ``DIR/conf/config.json`` itself (several peers can
+      live in one process);
+    - ``P2PHandler(config=mapping)``: the same keys as conf/config.json.
+
+    Config mistakes raise :class:`~p2psc.p2pexcept.ConfigError` here, at start-up.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, *,
+                 workdir: str | os.PathLike[str] | None = None,
+                 config: Mapping[str, Any] | None = None):
+        if workdir is not None and config is not None:
+            raise ConfigError("give workdir or config, not both")
+        if config is not None:
+            conf = dict(config)
+        elif workdir is not None:
+            conf = read_config_file(workdir)
+        else:
+            conf = config_from_appublic()
+        self.loop = loop
+        self.config: PeerConfig = load_peer_config(conf)
+        self.settings: Settings = self.config.settings
+        self.server: asyncio.AbstractServer | None = None
+        self.replay_cache = InitReplayCache(self.settings.replay_cache_size,
+                                            self.settings.timestamp_window)
+        self._protocols: set[Any] = set()
+        self._peer_conns: dict[str, Any] = {}
+        self._directory: Any = None
+
+    # -- identity -------------------------------------------------------------------------------
+
+    def get_myid(self) -> str:
+        """This peer's id."""
+        return self.config.peer_id
+
+    @property
+    def private_key(self) -> rsa.RSAPrivateKey:
+        return self.config.private_key
+
+    def get_peer_conn(self, peer_id: str) -> Any:
+        """The live, handshaked protocol for ``peer_id`` (the latest one), or None."""
+        proto = self._peer_conns.get(peer_id)
+        if proto is not None and proto.handshaked:
+            return proto
+        return None
+
+    # -- TCP ------------------------------------------------------------------------------------
+
+    async def run_as_server(self, ProtocolClass: type[TcpP2P] = TcpP2P, *,
+                            host: str | None = None, port: int | None = None
+                            ) -> asyncio.AbstractServer:
+        """Listen on this peer's host and port (from ``xconfig``, or as given); the server is
+        kept as ``self.server`` (with port 0, read the bound port from ``self.server.sockets``)."""
+        if self.server is not None:
+            raise StatusError("already serving; close() first")
+        loop = asyncio.get_running_loop()
+        myid = self.get_myid()
+        self.server = await loop.create_server(
+            lambda: ProtocolClass(self, myid),
+            self.config.host if host is None else host,
+            self.config.port if port is None else port)
+        log.info("%s listening on %s", myid,
+                 ", ".join(str(s.getsockname()) for s in self.server.sockets))
+        return self.server
+
+    async def connect_peer(self, peer_id: str, ProtocolClass: Callable[..., P] = TcpP2P  # type: ignore[assignment]
+                           ) -> tuple[asyncio.Transport, P]:
+        """Connect to a known peer and start the handshake; returns ``(transport, protocol)``
+        as ``loop.create_connection`` does (``await protocol.wait_handshaked()`` to wait for it)."""
+        addr, _key = await self._resolve_peer(peer_id)
+        loop = asyncio.get_running_loop()
+        myid = self.get_myid()
+        transport, protocol = await loop.create_connection(
+            lambda: ProtocolClass(self, myid, peer_id), addr.host, addr.port)
+        return transport, protocol  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        """Stop serving and close every connection this handler made or accepted."""
+        if self.server is not None:
+            self.server.close()
+            server, self.server = self.server, None
+        else:
+            server = None
+        for proto in list(self._protocols):
+            try:
+                proto.close()
+            except Exception:  # closing must go on for the others
+                log.exception("error while closing %r", proto)
+        if server is not None:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                log.warning("server did not close within 5 s")
+
+    # -- peers ----------------------------------------------------------------------------------
+
+    async def _resolve_peer(self, peer_id: str) -> tuple[Any, rsa.RSAPublicKey]:
+        """The address and public key of a peer to connect to."""
+        peers = self.config.peers
+        key = peers.public_key(peer_id)
+        try:
+            addr = peers.address(peer_id)
+        except UnknownPeerError:
+            addr = None
+        if addr is not None and key is not None:
+            return addr, key
+        raise UnknownPeerError(f"unknown peer {peer_id!r}: not in {peers.known_peers_file} "
+                               f"(or no public key in {peers.peer_pubkey_path})")
+
+    async def _lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
+        """The public key of a peer that sent an INIT but is not known (directory lookup),
+        or None."""
+        return None
+
+    # -- used by the protocols ------------------------------------------------------------------
+
+    def _new_connection(self, role: Role, peer_id: str | None) -> Connection:
+        cfg = self.config
+        if role is Role.INITIATOR:
+            assert peer_id is not None
+            key = cfg.peers.public_key(peer_id)
+            if key is None:
+                raise UnknownPeerError(f"no public key for {peer_id!r}")
+            return Connection(role, cfg.peer_id, cfg.private_key, self.settings,
+                              peer_id=peer_id, peer_public_key=key)
+        return Connection(role, cfg.peer_id, cfg.private_key, self.settings,
+                          key_lookup=cfg.peers.public_key, replay_cache=self.replay_cache)
+
+    def _register(self, proto: Any) -> None:
+        self._protocols.add(proto)
+
+    def _unregister(self, proto: Any) -> None:
+        self._protocols.discard(proto)
+        if proto.peer_id is not None and self._peer_conns.get(proto.peer_id) is proto:
+            del self._peer_conns[proto.peer_id]
+
+    def _on_handshaked(self, proto: Any) -> None:
+        self._peer_conns[proto.peer_id] = proto

@@ -1,0 +1,76 @@
+"""Replay protection: the responder's cache of recent INITs, and the sliding window of
+datagram counters (RFC 6479 style) used by UDP sessions."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+__all__ = ["InitReplayCache", "ReplayWindow"]
+
+
+class InitReplayCache:
+    """Remembers the INITs accepted within the timestamp window, bounded in size.
+
+    An entry expires when its INIT's timestamp leaves the window (a replay is then refused as
+    stale). When the cache is full the oldest entry is evicted and its timestamp becomes a
+    floor: every INIT at or below the floor is refused, so an evicted INIT can never be
+    replayed. Only INITs whose signature verified are added, so filling it needs a known key.
+    """
+
+    def __init__(self, max_entries: int = 65536, window: float = 120.0):
+        self.max_entries = max(1, max_entries)
+        self.window = window
+        self._entries: OrderedDict[bytes, float] = OrderedDict()
+        self._floor = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check_and_add(self, key: bytes, timestamp: float, now: float) -> bool:
+        """True (and remembered) when this INIT was not seen; False for a replay."""
+        entries = self._entries
+        while entries:
+            oldest_key, oldest_ts = next(iter(entries.items()))
+            if oldest_ts + self.window >= now:
+                break
+            del entries[oldest_key]
+        if timestamp <= self._floor or key in entries:
+            return False
+        entries[key] = timestamp
+        while len(entries) > self.max_entries:
+            _, evicted_ts = entries.popitem(last=False)
+            self._floor = max(self._floor, evicted_ts)
+        return True
+
+
+class ReplayWindow:
+    """A sliding bitmap window over 64-bit counters (RFC 6479; WireGuard keeps 8,192 bits).
+
+    :meth:`check` tells whether a counter may be new; :meth:`mark` records it, to be called
+    only after the datagram authenticated.
+    """
+
+    __slots__ = ("size", "_top", "_bits")
+
+    def __init__(self, size: int = 8192):
+        self.size = size
+        self._top = -1      # highest counter marked
+        self._bits = 0      # bit i set = counter (_top - i) seen
+
+    def check(self, counter: int) -> bool:
+        """False for a counter already seen or older than the window."""
+        if counter > self._top:
+            return True
+        offset = self._top - counter
+        if offset >= self.size:
+            return False
+        return not (self._bits >> offset) & 1
+
+    def mark(self, counter: int) -> None:
+        """Record ``counter`` as seen (call after :meth:`check` and authentication)."""
+        if counter > self._top:
+            shift = counter - self._top
+            self._bits = ((self._bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self._top = counter
+        else:
+            self._bits |= 1 << (self._top - counter)
