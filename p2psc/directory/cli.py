@@ -1,0 +1,268 @@
+"""``p2psc directory ...``: run and administer the peer directory.
+
+The directory's state lives in a workdir: ``DIR/data/center_private_key.pem`` (the center's
+signing key, mode 0600; ``--key`` overrides), ``DIR/data/p2psc_center.pubkey.pem`` (its public
+half, to copy into every peer's ``peer_pubkey_path``) and ``DIR/data/directory.sqlite3``
+(``--db`` overrides). Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
+
+The main CLI calls :func:`add_directory_parser`; ``python -m p2psc.directory.cli directory ...``
+runs the same commands standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import keys
+from ..p2pexcept import P2PError
+from .record import CENTER_PEER_ID
+
+__all__ = ["add_directory_parser", "main", "run"]
+
+CENTER_KEY_NAME = "center_private_key.pem"
+CENTER_PUBKEY_NAME = CENTER_PEER_ID + keys.PUBKEY_SUFFIX
+DB_NAME = "directory.sqlite3"
+#: Environment variable holding the center private key's passphrase, if it has one.
+PASSWORD_ENV = "P2PSC_CENTER_PASSWORD"
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.workdir) / "data"
+
+
+def _db_path(args: argparse.Namespace) -> Path:
+    return Path(args.db) if getattr(args, "db", None) else _data_dir(args) / DB_NAME
+
+
+def _key_path(args: argparse.Namespace) -> Path:
+    return Path(args.key) if getattr(args, "key", None) else _data_dir(args) / CENTER_KEY_NAME
+
+
+def _password() -> bytes | None:
+    pw = os.environ.get(PASSWORD_ENV)
+    return pw.encode("utf-8") if pw else None
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    from .store import open_store  # sqlite only for the commands that need it
+    return open_store(_db_path(args))
+
+
+def _cmd_init_center(args: argparse.Namespace) -> int:
+    key_path = _key_path(args)
+    pub_path = key_path.parent / CENTER_PUBKEY_NAME
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    key = keys.generate_private_key(args.bits)
+    keys.write_private_key(key_path, key, _password())  # mode 0600, refuses to overwrite
+    keys.atomic_write(pub_path, keys.public_key_pem(key), 0o644)
+    print(f"center private key: {key_path}")
+    print(f"center public key:  {pub_path}  ({keys.fingerprint(key)})")
+    print(f"copy {pub_path.name} into every peer's peer_pubkey_path")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    key = keys.load_private_key(_key_path(args), _password())
+    store = _open_store(args)
+
+    def ready(port: int) -> None:
+        print(f"p2psc directory: http://{args.host}:{port}/  (lookups at "
+              f"http://{args.host}:{port}/api/get_peer_info?id=PEER_ID)", flush=True)
+
+    try:
+        asyncio.run(serve(store, key, host=args.host, port=args.port, max_skew=args.max_skew,
+                          ready=ready))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+    return 0
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    pem = keys.public_key_pem(keys.load_public_key(args.pubkey)).decode("ascii")
+    with _open_store(args) as store:
+        entry = store.put(args.peer_id, pem, args.host, args.port)
+    print(f"added {entry.peer_id} at {entry.host}:{entry.port} "
+          f"({keys.fingerprint(keys.parse_public_key(pem.encode('ascii')))})")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        if not store.remove(args.peer_id):
+            print(f"p2psc directory: peer {args.peer_id!r} is not registered", file=sys.stderr)
+            return 1
+    print(f"removed {args.peer_id}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        entries = store.list()
+    for e in entries:
+        try:
+            fp = keys.fingerprint(keys.parse_public_key(e.pubkey.encode("ascii")))
+        except P2PError:
+            fp = "(unreadable key)"
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.updated_at))
+        print(f"{e.peer_id}\t{e.host}:{e.port}\t{fp}\t{when}")
+    return 0
+
+
+def _cmd_lookup(args: argparse.Namespace) -> int:
+    from .client import fetch_peer_record
+    center = keys.load_public_key(args.center_key)
+    rec = asyncio.run(fetch_peer_record(args.url, args.peer_id, center, timeout=args.timeout))
+    print(f"{rec.peer_id}\t{rec.host}:{rec.port}\t{rec.fingerprint}\t(signature verified)")
+    return 0
+
+
+def _cmd_update(args: argparse.Namespace) -> int:
+    from .client import update_address, update_url_for
+    key = keys.load_private_key(args.prikey, _peer_password())
+    url = args.url if args.url.rstrip("/").endswith("/update_address") else update_url_for(args.url)
+    asyncio.run(update_address(url, args.peer_id, key, args.host, args.port,
+                               timeout=args.timeout))
+    print(f"{args.peer_id} now at {args.host}:{args.port}")
+    return 0
+
+
+def _peer_password() -> bytes | None:
+    pw = os.environ.get("P2PSC_PRIKEY_PASSWORD")
+    return pw.encode("utf-8") if pw else None
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} out of range 0..65535")
+    return value
+
+
+def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``directory`` command and its subcommands to an argparse ``subparsers`` object.
+
+    Each leaf parser sets ``func``: the caller runs ``args.func(args)`` (or :func:`run`) and gets
+    the exit code, 0 or 1; errors are already reported as one line on stderr.
+    """
+    p = subparsers.add_parser("directory", help="run and administer the peer directory",
+                              description="Run and administer the p2psc peer directory.")
+    sub = p.add_subparsers(dest="directory_command", metavar="COMMAND")
+    sub.required = True
+
+    def state_args(sp: argparse.ArgumentParser, key: bool = False) -> None:
+        sp.add_argument("--workdir", default=".", metavar="DIR",
+                        help="directory workdir; state in DIR/data (default: .)")
+        sp.add_argument("--db", metavar="FILE",
+                        help=f"SQLite database (default: DIR/data/{DB_NAME})")
+        if key:
+            sp.add_argument("--key", metavar="FILE",
+                            help=f"center private key (default: DIR/data/{CENTER_KEY_NAME}); "
+                                 f"passphrase from ${PASSWORD_ENV} if any")
+
+    sp = sub.add_parser("init-center", help="create the center signing key")
+    sp.add_argument("--workdir", default=".", metavar="DIR")
+    sp.add_argument("--key", metavar="FILE",
+                    help=f"where to write it (default: DIR/data/{CENTER_KEY_NAME})")
+    sp.add_argument("--bits", type=int, default=3072, help="RSA key size (default: 3072)")
+    sp.set_defaults(func=_guarded(_cmd_init_center))
+
+    sp = sub.add_parser("serve", help="run the directory web server")
+    state_args(sp, key=True)
+    sp.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    sp.add_argument("--port", type=_port, default=9999, help="listen port (default: 9999)")
+    sp.add_argument("--max-skew", type=int, default=120, metavar="SECONDS",
+                    help="clock difference accepted on updates (default: 120)")
+    sp.set_defaults(func=_guarded(_cmd_serve))
+
+    sp = sub.add_parser("add", help="register a peer, or replace its key and address")
+    sp.add_argument("peer_id", metavar="PEER_ID")
+    sp.add_argument("--pubkey", required=True, metavar="FILE", help="the peer's PEM public key")
+    sp.add_argument("--host", required=True)
+    sp.add_argument("--port", required=True, type=_port)
+    state_args(sp)
+    sp.set_defaults(func=_guarded(_cmd_add))
+
+    sp = sub.add_parser("remove", help="unregister a peer")
+    sp.add_argument("peer_id", metavar="PEER_ID")
+    state_args(sp)
+    sp.set_defaults(func=_guarded(_cmd_remove))
+
+    sp = sub.add_parser("list", help="list the registered peers")
+    state_args(sp)
+    sp.set_defaults(func=_guarded(_cmd_list))
+
+    sp = sub.add_parser("lookup", help="look a peer up and verify the center's signature")
+    sp.add_argument("peer_id", metavar="PEER_ID")
+    sp.add_argument("--url", required=True, help="lookup URL (find_peer_info_url)")
+    sp.add_argument("--center-key", required=True, metavar="FILE",
+                    help="the center public key (p2psc_center.pubkey.pem)")
+    sp.add_argument("--timeout", type=float, default=5.0)
+    sp.set_defaults(func=_guarded(_cmd_lookup))
+
+    sp = sub.add_parser("update-address", help="move your own entry to a new host and port")
+    sp.add_argument("peer_id", metavar="PEER_ID")
+    sp.add_argument("--url", required=True,
+                    help="lookup URL (find_peer_info_url) or the update_address URL")
+    sp.add_argument("--prikey", required=True, metavar="FILE",
+                    help="your private key (passphrase from $P2PSC_PRIKEY_PASSWORD if any)")
+    sp.add_argument("--host", required=True)
+    sp.add_argument("--port", required=True, type=_port)
+    sp.add_argument("--timeout", type=float, default=5.0)
+    sp.set_defaults(func=_guarded(_cmd_update))
+    return p
+
+
+def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command so that errors become one line on stderr and exit code 1."""
+    def func(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except (P2PError, OSError) as exc:
+            if isinstance(exc, P2PError):
+                msg = str(exc)
+            else:
+                msg = str(exc.strerror or exc)
+                if getattr(exc, "filename", None):
+                    msg += f": {exc.filename}"
+            print(f"p2psc directory: {msg}", file=sys.stderr)
+            return 1
+    func.__name__ = cmd.__name__
+    return func
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed ``directory`` command and return its exit code (same as ``args.func(args)``)."""
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: ``python -m p2psc.directory.cli directory COMMAND ...``."""
+    parser = argparse.ArgumentParser(prog="p2psc")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    add_directory_parser(subparsers)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 on usage errors, 0 for --help
+        return int(exc.code or 0)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""The directory client: signed lookups, self-service updates, a merging lookup cache, and
+:func:`save_peer`, which stores a looked-up peer into the key folder and the known peers file.
+
+Typical use by :class:`P2PHandler` (``find_peer_info_url`` set)::
+
+    center = keys.load_public_key(Path(peer_pubkey_path) / "p2psc_center.pubkey.pem")
+    lookup = DirectoryLookup(find_peer_info_url, center, timeout=5.0, negative_ttl=30.0)
+    rec = await lookup.lookup(peer_id)           # DirectoryError on any failure
+    ok = await asyncio.to_thread(save_peer, rec, peer_pubkey_path, known_peers_file,
+                                 allow_key_change=config_allows_it)
+    if not ok: refuse the peer (its key changed, or the record is older than the one on file)
+    ...
+    await lookup.close()                         # when the handler shuts down
+
+Every failure is a :class:`DirectoryError` (a 404 is :class:`PeerNotInDirectory`, also an
+:class:`UnknownPeerError`; a bad signature is :class:`DirectorySignatureError`, also a
+:class:`SignCheckError`). Nothing unverified is ever returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Union
+
+import aiohttp
+from cryptography.hazmat.primitives.asymmetric import rsa
+from yarl import URL
+
+from .. import keys
+from ..p2pexcept import ConfigError, DirectoryError, UnknownPeerError
+from .record import (
+    CENTER_PEER_ID,
+    MAX_RECORD_BODY,
+    DirectorySignatureError,
+    PeerRecord,
+    check_peer_id,
+    loads_strict,
+    verify_record,
+)
+from .update import make_update_request
+
+log = logging.getLogger("p2psc.directory")
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DirectoryLookup",
+    "DirectorySignatureError",
+    "PeerNotInDirectory",
+    "PeerRecord",
+    "fetch_peer_record",
+    "save_peer",
+    "update_address",
+    "update_url_for",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+DEFAULT_TIMEOUT = 5.0
+#: Largest known peers file save_peer will read.
+MAX_KNOWN_PEERS_FILE = 4 * 1024 * 1024
+
+
+class PeerNotInDirectory(DirectoryError, UnknownPeerError):
+    """The directory answered 404: it does not know this peer id."""
+
+
+def _check_url(url: str | URL) -> URL:
+    try:
+        u = URL(url)
+    except (TypeError, ValueError):
+        raise DirectoryError(f"invalid directory URL {url!r}") from None
+    if u.scheme not in ("http", "https") or not u.host:
+        raise DirectoryError(f"directory URL must be http:// or https://, not {str(url)!r}")
+    return u
+
+
+def update_url_for(lookup_url: str) -> str:
+    """The update endpoint next to a lookup URL: ``.../api/get_peer_info[.dspy]`` becomes
+    ``.../api/update_address``; a bare ``http://host:port[/]`` gets ``/api/update_address``."""
+    u = _check_url(lookup_url).with_query(None).with_fragment(None)
+    name = u.name
+    if name in ("get_peer_info", "get_peer_info.dspy"):
+        return str(u.parent / "update_address")
+    if u.path in ("", "/"):
+        return str(u.with_path("/api/update_address"))
+    raise DirectoryError(f"cannot derive the update URL from {lookup_url!r}; give it explicitly")
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read a response body of at most ``limit`` bytes (checked before buffering more)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise DirectoryError(f"directory response too large ({resp.content_length} bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.content.read(limit + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise DirectoryError(f"directory response larger than {limit} bytes")
+        chunks.append(chunk)
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        msg = json.loads(body.decode("utf-8", "replace")).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    return f": {msg[:200]}" if isinstance(msg, str) else ""
+
+
+async def _request(method: str, url: URL, *, timeout: float, session: aiohttp.ClientSession | None,
+                   json_body: Any = None) -> tuple[int, bytes]:
+    """One HTTP exchange, all of it (connect, send, read) bounded by ``timeout``."""
+    async def go(s: aiohttp.ClientSession) -> tuple[int, bytes]:
+        async with s.request(method, url, json=json_body, allow_redirects=False,
+                             timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            return resp.status, await _read_limited(resp, MAX_RECORD_BODY)
+
+    async def run() -> tuple[int, bytes]:
+        if session is not None:
+            return await go(session)
+        async with aiohttp.ClientSession() as s:
+            return await go(s)
+
+    where = f"{url.scheme}://{url.host}:{url.port}{url.path}"
+    try:
+        return await asyncio.wait_for(run(), timeout)
+    except asyncio.TimeoutError:
+        raise DirectoryError(f"directory {where} did not answer within {timeout:g} s") from None
+    except aiohttp.ClientError as exc:
+        raise DirectoryError(f"directory {where} unreachable: "
+                             f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise DirectoryError(f"directory {where} unreachable: {exc.strerror or exc}") from None
+
+
+async def fetch_peer_record(url: str, peer_id: str, center_public_key: rsa.RSAPublicKey, *,
+                            timeout: float = DEFAULT_TIMEOUT,
+                            session: aiohttp.ClientSession | None = None) -> PeerRecord:
+    """Look ``peer_id`` up at the lookup URL (``find_peer_info_url``) and verify the record.
+
+    Sends ``GET url?id=peer_id`` (no redirects followed), bounded by ``timeout`` seconds in
+    total, and checks the center's signature with ``center_public_key``.
+
+    Raises :class:`PeerNotInDirectory` on 404, :class:`DirectorySignatureError` when the
+    signature does not verify, and :class:`DirectoryError` when the directory is down, slow,
+    answers another status, or sends a malformed, oversized or other-peer record.
+    """
+    peer_id = check_peer_id(peer_id)
+    u = _check_url(url).update_query(id=peer_id)
+    status, body = await _request("GET", u, timeout=timeout, session=session)
+    if status == 404:
+        raise PeerNotInDirectory(f"the directory does not know peer {peer_id!r}")
+    if status != 200:
+        raise DirectoryError(f"directory answered HTTP {status} for peer {peer_id!r}"
+                             f"{_error_message(body)}")
+    return verify_record(center_public_key, body, peer_id)
+
+
+async def update_address(url: str, peer_id: str, private_key: rsa.RSAPrivateKey, host: str,
+                         port: int, *, timeout: float = DEFAULT_TIMEOUT,
+                         center_public_key: rsa.RSAPublicKey | None = None,
+                         session: aiohttp.ClientSession | None = None) -> dict[str, Any]:
+    """Move this peer's directory entry to ``host:port`` (self-service, signed with its own key).
+
+    ``url`` is the update endpoint (``.../api/update_address``; see :func:`update_url_for`).
+    Returns the new record as JSON; with ``center_public_key`` it is verified first (and
+    returned as its :meth:`PeerRecord.to_dict`). Raises :class:`DirectoryError` when the
+    directory refuses (bad signature, stale timestamp, replay, unknown peer) or cannot be reached.
+    """
+    req = make_update_request(peer_id, private_key, host, port)
+    status, body = await _request("POST", _check_url(url), timeout=timeout, session=session,
+                                  json_body=req)
+    if status == 404:
+        raise PeerNotInDirectory(f"the directory does not know peer {peer_id!r}"
+                                 f"{_error_message(body)}")
+    if status != 200:
+        raise DirectoryError(f"directory refused the address update (HTTP {status})"
+                             f"{_error_message(body)}")
+    if center_public_key is not None:
+        return verify_record(center_public_key, body, peer_id).to_dict()
+    return loads_strict(body, MAX_RECORD_BODY, "directory response")
+
+
+class DirectoryLookup:
+    """Directory lookups for a handler: merged, bounded, with a short negative cache.
+
+    * Concurrent :meth:`lookup` calls for the same peer id share one HTTP request.
+    * At most ``max_concurrent`` requests run at once; beyond ``max_pending`` distinct peer ids
+      waiting, new lookups fail at once (a flood of INITs from strangers cannot queue forever).
+    * A failure (any :class:`DirectoryError`) is remembered for ``negative_ttl`` seconds and
+      re-raised without asking the directory again; :meth:`forget` drops it.
+    * Successes are not cached: store them with :func:`save_peer`.
+
+    ``session`` (an :class:`aiohttp.ClientSession`) is used if given, else one is created on
+    first use and closed by :meth:`close`. Must be used from a single event loop.
+    """
+
+    def __init__(self, url: str, center_public_key: rsa.RSAPublicKey, *,
+                 timeout: float = DEFAULT_TIMEOUT, negative_ttl: float = 30.0,
+                 max_concurrent: int = 8, max_pending: int = 256, max_negative: int = 4096,
+                 session: aiohttp.ClientSession | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        _check_url(url)
+        self.url = url
+        self.center_public_key = center_public_key
+        self.timeout = timeout
+        self.negative_ttl = negative_ttl
+        self.max_pending = max_pending
+        self.max_negative = max_negative
+        self._clock = clock
+        self._session = session
+        self._own_session = session is None
+        self._sem = asyncio.Semaphore(max_concurrent)
+        self._inflight: dict[str, asyncio.Task[PeerRecord]] = {}
+        self._failed: dict[str, tuple[float, DirectoryError]] = {}
+        self.requests = 0  # HTTP requests actually sent
+
+    async def lookup(self, peer_id: str) -> PeerRecord:
+        """The verified record of ``peer_id``; raises :class:`DirectoryError` (see the module)."""
+        peer_id = check_peer_id(peer_id)
+        cached = self._failed.get(peer_id)
+        if cached is not None:
+            if cached[0] > self._clock():
+                err = cached[1]
+                raise type(err)(f"{err} (cached failure, not retried for "
+                                f"{self.negative_ttl:g} s)")
+            del self._failed[peer_id]
+        task = self._inflight.get(peer_id)
+        if task is None:
+            if len(self._inflight) >= self.max_pending:
+                raise DirectoryError(f"too many directory lookups in progress; "
+                                     f"not looking up {peer_id!r}")
+            task = asyncio.get_running_loop().create_task(self._fetch(peer_id))
+            self._inflight[peer_id] = task
+            task.add_done_callback(functools.partial(self._done, peer_id))
+        # shield: a cancelled waiter does not cancel the lookup other waiters share.
+        return await asyncio.shield(task)
+
+    def _done(self, peer_id: str, task: asyncio.Task[PeerRecord]) -> None:
+        if self._inflight.get(peer_id) is task:
+            del self._inflight[peer_id]
+        if task.cancelled():
+            return
+        exc = task.exception()  # also marks it retrieved when no waiter is left
+        if isinstance(exc, DirectoryError) and self.negative_ttl > 0:
+            if len(self._failed) >= self.max_negative:
+                self._expire()
+            if len(self._failed) >= self.max_negative:
+                self._failed.pop(next(iter(self._failed)))
+            self._failed[peer_id] = (self._clock() + self.negative_ttl, exc)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for pid in [p for p, (exp, _) in self._failed.items() if exp <= now]:
+            del self._failed[pid]
+
+    async def _fetch(self, peer_id: str) -> PeerRecord:
+        async with self._sem:
+            if self._session is None:
+                self._session = aiohttp.ClientSession()
+            self.requests += 1
+            try:
+                return await fetch_peer_record(self.url, peer_id, self.center_public_key,
+                                               timeout=self.timeout, session=self._session)
+            except DirectoryError as exc:
+                log.warning("directory lookup of %s failed: %s", peer_id, exc)
+                raise
+
+    def forget(self, peer_id: str | None = None) -> None:
+        """Drop the cached failure of ``peer_id`` (of every peer when ``None``)."""
+        if peer_id is None:
+            self._failed.clear()
+        else:
+            self._failed.pop(peer_id, None)
+
+    async def close(self) -> None:
+        """Cancel lookups in progress and close the session this object created."""
+        tasks = list(self._inflight.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> DirectoryLookup:  # noqa: PYI034
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# save_peer is blocking file I/O: call it with asyncio.to_thread. This lock serializes the
+# read-modify-write of the known peers file between threads of one process.
+_save_lock = threading.Lock()
+
+
+def _read_known_peers(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return {}
+    if size > MAX_KNOWN_PEERS_FILE:
+        raise ConfigError(f"{path}: known peers file is larger than {MAX_KNOWN_PEERS_FILE} bytes")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8")) if size else {}
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{path}: known peers file is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: known peers file is not a JSON object")
+    return data
+
+
+def save_peer(record: PeerRecord, peer_pubkey_path: PathLike, known_peers_file: PathLike, *,
+              allow_key_change: bool = False) -> bool:
+    """Store a verified directory record: its key as ``<peer_pubkey_path>/<peer_id>.pubkey.pem``
+    and ``{"peer_id", "host", "port", "updated_at"}`` under its id in ``known_peers_file``.
+
+    Both writes are atomic (temporary file, then rename); the key file is written first.
+    Returns ``False``, writing nothing, when:
+
+    * a different key is on file for the peer and ``allow_key_change`` is false (logged at
+      ERROR level; with ``allow_key_change`` the change is accepted and logged at WARNING);
+    * the record is for the reserved id ``p2psc_center`` with a key other than the one on
+      file (the center key is never replaced from the directory, whatever the config);
+    * the known peers file has a newer ``updated_at`` for this peer (a replayed old record).
+
+    Blocking: call it with :func:`asyncio.to_thread` from async code. Raises
+    :class:`ConfigError` when a file cannot be read or written.
+    """
+    if not isinstance(record, PeerRecord):
+        raise TypeError("save_peer needs a verified PeerRecord (from fetch_peer_record)")
+    key_dir = Path(peer_pubkey_path)
+    key_file = key_dir / f"{keys.validate_peer_id(record.peer_id)}{keys.PUBKEY_SUFFIX}"
+    peers_path = Path(known_peers_file)
+    with _save_lock:
+        write_key = True
+        if key_file.exists():
+            old = keys.load_public_key(key_file)
+            if keys.same_public_key(old, record.public_key):
+                write_key = False
+            elif record.peer_id == CENTER_PEER_ID:
+                log.error("directory: REFUSED a record replacing the center key %s (%s) by %s; "
+                          "the center key is never changed from the directory",
+                          key_file, keys.fingerprint(old), record.fingerprint)
+                return False
+            elif not allow_key_change:
+                log.error("directory: REFUSED a KEY CHANGE for peer %s: on file %s, directory "
+                          "says %s. If the peer really changed its key, set allow_key_change "
+                          "or replace %s by hand.", record.peer_id, keys.fingerprint(old),
+                          record.fingerprint, key_file)
+                return False
+            else:
+                log.warning("directory: KEY CHANGE ACCEPTED for peer %s (allow_key_change): "
+                            "was %s, now %s", record.peer_id, keys.fingerprint(old),
+                            record.fingerprint)
+        peers = _read_known_peers(peers_path)
+        prev = peers.get(record.peer_id)
+        prev_ts = prev.get("updated_at") if isinstance(prev, dict) else None
+        if type(prev_ts) is int and prev_ts > record.updated_at:
+            log.warning("directory: ignored a record for %s older than the one on file "
+                        "(updated_at %d < %d)", record.peer_id, record.updated_at, prev_ts)
+            return False
+        try:
+            if write_key:
+                key_dir.mkdir(parents=True, exist_ok=True)
+                keys.atomic_write(key_file, record.pubkey.encode("ascii"), 0o644)
+            peers[record.peer_id] = {"peer_id": record.peer_id, "host": record.host,
+                                     "port": record.port, "updated_at": record.updated_at}
+            keys.atomic_write(peers_path, (json.dumps(peers, indent=1, sort_keys=True) + "\n")
+                              .encode("utf-8"), 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot store peer {record.peer_id!r}: "
+                              f"{exc.strerror or exc}") from None
+        log.info("directory: stored peer %s (%s) at %s:%d", record.peer_id, record.fingerprint,
+                 record.host, record.port)
+        return True
+

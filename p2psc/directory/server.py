@@ -1,0 +1,300 @@
+"""The directory web server (aiohttp): signed lookups, self-service updates, an HTML listing.
+
+Endpoints (see docs/DIRECTORY.md):
+
+* ``GET /api/get_peer_info?id=<peer_id>`` -> the center-signed record (404 if unknown);
+  ``/api/get_peer_info.dspy`` is an alias for the original README's URL.
+* ``POST /api/update_address`` -> a registered peer moves its own host/port (signed by itself).
+* ``GET /`` -> a plain HTML page listing the peers, their key fingerprints and addresses.
+
+Every error is a 4xx (or, if something unforeseen breaks, a bare 500) with a JSON body
+``{"error": "..."}``; no traceback ever reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import html
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .. import keys
+from ..p2pexcept import DirectoryError, P2PError
+from .record import (
+    CENTER_PEER_ID,
+    DirectorySignatureError,
+    check_peer_id,
+    loads_strict,
+    sign_record,
+)
+from .store import DirectoryStore, PeerEntry, ReplayError, UnknownEntryError
+from .update import MAX_UPDATE_BODY, parse_update_request
+
+log = logging.getLogger("p2psc.directory.server")
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_SKEW",
+    "DEFAULT_PORT",
+    "LOOKUP_PATH",
+    "UPDATE_PATH",
+    "make_app",
+    "serve",
+    "start_server",
+]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9999
+#: Largest clock difference accepted for an update's timestamp, in seconds.
+DEFAULT_MAX_SKEW = 120
+#: Most peers shown on the HTML page.
+MAX_LISTED = 1000
+#: Signed records kept in memory (keyed by their exact content).
+SIG_CACHE_SIZE = 4096
+LOOKUP_PATH = "/api/get_peer_info"
+UPDATE_PATH = "/api/update_address"
+
+_JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=_JSON_HEADERS)
+
+
+class _State:
+    """The center key, the clock and the signature cache shared by the handlers."""
+
+    def __init__(self, store: DirectoryStore, center_private_key: rsa.RSAPrivateKey,
+                 max_skew: int, clock: Callable[[], float], max_body: int) -> None:
+        self.store = store
+        self.max_body = max_body
+        self._lock = threading.Lock()
+        self.key = center_private_key
+        self.max_skew = max_skew
+        self.clock = clock
+        self._sigs: OrderedDict[PeerEntry, dict[str, Any]] = OrderedDict()
+        self._fingerprints: OrderedDict[str, str] = OrderedDict()
+        self.lookups = 0  # lookups served (the tests count requests with it)
+
+    def signed(self, entry: PeerEntry) -> dict[str, Any]:
+        """The signed record of ``entry``; RSA signing happens once per distinct record, so
+        repeated lookups cost no private-key operation. Runs in a worker thread."""
+        with self._lock:
+            rec = self._sigs.get(entry)
+        if rec is None:
+            rec = sign_record(self.key, entry.fields())
+            with self._lock:
+                self._sigs[entry] = rec
+                while len(self._sigs) > SIG_CACHE_SIZE:
+                    self._sigs.popitem(last=False)
+        return rec
+
+    def lookup(self, peer_id: str) -> dict[str, Any] | None:
+        entry = self.store.get(peer_id)
+        return None if entry is None else self.signed(entry)
+
+    def fingerprint(self, pubkey_pem: str) -> str:
+        with self._lock:
+            fp = self._fingerprints.get(pubkey_pem)
+        if fp is None:
+            try:
+                fp = keys.fingerprint(keys.parse_public_key(pubkey_pem.encode("ascii")))
+            except (P2PError, UnicodeEncodeError):
+                fp = "(unreadable key)"
+            with self._lock:
+                self._fingerprints[pubkey_pem] = fp
+                while len(self._fingerprints) > SIG_CACHE_SIZE:
+                    self._fingerprints.popitem(last=False)
+        return fp
+
+    def listing(self) -> tuple[list[tuple[PeerEntry, str]], int]:
+        entries = self.store.list(limit=MAX_LISTED)
+        return [(e, self.fingerprint(e.pubkey)) for e in entries], self.store.count()
+
+
+STORE_KEY = web.AppKey("p2psc_directory_store", DirectoryStore)
+STATE_KEY = web.AppKey("p2psc_directory_state", _State)
+
+
+# Blocking work (SQLite, whose busy timeout may wait on a CLI writer for seconds and whose
+# commits fsync, and the RSA signature on a cache miss) runs in a worker thread via
+# asyncio.to_thread, so the event loop never stalls; the store's lock serializes its single
+# connection and _State's lock its caches (a lost race only costs one extra signature).
+async def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(fn, *args)
+
+
+@web.middleware
+async def _json_errors(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> web.StreamResponse:
+    """Turn every error into a JSON body: HTTP errors keep their status, unforeseen ones are 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.reason or "error"
+        if exc.status == 413:
+            reason = f"request body too large (limit {request.app[STATE_KEY].max_body} bytes)"
+        return _error(exc.status, reason)
+    except asyncio.CancelledError:
+        raise
+    except DirectoryError as exc:  # a database failure (busy, disk full, ...)
+        log.error("directory: %s %s failed: %s", request.method, request.path, exc)
+        return _error(503, "directory database unavailable")
+    except Exception:
+        log.exception("directory: unexpected error on %s %s", request.method, request.path)
+        return _error(500, "internal error")
+
+
+async def _get_peer_info(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    ids = request.query.getall("id", [])
+    if len(ids) != 1:
+        return _error(400, "give exactly one id parameter")
+    try:
+        peer_id = check_peer_id(ids[0], "id")
+    except DirectoryError as exc:
+        return _error(400, str(exc))
+    state.lookups += 1
+    rec = await _blocking(state.lookup, peer_id)
+    if rec is None:
+        return _error(404, f"unknown peer {peer_id!r}")
+    return web.json_response(rec, headers=_JSON_HEADERS)
+
+
+async def _update_address(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    if request.content_length is not None and request.content_length > MAX_UPDATE_BODY:
+        return _error(413, f"request body too large (limit {MAX_UPDATE_BODY} bytes)")
+    body = await request.read()  # bounded by client_max_size (413 beyond it)
+    try:
+        req = parse_update_request(loads_strict(body, MAX_UPDATE_BODY, "update request"))
+    except DirectoryError as exc:
+        status = 413 if len(body) > MAX_UPDATE_BODY else 400
+        return _error(status, str(exc))
+    now = int(state.clock())
+    if abs(req.timestamp - now) > state.max_skew:
+        return _error(400, f"stale or future timestamp (allowed clock difference "
+                           f"{state.max_skew} s)")
+    entry = await _blocking(state.store.get, req.peer_id)
+    if entry is None:
+        return _error(404, f"unknown peer {req.peer_id!r}")
+    try:
+        req.verify(keys.parse_public_key(entry.pubkey.encode("ascii")))
+    except DirectorySignatureError:
+        log.warning("directory: update for %s with a bad signature refused", req.peer_id)
+        return _error(403, "signature does not verify with the peer's registered key")
+    try:
+        new = await _blocking(functools.partial(
+            state.store.update_address, req.peer_id, req.host, req.port, updated_at=now,
+            nonce=req.nonce, nonce_expires_at=max(req.timestamp, now) + state.max_skew + 1))
+    except ReplayError:
+        log.warning("directory: replayed update for %s refused", req.peer_id)
+        return _error(409, "nonce already used (replayed request)")
+    except UnknownEntryError:  # removed between the two statements
+        return _error(404, f"unknown peer {req.peer_id!r}")
+    rec = await _blocking(state.signed, new)
+    return web.json_response(rec, headers=_JSON_HEADERS)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>p2psc peer directory</title>
+<style>body{{font-family:sans-serif}}td,th{{padding:2px 12px;text-align:left}}
+code{{font-size:90%}}</style></head>
+<body><h1>p2psc peer directory</h1>
+<p>{summary}</p>
+<table><thead><tr><th>peer id</th><th>key fingerprint</th><th>address</th><th>updated (UTC)</th>
+</tr></thead><tbody>
+{rows}
+</tbody></table>
+<p>Lookups: <code>GET {lookup}?id=PEER_ID</code> returns the record signed by the center key
+(<code>{center}</code>).</p>
+</body></html>
+"""
+
+
+async def _index(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    listed, total = await _blocking(state.listing)
+    e = html.escape
+    rows = "\n".join(
+        f"<tr><td>{e(entry.peer_id)}</td><td><code>{e(fp)}</code></td>"
+        f"<td>{e(entry.host)}:{entry.port:d}</td>"
+        f"<td>{e(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(entry.updated_at)))}</td></tr>"
+        for entry, fp in listed)
+    summary = f"{total:d} registered peer{'s' if total != 1 else ''}"
+    if total > len(listed):
+        summary += f" (the first {len(listed):d} are shown)"
+    page = _PAGE.format(summary=e(summary), rows=rows, lookup=e(LOOKUP_PATH),
+                        center=e(CENTER_PEER_ID))
+    return web.Response(text=page, content_type="text/html", charset="utf-8", headers={
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+
+
+def make_app(store: DirectoryStore, center_private_key: rsa.RSAPrivateKey, *,
+             max_skew: int = DEFAULT_MAX_SKEW, clock: Callable[[], float] = time.time,
+             client_max_size: int = MAX_UPDATE_BODY) -> web.Application:
+    """Build the directory web application.
+
+    ``store`` holds the peers; ``center_private_key`` signs every record; ``max_skew`` bounds
+    the clock difference accepted on update timestamps; ``clock`` is injectable for tests;
+    ``client_max_size`` caps request bodies (aiohttp answers 413 beyond it, before buffering).
+    The app's ``lookups`` counter (``app[STATE_KEY].lookups``) counts lookup requests.
+    """
+    app = web.Application(middlewares=[_json_errors], client_max_size=client_max_size)
+    app[STORE_KEY] = store
+    app[STATE_KEY] = _State(store, center_private_key, max_skew, clock, client_max_size)
+    app.router.add_get(LOOKUP_PATH, _get_peer_info)
+    app.router.add_get(LOOKUP_PATH + ".dspy", _get_peer_info)
+    app.router.add_post(UPDATE_PATH, _update_address)
+    app.router.add_get("/", _index)
+    return app
+
+
+async def start_server(app: web.Application, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+                       ) -> tuple[web.AppRunner, int]:
+    """Start ``app`` on ``host:port`` (``port=0`` picks a free one) inside the running loop.
+
+    Returns the runner (``await runner.cleanup()`` stops it) and the bound port.
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return runner, bound
+
+
+async def serve(store: DirectoryStore, center_private_key: rsa.RSAPrivateKey, *,
+                host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                max_skew: int = DEFAULT_MAX_SKEW, ready: Callable[[int], None] | None = None
+                ) -> None:
+    """Run the directory server until cancelled; ``ready(port)`` is called once it listens."""
+    runner, bound = await start_server(make_app(store, center_private_key, max_skew=max_skew),
+                                       host, port)
+    log.info("directory: serving on http://%s:%d/ (center key %s)", host, bound,
+             keys.fingerprint(center_private_key))
+    try:
+        if ready is not None:
+            ready(bound)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+

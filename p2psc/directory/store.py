@@ -1,0 +1,241 @@
+"""The directory's SQLite store: registered peers and the seen update nonces.
+
+One database file (stdlib :mod:`sqlite3`, rollback journal, so no extra server and no sidecar
+files at rest). Every write is a single ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction, rolled
+back on any error, so the database is never left half-written.
+
+The methods are blocking and thread-safe (one connection guarded by a lock); the server calls
+them through :func:`asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from ..p2pexcept import DirectoryError
+from .record import check_host, check_peer_id, check_port, check_pubkey_pem, check_timestamp
+
+log = logging.getLogger("p2psc.directory.store")
+
+__all__ = ["DirectoryStore", "PeerEntry", "ReplayError", "UnknownEntryError"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS peers (
+    peer_id    TEXT PRIMARY KEY,
+    pubkey     TEXT NOT NULL,
+    host       TEXT NOT NULL,
+    port       INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen_nonces (
+    peer_id    TEXT NOT NULL,
+    nonce      TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (peer_id, nonce)
+);
+CREATE INDEX IF NOT EXISTS seen_nonces_expiry ON seen_nonces (expires_at);
+"""
+_SCHEMA_VERSION = 1
+
+
+class UnknownEntryError(DirectoryError):
+    """The peer id is not registered in the directory."""
+
+
+class ReplayError(DirectoryError):
+    """The update nonce was already used (a replayed request)."""
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """One registered peer as stored (unsigned)."""
+
+    peer_id: str
+    pubkey: str
+    host: str
+    port: int
+    updated_at: int
+
+    def fields(self) -> dict[str, object]:
+        """The five record fields, ready for :func:`p2psc.directory.record.sign_record`."""
+        return {"peer_id": self.peer_id, "pubkey": self.pubkey, "host": self.host,
+                "port": self.port, "updated_at": self.updated_at}
+
+
+class DirectoryStore:
+    """Registered peers and seen nonces in one SQLite file (``":memory:"`` for tests)."""
+
+    def __init__(self, path: PathLike, *, busy_timeout: float = 5.0) -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves (see _tx).
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise DirectoryError(f"{self.path}: cannot open directory database: {exc}") from None
+        try:
+            self._init_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _init_schema(self) -> None:
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise DirectoryError(f"{self.path}: database schema v{version} is newer "
+                                     "than this p2psc")
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock: commit on success, roll back on any error."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise DirectoryError(f"directory database busy or unavailable: {exc}") from None
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise DirectoryError(f"directory database write failed: {exc}") from None
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # the connection is unusable; report the first error
+                log.error("directory database rollback failed: %s", exc)
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise DirectoryError(f"directory database read failed: {exc}") from None
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> DirectoryStore:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- peers ---------------------------------------------------------------------------
+
+    def put(self, peer_id: str, pubkey_pem: str, host: str, port: int, *,
+            updated_at: int | None = None) -> PeerEntry:
+        """Add a peer, or replace its key and address; every field is validated first."""
+        entry = PeerEntry(
+            peer_id=check_peer_id(peer_id),
+            pubkey=pubkey_pem,
+            host=check_host(host),
+            port=check_port(port),
+            updated_at=check_timestamp(int(time.time()) if updated_at is None else updated_at),
+        )
+        check_pubkey_pem(pubkey_pem)
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO peers (peer_id, pubkey, host, port, updated_at) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (entry.peer_id, entry.pubkey, entry.host, entry.port, entry.updated_at))
+        log.info("directory: stored peer %s at %s:%d", entry.peer_id, entry.host, entry.port)
+        return entry
+
+    def remove(self, peer_id: str) -> bool:
+        """Remove a peer (and its seen nonces); ``False`` if it was not registered."""
+        with self._tx() as db:
+            n = db.execute("DELETE FROM peers WHERE peer_id = ?", (peer_id,)).rowcount
+            db.execute("DELETE FROM seen_nonces WHERE peer_id = ?", (peer_id,))
+        if n:
+            log.info("directory: removed peer %s", peer_id)
+        return bool(n)
+
+    def get(self, peer_id: str) -> PeerEntry | None:
+        """The peer's entry, or ``None``."""
+        rows = self._read("SELECT peer_id, pubkey, host, port, updated_at FROM peers "
+                          "WHERE peer_id = ?", (peer_id,))
+        return PeerEntry(*rows[0]) if rows else None
+
+    def list(self, limit: int | None = None) -> list[PeerEntry]:
+        """All entries (or the first ``limit``), sorted by peer id."""
+        sql = "SELECT peer_id, pubkey, host, port, updated_at FROM peers ORDER BY peer_id"
+        if limit is not None:
+            return [PeerEntry(*r) for r in self._read(sql + " LIMIT ?", (int(limit),))]
+        return [PeerEntry(*r) for r in self._read(sql)]
+
+    def count(self) -> int:
+        """Number of registered peers."""
+        return int(self._read("SELECT COUNT(*) FROM peers")[0][0])
+
+    def update_address(self, peer_id: str, host: str, port: int, *, updated_at: int | None = None,
+                       nonce: str | None = None, nonce_expires_at: int | None = None) -> PeerEntry:
+        """Change a registered peer's host and port (never its key), in one transaction.
+
+        With ``nonce``, also records it as seen until ``nonce_expires_at`` and raises
+        :class:`ReplayError` if it was already seen (expired nonces are purged first).
+        Raises :class:`UnknownEntryError` if the peer is not registered; nothing is written then.
+        """
+        check_host(host)
+        check_port(port)
+        now = int(time.time())
+        ts = check_timestamp(now if updated_at is None else updated_at)
+        with self._tx() as db:
+            if nonce is not None:
+                db.execute("DELETE FROM seen_nonces WHERE expires_at < ?", (now,))
+                try:
+                    db.execute("INSERT INTO seen_nonces (peer_id, nonce, expires_at) "
+                               "VALUES (?, ?, ?)",
+                               (peer_id, nonce, now if nonce_expires_at is None
+                                else nonce_expires_at))
+                except sqlite3.IntegrityError:
+                    raise ReplayError("update nonce already used (replayed request)") from None
+            n = db.execute("UPDATE peers SET host = ?, port = ?, updated_at = ? WHERE peer_id = ?",
+                           (host, port, ts, peer_id)).rowcount
+            if n != 1:
+                raise UnknownEntryError(f"peer {peer_id!r} is not registered")
+            row = db.execute("SELECT peer_id, pubkey, host, port, updated_at FROM peers "
+                             "WHERE peer_id = ?", (peer_id,)).fetchone()
+        log.info("directory: peer %s moved to %s:%d", peer_id, host, port)
+        return PeerEntry(*row)
+
+    def purge_nonces(self, now: int | None = None) -> int:
+        """Delete expired nonces; returns how many were deleted."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM seen_nonces WHERE expires_at < ?",
+                              (int(time.time()) if now is None else now,)).rowcount
+
+    def nonce_count(self) -> int:
+        """Number of nonces currently remembered (for tests and monitoring)."""
+        return int(self._read("SELECT COUNT(*) FROM seen_nonces")[0][0])
+
+
+def open_store(path: PathLike) -> DirectoryStore:
+    """Open (creating if needed) the directory database at ``path``; its folder must exist."""
+    p = Path(path)
+    if str(path) != ":memory:" and not p.parent.is_dir():
+        raise DirectoryError(f"{p.parent}: folder does not exist")
+    return DirectoryStore(p if str(path) != ":memory:" else ":memory:")
