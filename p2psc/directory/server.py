@@ -262,13 +262,15 @@ def make_app(store: DirectoryStore, center_private_key: rsa.RSAPrivateKey, *,
     return app
 
 
-async def start_server(app: web.Application, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
-                       ) -> tuple[web.AppRunner, int]:
+async def start_server(app: web.Application, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                       *, shutdown_timeout: float = 5.0) -> tuple[web.AppRunner, int]:
     """Start ``app`` on ``host:port`` (``port=0`` picks a free one) inside the running loop.
 
-    Returns the runner (``await runner.cleanup()`` stops it) and the bound port.
+    Returns the runner (``await runner.cleanup()`` stops it, waiting at most
+    ``shutdown_timeout`` seconds for requests in progress) and the bound port.
     """
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
