@@ -179,8 +179,7 @@ class TcpP2P(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
         self._raw = transport
         self.transport = SecureTransport(self, transport)
