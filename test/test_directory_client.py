@@ -143,3 +143,18 @@ def test_lookup_rejects_bad_url_and_ids(k: dict[str, Any]) -> None:
                 await dl.lookup("../../etc")
             assert dl.requests == 0
     asyncio.run(asyncio.wait_for(go(), 10))
+
+
+def test_accept_record_for_in_memory_stores(k: dict[str, Any],
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    from p2psc.directory import accept_record
+    rec = record(k)
+    assert accept_record(rec, None) is True
+    assert accept_record(rec, k["alice"].public_key()) is True
+    with caplog.at_level(logging.WARNING, logger="p2psc.directory"):
+        assert accept_record(rec, k["mallory"].public_key()) is False
+        assert accept_record(rec, k["mallory"].public_key(), allow_key_change=True) is True
+        center_rec = record(k, peer_id=CENTER_PEER_ID, key="mallory")
+        assert accept_record(center_rec, k["center"].public_key(),
+                             allow_key_change=True) is False
+    assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.WARNING, logging.ERROR]

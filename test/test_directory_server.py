@@ -409,7 +409,7 @@ def test_html_page_lists_peers_and_escapes(k: dict[str, Any], store: DirectorySt
 
 def test_concurrent_lookups_are_merged(k: dict[str, Any], store: DirectoryStore) -> None:
     async def go() -> None:
-        async with directory(store, k["center"]) as (app, base):
+        async with directory(store, k["center"]) as (app, base):  # noqa: SIM117
             async with DirectoryLookup(base + LOOKUP_PATH, k["center"].public_key()) as dl:
                 recs = await asyncio.wait_for(
                     asyncio.gather(*(dl.lookup("alice") for _ in range(20)),

@@ -95,14 +95,12 @@ def test_expired_nonces_are_purged(pems: dict[str, str]) -> None:
 def test_transactions_roll_back_on_error(pems: dict[str, str]) -> None:
     with DirectoryStore(":memory:") as s:
         s.put("alice", pems["a"], "h", 1)
-        with pytest.raises(RuntimeError):
-            with s._tx() as db:
-                db.execute("DELETE FROM peers")
-                raise RuntimeError("crash half-way")
+        with pytest.raises(RuntimeError), s._tx() as db:
+            db.execute("DELETE FROM peers")
+            raise RuntimeError("crash half-way")
         assert s.count() == 1
-        with pytest.raises(DirectoryError):
-            with s._tx() as db:
-                db.execute("INSERT INTO peers VALUES ('x', 'k', 'h', 99999, 0)")  # CHECK fails
+        with pytest.raises(DirectoryError), s._tx() as db:
+            db.execute("INSERT INTO peers VALUES ('x', 'k', 'h', 99999, 0)")  # CHECK fails
         assert s.count() == 1
 
 

@@ -15,21 +15,22 @@ this package only loads the record format and the client.
 from __future__ import annotations
 
 from .client import (
-                     DEFAULT_TIMEOUT,
-                     DirectoryLookup,
-                     PeerNotInDirectory,
-                     fetch_peer_record,
-                     save_peer,
-                     update_address,
-                     update_url_for,
+    DEFAULT_TIMEOUT,
+    DirectoryLookup,
+    PeerNotInDirectory,
+    accept_record,
+    fetch_peer_record,
+    save_peer,
+    update_address,
+    update_url_for,
 )
 from .record import (
-                     CENTER_PEER_ID,
-                     DirectorySignatureError,
-                     PeerRecord,
-                     canonical_record_bytes,
-                     sign_record,
-                     verify_record,
+    CENTER_PEER_ID,
+    DirectorySignatureError,
+    PeerRecord,
+    canonical_record_bytes,
+    sign_record,
+    verify_record,
 )
 from .update import canonical_update_bytes, make_update_request
 
@@ -40,6 +41,7 @@ __all__ = [
     "DirectorySignatureError",
     "PeerNotInDirectory",
     "PeerRecord",
+    "accept_record",
     "canonical_record_bytes",
     "canonical_update_bytes",
     "fetch_peer_record",

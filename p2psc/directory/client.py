@@ -55,6 +55,7 @@ __all__ = [
     "DirectorySignatureError",
     "PeerNotInDirectory",
     "PeerRecord",
+    "accept_record",
     "fetch_peer_record",
     "save_peer",
     "update_address",
@@ -302,6 +303,34 @@ class DirectoryLookup:
         await self.close()
 
 
+def accept_record(record: PeerRecord, current_key: rsa.RSAPublicKey | None, *,
+                  allow_key_change: bool = False) -> bool:
+    """Decide whether a verified record may be used, given the key already known for the peer.
+
+    ``True`` when no key is known (``current_key is None``) or it is the same key. A different
+    key is refused (``False``, logged at ERROR) unless ``allow_key_change``, in which case it is
+    accepted and logged at WARNING. A record for ``p2psc_center`` with another key is always
+    refused. Logs show fingerprints only. Non-blocking: usable on the event loop together with
+    the handler's in-memory peer store (e.g. ``PeerStore.public_key`` / ``PeerStore.add``).
+    """
+    if current_key is None or keys.same_public_key(current_key, record.public_key):
+        return True
+    if record.peer_id == CENTER_PEER_ID:
+        log.error("directory: REFUSED a record replacing the center key (%s) by %s; the center "
+                  "key is never changed from the directory", keys.fingerprint(current_key),
+                  record.fingerprint)
+        return False
+    if not allow_key_change:
+        log.error("directory: REFUSED a KEY CHANGE for peer %s: on file %s, directory says %s. "
+                  "If the peer really changed its key, set allow_key_change or replace its "
+                  "public key file by hand.", record.peer_id, keys.fingerprint(current_key),
+                  record.fingerprint)
+        return False
+    log.warning("directory: KEY CHANGE ACCEPTED for peer %s (allow_key_change): was %s, now %s",
+                record.peer_id, keys.fingerprint(current_key), record.fingerprint)
+    return True
+
+
 # save_peer is blocking file I/O: call it with asyncio.to_thread. This lock serializes the
 # read-modify-write of the known peers file between threads of one process.
 _save_lock = threading.Lock()
@@ -349,23 +378,9 @@ def save_peer(record: PeerRecord, peer_pubkey_path: PathLike, known_peers_file: 
         write_key = True
         if key_file.exists():
             old = keys.load_public_key(key_file)
-            if keys.same_public_key(old, record.public_key):
-                write_key = False
-            elif record.peer_id == CENTER_PEER_ID:
-                log.error("directory: REFUSED a record replacing the center key %s (%s) by %s; "
-                          "the center key is never changed from the directory",
-                          key_file, keys.fingerprint(old), record.fingerprint)
+            if not accept_record(record, old, allow_key_change=allow_key_change):
                 return False
-            elif not allow_key_change:
-                log.error("directory: REFUSED a KEY CHANGE for peer %s: on file %s, directory "
-                          "says %s. If the peer really changed its key, set allow_key_change "
-                          "or replace %s by hand.", record.peer_id, keys.fingerprint(old),
-                          record.fingerprint, key_file)
-                return False
-            else:
-                log.warning("directory: KEY CHANGE ACCEPTED for peer %s (allow_key_change): "
-                            "was %s, now %s", record.peer_id, keys.fingerprint(old),
-                            record.fingerprint)
+            write_key = not keys.same_public_key(old, record.public_key)
         peers = _read_known_peers(peers_path)
         prev = peers.get(record.peer_id)
         prev_ts = prev.get("updated_at") if isinstance(prev, dict) else None
