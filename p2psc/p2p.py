@@ -96,6 +96,10 @@ class TcpP2P(asyncio.Protocol):
         self._lookup_task: asyncio.Task[None] | None = None
         self._peername: Any = None
         self._got_data = False
+        self._last_recv = 0.0
+        self._last_send = 0.0
+        self._tick: asyncio.TimerHandle | None = None
+        self._liveness = False  # keepalive / idle timeout active
 
     # -- hooks for applications ---------------------------------------------------------------
 
@@ -203,6 +207,8 @@ class TcpP2P(asyncio.Protocol):
         if conn is None or self._closed:
             return
         self._got_data = True
+        if self._liveness:
+            self._last_recv = self._loop.time()  # type: ignore[union-attr]
         try:
             events = conn.receive_data(data)
         except P2PError as exc:
@@ -305,8 +311,37 @@ class TcpP2P(asyncio.Protocol):
                 fut.set_result(None)
         self._waiters.clear()
         log.debug("%s: handshake complete (%s)", self._describe(), conn.suite_name)
+        self._start_liveness_timer()
         self._call_hook(self.on_handshaked)
         self._flush()
+
+    def _start_liveness_timer(self) -> None:
+        settings = self.handler.settings
+        periods = [p for p in (settings.keepalive_interval, settings.idle_timeout / 4) if p > 0]
+        if not periods:
+            return
+        loop = self._loop
+        assert loop is not None
+        self._last_recv = self._last_send = loop.time()
+        self._liveness = True
+        self._tick = loop.call_later(min(periods), self._on_tick, min(periods))
+
+    def _on_tick(self, period: float) -> None:
+        """Keepalive and idle timeout: ping when we have been quiet, give up on a silent peer."""
+        self._tick = None
+        conn, loop = self._conn, self._loop
+        if conn is None or loop is None or self._closed:
+            return
+        settings = self.handler.settings
+        now = loop.time()
+        if settings.idle_timeout > 0 and now - self._last_recv > settings.idle_timeout:
+            self._fail(ConnectionLost(f"nothing received from the peer for "
+                                      f"{settings.idle_timeout:g} s (idle timeout)"))
+            return
+        if settings.keepalive_interval > 0 and now - self._last_send >= settings.keepalive_interval:
+            conn.send_ping()
+            self._flush()
+        self._tick = loop.call_later(period, self._on_tick, period)
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -314,6 +349,8 @@ class TcpP2P(asyncio.Protocol):
         if conn is None or raw is None:
             return
         out = conn.data_to_send()
+        if self._liveness:
+            self._last_send = self._loop.time()  # type: ignore[union-attr]
         if out and not raw.is_closing():
             if len(out) == 1:
                 raw.write(out[0])
@@ -351,6 +388,9 @@ class TcpP2P(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         self._pending.clear()
         for fut in self._waiters:  # only waiting while the handshake is not complete
             if not fut.done():

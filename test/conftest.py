@@ -155,3 +155,66 @@ def env_without_password() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("P2PSC_PRIKEY_PASSWORD", None)
     return env
+
+
+class TcpProxy:
+    """A man in the middle on 127.0.0.1 for tests: forwards both directions between a client
+    and ``target_port``, through ``mutate(direction, chunk_index, data) -> bytes`` hooks
+    (direction "c2s" or "s2c"), and can stop forwarding (a network cut) with ``frozen``."""
+
+    def __init__(self, target_port: int,
+                 mutate: Callable[[str, int, bytes], bytes] | None = None):
+        self.target_port = target_port
+        self.mutate = mutate
+        self.frozen = False
+        self.server: asyncio.AbstractServer | None = None
+        self.captured: dict[str, list[bytes]] = {"c2s": [], "s2c": []}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]  # type: ignore[no-any-return]
+
+    async def start(self) -> "TcpProxy":
+        self.server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
+        return self
+
+    async def _pipe(self, direction: str, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        index = 0
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                self.captured[direction].append(data)
+                if self.mutate is not None:
+                    data = self.mutate(direction, index, data)
+                index += 1
+                if not self.frozen and data:
+                    writer.write(data)
+                    await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if not self.frozen:
+                writer.close()
+
+    async def _on_client(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [cwriter, swriter]
+        for t in (asyncio.ensure_future(self._pipe("c2s", creader, swriter)),
+                  asyncio.ensure_future(self._pipe("s2c", sreader, cwriter))):
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for w in self._writers:
+            w.close()
+        for t in list(self._tasks):
+            t.cancel()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import point_at, run, server_port
+from conftest import TcpProxy, point_at, run, server_port
 from p2psc.p2p import TcpP2P
 from p2psc.p2pexcept import (ChannelNotReady, InvalidDataType, MessageTooLarge, UnknownPeerError)
 from p2psc.p2phandler import P2PHandler
@@ -230,3 +230,39 @@ def test_key_update_mid_stream(pair: Any, loop_kind: str) -> None:
         await server.close()
 
     run(main(), loop=loop_kind)
+
+
+def test_keepalive_keeps_a_quiet_connection_and_idle_timeout_detects_a_network_cut(
+        pair: Any) -> None:
+    """With keepalives on both sides a quiet connection outlives the idle timeout; when a
+    proxy in the middle stops forwarding (a network cut), the idle timeout closes it."""
+    server_dir, client_dir = pair
+    server_dir.update_conf(keepalive_interval=0.05, idle_timeout=0.3)
+    client_dir.update_conf(keepalive_interval=0.05)
+
+    async def main() -> None:
+        server_protos: list[Collector] = []
+
+        class S(Collector):
+            def on_handshaked(self) -> None:
+                server_protos.append(self)
+
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=S)
+        proxy = await TcpProxy(server_port(server)).start()
+        point_at(client_dir, server_dir, proxy.port)
+        client = P2PHandler(workdir=client_dir.workdir)
+        _, proto = await client.connect_peer("server.test", ProtocolClass=Collector)
+        await proto.wait_handshaked()
+        await asyncio.sleep(0.8)  # well past the server's idle timeout
+        assert server_protos and server_protos[0].handshaked
+        assert not server_protos[0].closed.done()
+        proxy.frozen = True
+        exc = await asyncio.wait_for(server_protos[0].closed, 5)
+        assert type(exc).__name__ == "ConnectionLost" and "idle timeout" in str(exc)
+        assert server_protos[0].received == []
+        await client.close()
+        await server.close()
+        await proxy.close()
+
+    run(main())
