@@ -386,7 +386,7 @@ def test_bad_input_gets_4xx_json(k: dict[str, Any], store: DirectoryStore) -> No
 def test_html_page_lists_peers_and_escapes(k: dict[str, Any], store: DirectoryStore) -> None:
     # The store validates what it writes; bypass it to simulate a tampered database.
     store._db.execute("INSERT INTO peers VALUES (?, ?, ?, ?, ?)",
-                      ("<script>alert(1)</script>", "junk", "<img src=x onerror=y>", 1, 0))
+                      ("<script>alert(1)</script>", "junk", "<img src=x onerror=y>", 1, 2**62))
 
     async def go() -> None:
         async with directory(store, k["center"]) as (_, base):

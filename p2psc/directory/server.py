@@ -223,6 +223,13 @@ code{{font-size:90%}}</style></head>
 """
 
 
+def _utc(ts: object) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?"
+
+
 async def _index(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     listed, total = await _blocking(state.listing)
@@ -230,7 +237,7 @@ async def _index(request: web.Request) -> web.Response:
     rows = "\n".join(
         f"<tr><td>{e(entry.peer_id)}</td><td><code>{e(fp)}</code></td>"
         f"<td>{e(entry.host)}:{entry.port:d}</td>"
-        f"<td>{e(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(entry.updated_at)))}</td></tr>"
+        f"<td>{e(_utc(entry.updated_at))}</td></tr>"
         for entry, fp in listed)
     summary = f"{total:d} registered peer{'s' if total != 1 else ''}"
     if total > len(listed):
