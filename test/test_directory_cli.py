@@ -115,6 +115,8 @@ def test_serve_lookup_and_update_commands(workdir: Path, tmp_path: Path) -> None
         out = subprocess.run(run + ["lookup", "ghost", "--url", url, "--center-key",
                                     str(center_pub)], capture_output=True, text=True, timeout=30, check=False)
         assert out.returncode == 1 and "does not know" in out.stderr
+        proc.terminate()  # SIGTERM: a clean shutdown, exit code 0
+        assert proc.wait(timeout=15) == 0
     finally:
         proc.terminate()
         try:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,9 +81,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"p2psc directory: http://{args.host}:{port}/  (lookups at "
               f"http://{args.host}:{port}/api/get_peer_info?id=PEER_ID)", flush=True)
 
+    async def run_until_signal() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve(store, key, host=args.host, port=args.port, max_skew=args.max_skew,
+                        ready=ready)
+
     try:
-        asyncio.run(serve(store, key, host=args.host, port=args.port, max_skew=args.max_skew,
-                          ready=ready))
+        asyncio.run(run_until_signal())
     except KeyboardInterrupt:
         pass
     finally:
