@@ -148,9 +148,11 @@ class Connection:
             self._responder: ResponderHandshake | None = None
         else:
             self._initiator = None
+            if replay_cache is None:  # (not `or`: an empty cache is falsy)
+                replay_cache = InitReplayCache(settings.replay_cache_size,
+                                               settings.timestamp_window)
             self._responder = ResponderHandshake(
-                my_id, private_key, replay_cache=replay_cache or InitReplayCache(
-                    settings.replay_cache_size, settings.timestamp_window),
+                my_id, private_key, replay_cache=replay_cache,
                 timestamp_window=settings.timestamp_window, enable_rc4=settings.enable_rc4)
 
     # -- properties -------------------------------------------------------------------------
