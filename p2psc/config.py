@@ -259,6 +259,27 @@ class PeerStore:
     def known_ids(self) -> list[str]:
         return sorted(self._addresses)
 
+    def known_address(self, peer_id: str) -> PeerAddress | None:
+        """The peer's address, or None when it is not a known peer."""
+        return self._addresses.get(peer_id)
+
+    def files_for(self, address: PeerAddress, public_key: rsa.RSAPublicKey
+                  ) -> list[tuple[Path, bytes]]:
+        """The file contents that record ``address`` and ``public_key`` (see write_files)."""
+        keys.validate_peer_id(address.peer_id)
+        table = {pid: a.to_json() for pid, a in self._addresses.items()}
+        table[address.peer_id] = address.to_json()
+        return [(self.peer_pubkey_path / (address.peer_id + keys.PUBKEY_SUFFIX),
+                 keys.public_key_pem(public_key)),
+                (self.known_peers_file,
+                 (json.dumps(table, indent=2, sort_keys=True) + "\n").encode())]
+
+    @staticmethod
+    def write_files(files: list[tuple[Path, bytes]]) -> None:
+        """Write files atomically (blocking: the handler runs this in a thread)."""
+        for path, data in files:
+            keys.atomic_write(path, data)
+
     def add(self, address: PeerAddress, public_key: rsa.RSAPublicKey, *, persist: bool = True) -> None:
         """Add or update a known peer in memory and, with ``persist``, on disk (atomic writes).
 
@@ -266,12 +287,7 @@ class PeerStore:
         """
         keys.validate_peer_id(address.peer_id)
         if persist:
-            keys.atomic_write(self.peer_pubkey_path / (address.peer_id + keys.PUBKEY_SUFFIX),
-                              keys.public_key_pem(public_key))
-            table = {pid: a.to_json() for pid, a in self._addresses.items()}
-            table[address.peer_id] = address.to_json()
-            keys.atomic_write(self.known_peers_file,
-                              (json.dumps(table, indent=2, sort_keys=True) + "\n").encode())
+            self.write_files(self.files_for(address, public_key))
         self._public_keys[address.peer_id] = public_key
         self._addresses[address.peer_id] = address
 

@@ -9,10 +9,12 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .config import PeerConfig, Settings, config_from_appublic, load_peer_config, read_config_file
+from .config import (PeerAddress, PeerConfig, Settings, config_from_appublic, load_peer_config,
+                     read_config_file)
 from .connection import Connection, Role
 from .p2p import TcpP2P
-from .p2pexcept import ConfigError, StatusError, UnknownPeerError
+from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
+from .p2pexcept import ConfigError, DirectoryError, P2PError, StatusError, UnknownPeerError
 from .replay import InitReplayCache
 
 log = logging.getLogger("p2psc.p2phandler")
@@ -98,8 +100,20 @@ class P2PHandler:
         addr, _key = await self._resolve_peer(peer_id)
         loop = asyncio.get_running_loop()
         myid = self.get_myid()
-        transport, protocol = await loop.create_connection(
-            lambda: ProtocolClass(self, myid, peer_id), addr.host, addr.port)
+        try:
+            transport, protocol = await loop.create_connection(
+                lambda: ProtocolClass(self, myid, peer_id), addr.host, addr.port)
+        except OSError as exc:
+            if self.config.find_peer_info_url is None:
+                raise
+            # its address may have changed: look it up again, once
+            log.info("connecting to %s at %s:%d failed (%s); asking the directory", peer_id,
+                     addr.host, addr.port, exc)
+            new_addr, _key = await self._resolve_peer(peer_id, refresh=True)
+            if (new_addr.host, new_addr.port) == (addr.host, addr.port):
+                raise
+            transport, protocol = await loop.create_connection(
+                lambda: ProtocolClass(self, myid, peer_id), new_addr.host, new_addr.port)
         return transport, protocol  # type: ignore[return-value]
 
     async def close(self) -> None:
@@ -119,26 +133,76 @@ class P2PHandler:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 log.warning("server did not close within 5 s")
+        if self._directory is not None:
+            directory, self._directory = self._directory, None
+            await directory.close()
 
     # -- peers ----------------------------------------------------------------------------------
 
-    async def _resolve_peer(self, peer_id: str) -> tuple[Any, rsa.RSAPublicKey]:
-        """The address and public key of a peer to connect to."""
+    async def _resolve_peer(self, peer_id: str, *, refresh: bool = False
+                            ) -> tuple[PeerAddress, rsa.RSAPublicKey]:
+        """The address and public key of a peer to connect to: from the known peers, else
+        (or with ``refresh``) from the directory when ``find_peer_info_url`` is set."""
         peers = self.config.peers
-        key = peers.public_key(peer_id)
         try:
-            addr = peers.address(peer_id)
-        except UnknownPeerError:
-            addr = None
-        if addr is not None and key is not None:
+            validate_peer_id(peer_id)
+        except ConfigError as exc:
+            raise UnknownPeerError(str(exc)) from None
+        key = peers.public_key(peer_id)
+        addr = peers.known_address(peer_id)
+        if addr is not None and key is not None and not refresh:
             return addr, key
-        raise UnknownPeerError(f"unknown peer {peer_id!r}: not in {peers.known_peers_file} "
-                               f"(or no public key in {peers.peer_pubkey_path})")
+        if self.config.find_peer_info_url is None:
+            raise UnknownPeerError(f"unknown peer {peer_id!r}: not in {peers.known_peers_file} "
+                                   f"(or no public key in {peers.peer_pubkey_path}), and no "
+                                   "find_peer_info_url to look it up")
+        record = await self._directory_lookup(peer_id, refresh=refresh)
+        return PeerAddress(record.peer_id, record.host, record.port), record.public_key
+
+    async def _directory_lookup(self, peer_id: str, *, refresh: bool = False) -> Any:
+        """Look ``peer_id`` up in the directory (signature checked by the client), apply the
+        key-change policy, and store the peer (files written in a thread, atomically)."""
+        from .directory import CENTER_PEER_ID, DirectoryLookup, accept_record
+
+        peers = self.config.peers
+        if self._directory is None:
+            center = peers.public_key(CENTER_PEER_ID)
+            if center is None:
+                raise DirectoryError(
+                    f"cannot use the directory: no center key "
+                    f"{peers.peer_pubkey_path / (CENTER_PEER_ID + PUBKEY_SUFFIX)} "
+                    "(unsigned records are never trusted)")
+            assert self.config.find_peer_info_url is not None
+            self._directory = DirectoryLookup(self.config.find_peer_info_url, center,
+                                              timeout=self.settings.directory_timeout)
+        if refresh:
+            self._directory.forget(peer_id)
+        record = await self._directory.lookup(peer_id)
+        if not accept_record(record, peers.public_key(peer_id),
+                             allow_key_change=self.settings.allow_key_change):
+            raise DirectoryError(f"the directory's key for {peer_id} differs from the one on "
+                                 "file; refused (set allow_key_change to accept key changes)")
+        address = PeerAddress(record.peer_id, record.host, record.port)
+        if peers.known_address(peer_id) != address or peers.public_key(peer_id) is None \
+                or not same_public_key(peers.public_key(peer_id), record.public_key):
+            files = peers.files_for(address, record.public_key)
+            await asyncio.to_thread(peers.write_files, files)
+            peers.add(address, record.public_key, persist=False)
+            log.info("learned peer %s at %s:%d from the directory (%s)", peer_id, record.host,
+                     record.port, record.fingerprint)
+        return record
 
     async def _lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
-        """The public key of a peer that sent an INIT but is not known (directory lookup),
-        or None."""
-        return None
+        """The public key of a peer that sent an INIT but is not known: looked up in the
+        directory when one is configured (lookups merged, failures cached briefly), else None."""
+        if self.config.find_peer_info_url is None:
+            return None
+        try:
+            record = await self._directory_lookup(peer_id)
+        except P2PError as exc:
+            log.info("directory lookup of %s failed: %s", peer_id, exc)
+            return None
+        return record.public_key  # type: ignore[no-any-return]
 
     # -- used by the protocols ------------------------------------------------------------------
 

@@ -1,0 +1,266 @@
+"""P2PHandler with a real directory server on 127.0.0.1 (issue 4, the client side): peers
+that have never heard of each other connect by id; forged or changed keys are refused; a
+moved peer is followed; a directory that is down gives a clear error and known peers still
+work."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from conftest import PeerDir, make_peer, rsa_key, run, server_port
+from p2psc import keys
+from p2psc.directory import CENTER_PEER_ID, update_address, update_url_for
+from p2psc.directory.server import make_app, start_server
+from p2psc.directory.store import DirectoryStore
+from p2psc.p2p import TcpP2P
+from p2psc.p2pexcept import DirectoryError, HandshakeError, SignCheckError, UnknownPeerError
+from p2psc.p2phandler import P2PHandler
+
+
+class Echo(TcpP2P):
+    def on_recv(self, data: bytes) -> None:
+        self.send(b"recv:" + data)
+
+
+class Client(TcpP2P):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.got = asyncio.get_running_loop().create_future()
+
+    def on_recv(self, data: bytes) -> None:
+        if not self.got.done():
+            self.got.set_result(data)
+
+
+class Directory:
+    """A directory server on an ephemeral port, signing with the ``center`` test key."""
+
+    def __init__(self, tmp: Path, center_key_name: str = "center"):
+        self.store = DirectoryStore(tmp / "directory.sqlite3")
+        self.center = rsa_key(center_key_name)
+        self.runner: Any = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/get_peer_info"
+
+    def register(self, peer: PeerDir, port: int) -> None:
+        self.store.put(peer.peer_id, keys.public_key_pem(peer.key).decode(), "127.0.0.1", port)
+
+    async def start(self) -> "Directory":
+        self.runner, self.port = await start_server(make_app(self.store, self.center),
+                                                    "127.0.0.1", 0)
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        self.store.close()
+
+
+def use_directory(peer: PeerDir, url: str, center_key: Any = None, **settings: Any) -> None:
+    """Point ``peer`` at the directory and give it the center's public key."""
+    peer.update_conf(find_peer_info_url=url, directory_timeout=2.0, **settings)
+    if center_key is not None:
+        (peer.pubkeys / f"{CENTER_PEER_ID}.pubkey.pem").write_bytes(keys.public_key_pem(center_key))
+
+
+def test_strangers_connect_by_id_through_the_directory(tmp_path: Path, loop_kind: str) -> None:
+    server_dir = make_peer(tmp_path, "server.test")
+    client_dir = make_peer(tmp_path, "client.test")
+
+    async def main() -> None:
+        directory = await Directory(tmp_path).start()
+        for p in (server_dir, client_dir):
+            use_directory(p, directory.url, directory.center)
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=Echo)
+        directory.register(server_dir, server_port(server))
+        directory.register(client_dir, 1)
+        client = P2PHandler(workdir=client_dir.workdir)
+        _, proto = await client.connect_peer("server.test", ProtocolClass=Client)
+        await asyncio.wait_for(proto.wait_handshaked(), 5)
+        proto.send(b"hello stranger")
+        assert await asyncio.wait_for(proto.got, 5) == b"recv:hello stranger"
+        # both learned the other: keys and addresses stored on disk
+        stored = client_dir.pubkeys / "server.test.pubkey.pem"
+        assert keys.same_public_key(keys.load_public_key(stored), server_dir.key.public_key())
+        peers = json.loads((client_dir.workdir / "data" / "peers.json").read_text())
+        assert peers["server.test"] == {"peer_id": "server.test", "host": "127.0.0.1",
+                                        "port": server_port(server)}
+        assert (server_dir.pubkeys / "client.test.pubkey.pem").exists()
+        await client.close()
+        await server.close()
+        await directory.stop()
+
+    run(main(), loop=loop_kind)
+
+
+def test_record_signed_by_another_center_is_refused(tmp_path: Path) -> None:
+    server_dir = make_peer(tmp_path, "server.test")
+    client_dir = make_peer(tmp_path, "client.test")
+
+    async def main() -> None:
+        directory = await Directory(tmp_path, center_key_name="rogue-center").start()
+        directory.register(server_dir, 4444)
+        use_directory(client_dir, directory.url, rsa_key("center"))  # trusts the real center
+        client = P2PHandler(workdir=client_dir.workdir)
+        with pytest.raises(SignCheckError):
+            await client.connect_peer("server.test")
+        assert not (client_dir.pubkeys / "server.test.pubkey.pem").exists()
+        assert json.loads((client_dir.workdir / "data" / "peers.json").read_text()) == {}
+        await client.close()
+        await directory.stop()
+
+    run(main())
+
+
+def test_no_center_key_is_a_clear_error(tmp_path: Path) -> None:
+    client_dir = make_peer(tmp_path, "client.test")
+    use_directory(client_dir, "http://127.0.0.1:9/api/get_peer_info")
+
+    async def main() -> None:
+        client = P2PHandler(workdir=client_dir.workdir)
+        with pytest.raises(DirectoryError, match="no center key"):
+            await client.connect_peer("server.test")
+
+    run(main())
+
+
+def test_changed_key_is_refused_unless_allowed(tmp_path: Path, caplog: Any) -> None:
+    server_dir = make_peer(tmp_path, "server.test")
+    client_dir = make_peer(tmp_path, "client.test")
+    old_key = rsa_key("old-server-key")
+
+    async def main(allow: bool) -> None:
+        directory = await Directory(tmp_path / str(allow)).start()
+        directory.register(server_dir, 4444)
+        # the client has an old key on file for server.test, but no address
+        use_directory(client_dir, directory.url, directory.center, allow_key_change=allow)
+        (client_dir.pubkeys / "server.test.pubkey.pem").write_bytes(keys.public_key_pem(old_key))
+        client = P2PHandler(workdir=client_dir.workdir)
+        try:
+            if allow:
+                addr, key = await client._resolve_peer("server.test")
+                assert keys.same_public_key(key, server_dir.key.public_key())
+                assert addr.port == 4444
+            else:
+                with pytest.raises(DirectoryError, match="differs"):
+                    await client.connect_peer("server.test")
+                on_file = keys.load_public_key(client_dir.pubkeys / "server.test.pubkey.pem")
+                assert keys.same_public_key(on_file, old_key.public_key())
+        finally:
+            await client.close()
+            await directory.stop()
+
+    (tmp_path / "False").mkdir()
+    (tmp_path / "True").mkdir()
+    with caplog.at_level(logging.WARNING, logger="p2psc"):
+        run(main(False))
+        assert any("REFUSED a KEY CHANGE" in r.message for r in caplog.records)
+        run(main(True))
+        assert any("KEY CHANGE ACCEPTED" in r.message for r in caplog.records)
+
+
+def test_moved_peer_is_followed_after_a_failed_connect(tmp_path: Path) -> None:
+    server_dir = make_peer(tmp_path, "server.test")
+    client_dir = make_peer(tmp_path, "client.test")
+
+    async def main() -> None:
+        directory = await Directory(tmp_path).start()
+        for p in (server_dir, client_dir):
+            use_directory(p, directory.url, directory.center)
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=Echo)
+        directory.register(client_dir, 1)
+        # the client knows server.test at an old address where nothing listens
+        dead = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        dead_port = dead.sockets[0].getsockname()[1]
+        dead.close()
+        await dead.wait_closed()
+        client_dir.know(server_dir, port=dead_port)
+        directory.register(server_dir, dead_port)
+        # the server moves itself in the directory with a signed self-service update
+        await update_address(update_url_for(directory.url), "server.test", server_dir.key,
+                             "127.0.0.1", server_port(server), timeout=2)
+        client = P2PHandler(workdir=client_dir.workdir)
+        _, proto = await client.connect_peer("server.test", ProtocolClass=Client)
+        await asyncio.wait_for(proto.wait_handshaked(), 5)
+        proto.send(b"found you")
+        assert await asyncio.wait_for(proto.got, 5) == b"recv:found you"
+        assert client.config.peers.address("server.test").port == server_port(server)
+        await client.close()
+        await server.close()
+        await directory.stop()
+
+    run(main())
+
+
+def test_directory_down_is_a_clear_error_and_known_peers_still_work(pair: Any) -> None:
+    server_dir, client_dir = pair
+
+    async def main() -> None:
+        dead = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        dead_port = dead.sockets[0].getsockname()[1]
+        dead.close()
+        await dead.wait_closed()
+        use_directory(client_dir, f"http://127.0.0.1:{dead_port}/api/get_peer_info",
+                      rsa_key("center"))
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=Echo)
+        client_dir.know(server_dir, port=server_port(server))
+        client = P2PHandler(workdir=client_dir.workdir)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(DirectoryError):
+            await client.connect_peer("elsewhere.test")
+        assert loop.time() - t0 < 3.0
+        _, proto = await client.connect_peer("server.test", ProtocolClass=Client)
+        proto.send(b"known peers keep working")
+        assert await asyncio.wait_for(proto.got, 5) == b"recv:known peers keep working"
+        await client.close()
+        await server.close()
+
+    run(main())
+
+
+def test_responder_refuses_a_stranger_the_directory_does_not_know(tmp_path: Path) -> None:
+    server_dir = make_peer(tmp_path, "server.test")
+    stranger = make_peer(tmp_path, "stranger.test")
+
+    async def main() -> None:
+        directory = await Directory(tmp_path).start()
+        use_directory(server_dir, directory.url, directory.center)
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=Echo)
+        stranger.know(server_dir, port=server_port(server))
+        client = P2PHandler(workdir=stranger.workdir)
+        for _ in range(3):
+            _, proto = await client.connect_peer("server.test", ProtocolClass=Client)
+            with pytest.raises(HandshakeError):
+                await asyncio.wait_for(proto.wait_handshaked(), 5)
+        # failures are cached: three INITs from the stranger cost one directory request
+        assert server._directory.requests == 1
+        assert not (server_dir.pubkeys / "stranger.test.pubkey.pem").exists()
+        await client.close()
+        await server.close()
+        await directory.stop()
+
+    run(main())
+
+
+def test_invalid_peer_id_is_refused_before_any_lookup(pair: Any) -> None:
+    _, client_dir = pair
+
+    async def main() -> None:
+        client = P2PHandler(workdir=client_dir.workdir)
+        with pytest.raises(UnknownPeerError):
+            await client.connect_peer("../../etc/passwd")
+
+    run(main())
