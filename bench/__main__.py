@@ -1,0 +1,121 @@
+"""Command line: ``python -m bench [--smoke] [--only GROUP] [--rounds N] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .common import LOOP_KINDS, parse_size
+from .report import (
+    console_report,
+    evaluate_targets,
+    foreign_cpu_summary,
+    machine_info,
+    plot,
+    write_markdown,
+)
+from .runner import DEFAULT_SIZES, GROUPS, Settings, run_all, smoke_settings
+from .transports import STREAM_TRANSPORTS
+
+log = logging.getLogger("bench")
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DOCS_DIR = REPO / "docs"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--smoke", action="store_true",
+                   help="a run of a few seconds with tiny counts and one round (for the test suite)")
+    p.add_argument("--only", action="append", choices=GROUPS, metavar="GROUP",
+                   help=f"run only this group (repeatable): {', '.join(GROUPS)}")
+    p.add_argument("--transports", default=None,
+                   help=f"comma-separated stream transports from {', '.join(STREAM_TRANSPORTS)} "
+                        "(default: raw, tls, p2psc and p2psc with the suite that is not the default)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; smoke 1)")
+    p.add_argument("--loop", choices=LOOP_KINDS, default="uvloop", help="event loop on both ends")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated TCP message sizes, e.g. 100,1K,64K,1M (default: all four)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for the JSON results (default bench/results; smoke: bench/results/smoke)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    p.add_argument("--docs", action="store_true",
+                   help="write docs/BENCHMARKS.md and docs/benchmarks.png even when not a full default run")
+    p.add_argument("--no-docs", action="store_true", help="never write docs/")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="cProfile both processes of every measurement into DIR/*.prof")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each measurement")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    settings = Settings(loop=args.loop)
+    if args.smoke:
+        settings = smoke_settings(settings)
+    if args.only:
+        settings.groups = tuple(g for g in GROUPS if g in args.only)
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise SystemExit("--rounds must be at least 1")
+        settings.rounds = args.rounds
+    if args.sizes:
+        settings.sizes = tuple(parse_size(s) for s in args.sizes.split(",") if s.strip())
+    if args.transports:
+        transports = tuple(t.strip() for t in args.transports.split(",") if t.strip())
+        unknown = [t for t in transports if t not in STREAM_TRANSPORTS]
+        if unknown:
+            raise SystemExit(f"unknown transport(s) {unknown}; choose from {STREAM_TRANSPORTS}")
+        settings.transports = transports
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        settings.profile_dir = str(args.profile.resolve())
+
+    data = run_all(settings)
+    data["machine"] = machine_info(settings.loop)
+    data["targets"] = evaluate_targets(data)
+    data["foreign_cpu"] = foreign_cpu_summary(data) if data["runs"] else {}
+    data["argv"] = list(sys.argv[1:] if argv is None else argv)
+
+    out_dir = args.out or (RESULTS_DIR / "smoke" if args.smoke else RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = data["machine"]["when_utc"].replace(":", "").replace("-", "")[:15]
+    name = "smoke.json" if args.smoke else f"run-{stamp}-{settings.loop}.json"
+    for target in (out_dir / name, out_dir / ("latest-smoke.json" if args.smoke else "latest.json")):
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, target)
+
+    print(console_report(data))
+    print(f"\nresults: {out_dir / name}")
+
+    full_default = (not args.smoke and settings.groups == GROUPS and args.transports is None
+                    and settings.sizes == DEFAULT_SIZES)
+    write_docs = (args.docs or full_default) and not args.no_docs
+    plot_path: Path | None = None
+    if not args.no_plot:
+        plot_path = (DOCS_DIR / "benchmarks.png") if write_docs else (out_dir / "benchmarks.png")
+        try:
+            plot(data, plot_path)
+            print(f"plot: {plot_path}")
+        except Exception as exc:  # noqa: BLE001 - a missing matplotlib must not lose the results
+            log.error("plot failed: %s", exc)
+            plot_path = None
+    if write_docs:
+        md = DOCS_DIR / "BENCHMARKS.md"
+        write_markdown(data, md, plot_path.name if plot_path else None, Path(__file__).parent / "NOTES.md")
+        print(f"docs: {md}")
+    failed = [r for r in data["runs"] if not r["ok"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,535 @@
+"""Tables (console and Markdown), target checks, the plot, and docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import ssl
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .common import fmt_num, fmt_stat, size_label
+
+P2PSC_KINDS = ("p2psc", "p2psc-aes", "p2psc-chacha")
+STREAM_ORDER = ("raw", "tls", "p2psc", "p2psc-aes", "p2psc-chacha")
+LABELS = {
+    "raw": "raw TCP",
+    "tls": "TLS 1.3",
+    "p2psc": "p2psc (default suite)",
+    "p2psc-aes": "p2psc aes-256-gcm",
+    "p2psc-chacha": "p2psc chacha20-poly1305",
+    "udp": "plain UDP",
+    "p2psc-udp": "p2psc UDP",
+}
+
+
+def machine_info(loop: str) -> dict[str, Any]:
+    """Python, platform, CPUs and library versions of this machine."""
+    info: dict[str, Any] = {
+        "when_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "ssl_openssl": ssl.OPENSSL_VERSION,
+        "loop": loop,
+    }
+    try:
+        import cryptography
+        from cryptography.hazmat.backends.openssl.backend import backend
+
+        info["cryptography"] = cryptography.__version__
+        info["cryptography_openssl"] = backend.openssl_version_text()
+    except Exception as exc:  # noqa: BLE001 - informational only
+        info["cryptography"] = f"unknown ({exc})"
+    try:
+        import uvloop
+
+        info["uvloop"] = uvloop.__version__
+    except Exception:  # noqa: BLE001
+        info["uvloop"] = None
+    try:
+        from importlib.metadata import version
+
+        info["p2psc"] = version("p2psc")
+    except Exception:  # noqa: BLE001
+        info["p2psc"] = None
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _set_default_label(data: dict[str, Any]) -> None:
+    suite = data.get("p2psc_default_suite")
+    if suite:
+        LABELS["p2psc"] = f"p2psc default ({suite})"
+
+
+# --------------------------------------------------------------------------------------------
+# lookups and ratios
+# --------------------------------------------------------------------------------------------
+def _get(tree: dict[str, Any], *path: str) -> dict[str, Any] | None:
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node if isinstance(node, dict) and "median" in node else None
+
+
+def ratio(num: dict[str, Any] | None, den: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Ratio num/den: the median of per-round ratios where rounds pair up, else of medians."""
+    if not num or not den or num.get("median") is None or not den.get("median"):
+        return None
+    pairs = dict(zip(den.get("rounds", []), den.get("runs", [])))
+    per_round = [v / pairs[r] for r, v in zip(num.get("rounds", []), num.get("runs", [])) if pairs.get(r)]
+    if per_round:
+        return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
+                "runs": per_round}
+    value = num["median"] / den["median"]
+    return {"median": value, "min": value, "max": value, "runs": [value]}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of issue 6: a ratio against a baseline transport, or an absolute bound."""
+
+    key: str
+    label: str
+    path: tuple[str, ...]  # with "{t}" for the transport
+    baseline: str | None  # transport to divide by; None = absolute value
+    op: str  # ">=" or "<="
+    bound: float
+    unit: str = "x"
+
+
+TARGETS = (
+    Target("tput_64k", "throughput 64 KiB vs TLS", ("tcp", "{t}", "65536", "mb_per_s"), "tls", ">=", 1.2),
+    Target("tput_1m", "throughput 1 MiB vs TLS", ("tcp", "{t}", "1048576", "mb_per_s"), "tls", ">=", 1.2),
+    Target("msgs_100", "messages/s 100 B vs TLS", ("tcp", "{t}", "100", "msgs_per_s"), "tls", ">=", 2.0),
+    Target("msgs_1k", "messages/s 1 KiB vs TLS", ("tcp", "{t}", "1024", "msgs_per_s"), "tls", ">=", 2.0),
+    Target("rtt_p50", "RTT p50 100 B vs TLS (lower is better)", ("latency", "{t}", "p50_us"), "tls", "<=", 1.0),
+    Target("hs_seq", "handshakes/s sequential, RSA-2048, vs TLS", ("handshake", "{t}", "2048", "1", "per_s"),
+           "tls", ">=", 1.5),
+    Target("hs_16", "handshakes/s 16 clients, RSA-2048, vs TLS", ("handshake", "{t}", "2048", "16", "per_s"),
+           "tls", ">=", 1.5),
+    Target("mem_server", "memory per idle connection, server (KiB)", ("memory", "{t}", "server_kib_per_conn"),
+           None, "<=", 8.0, "KiB"),
+    Target("mem_client", "memory per idle connection, client (KiB)", ("memory", "{t}", "client_kib_per_conn"),
+           None, "<=", 8.0, "KiB"),
+    Target("udp_100", "UDP datagrams/s 100 B vs plain UDP", ("udp", "{t}", "100", "dgrams_per_s"), "udp", ">=", 0.6),
+    Target("udp_1k", "UDP datagrams/s 1 KiB vs plain UDP", ("udp", "{t}", "1024", "dgrams_per_s"), "udp", ">=", 0.6),
+)
+
+
+def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target for every p2psc variant that was measured: value, bound, pass/fail."""
+    tree = data["results"]
+    rows: list[dict[str, Any]] = []
+    for target in TARGETS:
+        kinds = ("p2psc-udp",) if target.path[0] == "udp" else P2PSC_KINDS
+        for kind in kinds:
+            path = tuple(p.replace("{t}", kind) for p in target.path)
+            value = _get(tree, *path)
+            if value is None:
+                continue
+            if target.baseline is not None:
+                base = _get(tree, *(p.replace("{t}", target.baseline) for p in target.path))
+                value = ratio(value, base)
+                if value is None:
+                    continue
+            median = value["median"]
+            passed = median >= target.bound if target.op == ">=" else median <= target.bound
+            rows.append({
+                "target": target.key,
+                "label": target.label,
+                "transport": kind,
+                "value": value,
+                "op": target.op,
+                "bound": target.bound,
+                "unit": target.unit,
+                "pass": passed,
+            })
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------
+def md_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    """A Markdown table (also readable as console output)."""
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    sep = ["--:" if a == "r" else ":--" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(sep) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ratio_cell(num: dict[str, Any] | None, den: dict[str, Any] | None) -> str:
+    r = ratio(num, den)
+    return f"{r['median']:.2f}" if r else "-"
+
+
+def tables(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(title, markdown table) for every measured section."""
+    _set_default_label(data)
+    tree = data["results"]
+    stream = [t for t in STREAM_ORDER if t in tree.get("tcp", {})]
+    p2p = [t for t in P2PSC_KINDS if t in stream]
+    out: list[tuple[str, str]] = []
+    if "tcp" in tree:
+        header = ["message", "metric"] + [LABELS[t] for t in stream]
+        for t in p2p:
+            header += [f"{t}/TLS", f"{t}/raw"]
+        rows = []
+        for size in data["settings"]["sizes"]:
+            s = str(size)
+            for metric, name in (("mb_per_s", "MB/s"), ("msgs_per_s", "msg/s")):
+                row = [size_label(size), name] + [fmt_stat(_get(tree, "tcp", t, s, metric)) for t in stream]
+                for t in p2p:
+                    mine = _get(tree, "tcp", t, s, metric)
+                    row += [_ratio_cell(mine, _get(tree, "tcp", "tls", s, metric)),
+                            _ratio_cell(mine, _get(tree, "tcp", "raw", s, metric))]
+                rows.append(row)
+        out.append(("One-way throughput (MB/s = 10^6 payload bytes/s; median [min–max] over rounds)",
+                    md_table(header, rows, ["l", "l"] + ["r"] * (len(header) - 2))))
+        header = ["message"] + [LABELS[t] for t in stream]
+        rows = []
+        for size in data["settings"]["sizes"]:
+            s = str(size)
+            cells = []
+            for t in stream:
+                snd = _get(tree, "tcp", t, s, "send_cpu_us_per_msg")
+                rcv = _get(tree, "tcp", t, s, "recv_cpu_us_per_msg")
+                cells.append(f"{fmt_num(snd['median']) if snd else '-'} / {fmt_num(rcv['median']) if rcv else '-'}")
+            rows.append([size_label(size)] + cells)
+        out.append(("CPU µs per message, sender / receiver (medians)", md_table(header, rows)))
+    if "latency" in tree:
+        kinds = [t for t in STREAM_ORDER if t in tree["latency"]]
+        rows = []
+        for t in kinds:
+            p50 = _get(tree, "latency", t, "p50_us")
+            rows.append([LABELS[t], fmt_stat(p50), fmt_stat(_get(tree, "latency", t, "p99_us")),
+                         _ratio_cell(p50, _get(tree, "latency", "tls", "p50_us")),
+                         _ratio_cell(p50, _get(tree, "latency", "raw", "p50_us"))])
+        size = data["settings"]["latency"]["size"]
+        out.append((f"Request/response latency, {size} B (client sends, server echoes from its callback)",
+                    md_table(["transport", "p50 µs", "p99 µs", "p50 x TLS", "p50 x raw"], rows)))
+    if "handshake" in tree:
+        rows = []
+        hs = tree["handshake"]
+        for t in [k for k in ("raw", "tls", "p2psc") if k in hs]:
+            for bits in sorted(hs[t], key=lambda b: (b != "none", b)):
+                for clients in sorted(hs[t][bits], key=int):
+                    per_s = _get(hs, t, bits, clients, "per_s")
+                    tls = _get(hs, "tls", bits, clients, "per_s")
+                    label = "TCP connect only" if t == "raw" else LABELS[t]
+                    rows.append([label, "-" if bits == "none" else f"RSA-{bits}", clients, fmt_stat(per_s),
+                                 fmt_stat(_get(hs, t, bits, clients, "p50_ms")),
+                                 _ratio_cell(per_s, tls) if t != "tls" and t != "raw" else "-"])
+        out.append(("Full handshakes per second (connect + handshake + one ping round trip + close)",
+                    md_table(["transport", "keys", "clients", "handshakes/s", "p50 ms", "x TLS"], rows)))
+    if "memory" in tree:
+        rows = []
+        mem = tree["memory"]
+        for t in [k for k in ("raw", "tls", "p2psc") if k in mem]:
+            rows.append([LABELS[t], fmt_stat(_get(mem, t, "server_kib_per_conn")),
+                         fmt_stat(_get(mem, t, "client_kib_per_conn")),
+                         fmt_stat(_get(mem, t, "server_baseline_mib")), fmt_stat(_get(mem, t, "open_s"))])
+        n = data["settings"]["memory"]["connections"]
+        out.append((f"Memory per idle established connection ({n:,} connections; RSS delta / count)",
+                    md_table(["transport", "server KiB/conn", "client KiB/conn", "server baseline MiB",
+                              f"open {n:,} s"], rows)))
+    if "udp" in tree:
+        rows = []
+        udp = tree["udp"]
+        for t in [k for k in ("udp", "p2psc-udp") if k in udp]:
+            for size in sorted(udp[t], key=int):
+                dg = _get(udp, t, size, "dgrams_per_s")
+                snd = _get(udp, t, size, "send_cpu_us_per_dgram")
+                rcv = _get(udp, t, size, "recv_cpu_us_per_dgram")
+                rows.append([LABELS[t], size_label(int(size)), fmt_stat(_get(udp, t, size, "sent_per_s")),
+                             fmt_stat(dg), fmt_stat(_get(udp, t, size, "mb_per_s")),
+                             fmt_stat(_get(udp, t, size, "loss_pct")),
+                             f"{fmt_num(snd['median']) if snd else '-'} / {fmt_num(rcv['median']) if rcv else '-'}",
+                             _ratio_cell(dg, _get(udp, "udp", size, "dgrams_per_s")) if t != "udp" else "-"])
+        out.append(("UDP datagrams (receiver rate = received / (last − first arrival); loss = 1 − received/sent)",
+                    md_table(["transport", "payload", "sent/s", "received dgram/s", "received MB/s", "loss %",
+                              "CPU µs/dgram snd / rcv", "x plain"], rows)))
+    targets = evaluate_targets(data)
+    if targets:
+        rows = []
+        for target_row in targets:
+            v = target_row["value"]
+            unit = "" if target_row["unit"] == "x" else f" {target_row['unit']}"
+            spread = f" [{v['min']:.2f}–{v['max']:.2f}]" if len(v["runs"]) > 1 else ""
+            rows.append([target_row["label"], target_row["transport"], f"{v['median']:.2f}{unit}{spread}",
+                         f"{target_row['op']} {target_row['bound']:g}{unit}", "PASS" if target_row["pass"] else "FAIL"])
+        out.append(("Targets of issue 6 (informational; ratios are medians of per-round ratios)",
+                    md_table(["target", "transport", "measured", "target", "result"], rows,
+                             ["l", "l", "r", "r", "l"])))
+    return out
+
+
+def console_report(data: dict[str, Any]) -> str:
+    """The tables plus a short header, for the terminal."""
+    m = data["machine"]
+    lines = [f"p2psc bench — loop {m['loop']}, python {m['python']}, {m['cpus']} CPUs, "
+             f"{data['settings']['rounds']} round(s), {data['wall_s']:.0f} s"
+             + ("  [SMOKE: numbers are meaningless]" if data["settings"]["smoke"] else "")]
+    for kind, why in data.get("skipped", {}).items():
+        lines.append(f"skipped {kind}: {why}")
+    failed = [r for r in data["runs"] if not r["ok"]]
+    for r in failed:
+        lines.append(f"FAILED round {r['round'] + 1} {r['test']} {r['transport']}: {r.get('error', '')[:300]}")
+    for title, table in tables(data):
+        lines += ["", title, table]
+    return "\n".join(lines)
+
+
+def foreign_cpu_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """Foreign CPU (other processes) per test group, and the quiet-CPU waits."""
+    out: dict[str, Any] = {}
+    for test in sorted({r["test"] for r in data["runs"]}):
+        runs = [r for r in data["runs"] if r["test"] == test]
+        foreign = [r["foreign_cpu_pct"] for r in runs]
+        out[test] = {
+            "runs": len(runs),
+            "foreign_cpu_pct_median": statistics.median(foreign),
+            "foreign_cpu_pct_max": max(foreign),
+            "waited_s": sum(r["waited_for_quiet_s"] for r in runs),
+            "gave_up_waiting": sum(1 for r in runs if not r["found_quiet"]),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# plot
+# --------------------------------------------------------------------------------------------
+COLORS = {"raw": "#9e9e9e", "tls": "#1f77b4", "p2psc": "#d62728", "p2psc-aes": "#ff7f0e",
+          "udp": "#9e9e9e", "p2psc-udp": "#d62728"}
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    """Draw the comparison into a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _set_default_label(data)
+    tree = data["results"]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig.suptitle(f"p2psc vs raw TCP and TLS 1.3 — {data['machine']['loop']}, "
+                 f"{data['settings']['rounds']} rounds, median with min–max", fontsize=12)
+
+    def bars(ax: Any, groups: list[str], kinds: list[str], getter: Any, ylabel: str, log: bool = False) -> None:
+        width = 0.8 / max(1, len(kinds))
+        for i, kind in enumerate(kinds):
+            med, lo, hi, xs = [], [], [], []
+            for j, g in enumerate(groups):
+                stat = getter(kind, g)
+                if stat is None:
+                    continue
+                xs.append(j + (i - (len(kinds) - 1) / 2) * width)
+                med.append(stat["median"])
+                lo.append(stat["median"] - stat["min"])
+                hi.append(stat["max"] - stat["median"])
+            if xs:
+                ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=LABELS.get(kind, kind),
+                       color=COLORS.get(kind))
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+
+    stream = [t for t in STREAM_ORDER if t in tree.get("tcp", {})]
+    sizes = [str(s) for s in data["settings"]["sizes"]]
+    size_names = [size_label(int(s)) for s in sizes]
+    name_to_size = dict(zip(size_names, sizes))
+    ax = axes[0][0]
+    if stream:
+        bars(ax, size_names, stream, lambda k, g: _get(tree, "tcp", k, name_to_size[g], "mb_per_s"), "MB/s", True)
+        ax.set_title("one-way throughput")
+        ax.legend(fontsize=8)
+    ax = axes[0][1]
+    if stream:
+        bars(ax, size_names, stream, lambda k, g: _get(tree, "tcp", k, name_to_size[g], "msgs_per_s"),
+             "messages/s", True)
+        ax.set_title("messages per second")
+    ax = axes[0][2]
+    lat = [t for t in STREAM_ORDER if t in tree.get("latency", {})]
+    if lat:
+        bars(ax, ["p50", "p99"], lat, lambda k, g: _get(tree, "latency", k, f"{g}_us"), "µs")
+        ax.set_title(f"round trip, {data['settings']['latency']['size']} B")
+        ax.legend(fontsize=8)
+    ax = axes[1][0]
+    hs = tree.get("handshake", {})
+    hs_kinds = [t for t in ("raw", "tls", "p2psc") if t in hs]
+    if hs_kinds:
+        groups = []
+        for bits in ("2048", "3072"):
+            for clients in ("1", "16"):
+                if any(_get(hs, t, bits, clients, "per_s") for t in hs_kinds):
+                    groups.append(f"{bits}\n{clients} cl.")
+
+        def hs_get(kind: str, g: str) -> dict[str, Any] | None:
+            bits, clients = g.split("\n")
+            return _get(hs, kind, "none" if kind == "raw" else bits, clients.split()[0], "per_s")
+
+        bars(ax, groups, hs_kinds, hs_get, "handshakes/s", True)
+        ax.set_title("full handshakes per second (raw = TCP connect)")
+        ax.legend(fontsize=8)
+    ax = axes[1][1]
+    mem = tree.get("memory", {})
+    mem_kinds = [t for t in ("raw", "tls", "p2psc") if t in mem]
+    if mem_kinds:
+        bars(ax, ["server", "client"], mem_kinds, lambda k, g: _get(mem, k, f"{g}_kib_per_conn"), "KiB / connection")
+        ax.axhline(8, color="#d62728", linestyle="--", linewidth=1, label="target 8 KiB")
+        ax.set_title("memory per idle connection")
+        ax.legend(fontsize=8)
+    ax = axes[1][2]
+    udp = tree.get("udp", {})
+    udp_kinds = [t for t in ("udp", "p2psc-udp") if t in udp]
+    if udp_kinds:
+        usizes = sorted({s for k in udp_kinds for s in udp[k]}, key=int)
+        names = [size_label(int(s)) for s in usizes]
+        back = dict(zip(names, usizes))
+        bars(ax, names, udp_kinds, lambda k, g: _get(udp, k, back[g], "dgrams_per_s"), "datagrams/s received")
+        ax.set_title("UDP datagrams per second")
+        ax.legend(fontsize=8)
+    for row in axes:
+        for a in row:
+            if not a.has_data():
+                a.set_axis_off()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# docs/BENCHMARKS.md
+# --------------------------------------------------------------------------------------------
+def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, notes: Path | None) -> None:
+    """Write docs/BENCHMARKS.md: machine, method, tables, plot, how to rerun, and notes."""
+    m = data["machine"]
+    s = data["settings"]
+    fc = foreign_cpu_summary(data)
+    lines = [
+        "# p2psc benchmarks",
+        "",
+        "Generated by `python -m bench` (bench/report.py); do not edit by hand — the hand-written",
+        "part at the end comes from `bench/NOTES.md`.",
+        "",
+        "## Machine",
+        "",
+        md_table(["", ""], [
+            ["when (UTC)", m["when_utc"]],
+            ["python", f"{m['python']} ({m['implementation']})"],
+            ["platform", m["platform"]],
+            ["CPUs", f"{m['cpus']} ({m.get('cpu_model') or 'unknown model'})"],
+            ["event loop", f"{m['loop']}" + (f" (uvloop {m['uvloop']})" if m["loop"] == "uvloop" else "")],
+            ["ssl module OpenSSL (TLS rows)", m["ssl_openssl"]],
+            ["cryptography (p2psc)", f"{m.get('cryptography')} ({m.get('cryptography_openssl')})"],
+            ["p2psc", str(m.get("p2psc"))],
+            ["rounds", f"{s['rounds']} (memory: {s['memory_rounds']})"],
+            ["wall time", f"{data['wall_s']:.0f} s"],
+        ], ["l", "l"]),
+        "",
+    ]
+    if plot_name:
+        lines += [f"![p2psc benchmarks]({plot_name})", ""]
+    for kind, why in data.get("skipped", {}).items():
+        lines.append(f"- **skipped {kind}**: {why}")
+    failed = [r for r in data["runs"] if not r["ok"]]
+    for r in failed:
+        lines.append(f"- **failed** round {r['round'] + 1} {r['test']} {r['transport']}: "
+                     f"`{r.get('error', '').splitlines()[0][:200] if r.get('error') else ''}`")
+    if data.get("skipped") or failed:
+        lines.append("")
+    for title, table in tables(data):
+        lines += [f"## {title}", "", table, ""]
+    lines += [
+        "## Method",
+        "",
+        ("- Sender/client and receiver/server run in **separate processes** pinned with "
+        "`os.sched_setaffinity` (server on CPU 1, client on CPU 0), on the **same event loop kind**, "
+        "over 127.0.0.1 with ephemeral ports. A fresh process pair runs each measurement."),
+        ("- **Rounds are interleaved**: round 1 of every transport and test, then round 2, ...; "
+        "the order of the transports rotates from round to round. Every number is the **median** "
+        "over rounds with **[min–max]**; ratios are medians of the per-round ratios."),
+        ("- Before each measurement the runner waits (at most "
+        f"{'0' if s['smoke'] else '2'} s) for the machine's CPU to be under 10 % busy, and it "
+        "records the CPU used by other processes during the measurement (see below)."),
+        (f"- **Throughput**: one connection; per size a {s['tcp']['warmup_s']} s warm-up blast, a sync "
+        f"marker, then a blast of {s['tcp']['duration_s']} s (or the count bound "
+        f"{', '.join(f'{size_label(int(k))}: {v:,}' for k, v in s['tcp']['max_counts'].items())}), "
+        "timed from the first send to the receiver's answer to a sync marker sent after the last "
+        "message (the receiver counts messages and bytes, and they must match). MB/s = 10^6 payload "
+        "bytes/s. raw and TLS use a 4-byte big-endian length prefix, a `BufferedProtocol` receiver with "
+        "one reusable buffer (one `bytes` per message) and **one `transport.write()` per message**, "
+        "honouring `pause_writing()`. p2psc is driven as a user would: `protocol.send(msg); "
+        "await protocol.drain()` per message."),
+        (f"- **Latency**: {s['latency']['size']} B request, the server echoes it from its receive "
+        f"callback; {s['latency']['warmup']} warm-up round trips, then up to {s['latency']['max_count']:,} "
+        f"or {s['latency']['duration_s']} s."),
+        (f"- **Handshakes**: connect + full handshake + one 16 B ping round trip + close (waiting for "
+        f"`connection_lost`), in a loop for {s['handshake']['duration_s']} s with "
+        f"{' and '.join(str(c) for c in s['handshake']['clients'])} concurrent client tasks in one client "
+        "process. TLS: TLS 1.3 only, mutual authentication with RSA certificates signed by a CA generated "
+        "at start, `check_hostname` on, client certificate required, no session tickets. "
+        "'TCP connect only' is the floor without any security."),
+        (f"- **Memory**: {s['memory']['connections']:,} connections opened {s['memory']['batch']} at a "
+        "time, each handshaken with one ping round trip, then idle; RSS delta of each process (after "
+        "`gc.collect()`, against a baseline taken after warm-up connections) divided by the count."),
+        (f"- **UDP**: the sender blasts for {s['udp']['duration_s']} s, yielding to the loop every 64 "
+        "datagrams; receiver rate = received / (last − first arrival); loss = 1 − received/sent "
+        "(default socket buffers)."),
+        "",
+        "Other processes' CPU during the measurements (% of all CPUs) and waiting for a quiet machine:",
+        "",
+        md_table(["test", "runs", "foreign CPU median %", "max %", "waited s", "gave up waiting"],
+                 [[k, str(v["runs"]), f"{v['foreign_cpu_pct_median']:.1f}", f"{v['foreign_cpu_pct_max']:.1f}",
+                   f"{v['waited_s']:.1f}", str(v["gave_up_waiting"])] for k, v in fc.items()]),
+        "",
+        "## How to rerun",
+        "",
+        "```",
+        "make bench                                  # full run (uvloop), ~5-10 minutes",
+        "make bench-smoke                            # a few seconds: checks that the bench still runs",
+        ".venv/bin/python -m bench --loop asyncio    # stdlib event loop",
+        ".venv/bin/python -m bench --only tcp --rounds 3 --sizes 100,64K",
+        ".venv/bin/python -m bench --profile /tmp/prof --only tcp   # cProfile of both processes",
+        "```",
+        "",
+        ("Results: `bench/results/latest.json` (every per-round value, the foreign CPU of each run). "
+        "The plot is `docs/benchmarks.png`. Options: `python -m bench --help`."),
+        "",
+    ]
+    if notes is not None and notes.exists():
+        lines += [notes.read_text(encoding="utf-8").rstrip(), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def python_command() -> str:
+    """How this interpreter was started (for messages)."""
+    return sys.executable
