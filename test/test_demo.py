@@ -1,0 +1,71 @@
+"""The README demo (test/server.py and test/client.py) run as the README says: from copies
+of the demo peer folders, on free ephemeral ports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_demo(tmp_path: Path, tcp_port: int, other_port: int) -> tuple[Path, Path]:
+    """test1/ and test2/ copied next to a copy of test/, with test1.com on ``tcp_port``."""
+    shutil.copytree(ROOT / "test1", tmp_path / "test1")
+    shutil.copytree(ROOT / "test2", tmp_path / "test2")
+    (tmp_path / "test").mkdir()
+    for script in ("server.py", "client.py"):
+        shutil.copy(ROOT / "test" / script, tmp_path / "test" / script)
+    for folder, pid, port, other, oport in (("test1", "test1.com", tcp_port, "test2.com", other_port),
+                                            ("test2", "test2.com", other_port, "test1.com", tcp_port)):
+        data = tmp_path / folder / "data"
+        (data / "config.json").write_text(json.dumps({"peer_id": pid, "host": "127.0.0.1", "port": port}))
+        (data / "peers.json").write_text(json.dumps({other: {"peer_id": other, "host": "127.0.0.1",
+                                                             "port": oport}}))
+        (data / "private_key.pem").chmod(0o600)
+    return tmp_path / "test1", tmp_path / "test2"
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"server not listening on {port}")
+
+
+def test_readme_tcp_demo(tmp_path: Path) -> None:
+    port = free_port()
+    test1, test2 = copy_demo(tmp_path, port, free_port())
+    server = subprocess.Popen([sys.executable, "../test/server.py"], cwd=test1,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_listening(port, server)
+        client = subprocess.run([sys.executable, "../test/client.py", "test1.com"], cwd=test2,
+                                capture_output=True, timeout=30)
+        assert client.returncode == 0, client.stderr
+        assert client.stdout == b"data receive= recv:this is a test text\n"
+        assert b"Traceback" not in client.stderr
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=10)
+    assert b"Traceback" not in err.replace(b"KeyboardInterrupt", b"")
+
+
+def test_client_usage_message(tmp_path: Path) -> None:
+    _, test2 = copy_demo(tmp_path, free_port(), free_port())
+    client = subprocess.run([sys.executable, "../test/client.py"], cwd=test2,
+                            capture_output=True, timeout=30)
+    assert client.returncode == 1
+    assert client.stdout.startswith(b"Usage:\n") and b"peerid" in client.stdout
