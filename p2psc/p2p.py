@@ -96,6 +96,8 @@ class TcpP2P(asyncio.Protocol):
         self._lookup_task: asyncio.Task[None] | None = None
         self._peername: Any = None
         self._got_data = False
+        self._lost = False
+        self._closed_waiters: list[asyncio.Future[Exception | None]] = []
         self._last_recv = 0.0
         self._last_send = 0.0
         self._tick: asyncio.TimerHandle | None = None
@@ -159,6 +161,15 @@ class TcpP2P(asyncio.Protocol):
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         await fut
+
+    async def wait_closed(self) -> Exception | None:
+        """Wait until the connection has ended; returns what ``on_closed`` got (None for a
+        clean close)."""
+        if self._lost:
+            return self._error
+        fut = asyncio.get_running_loop().create_future()
+        self._closed_waiters.append(fut)
+        return await fut  # type: ignore[no-any-return]
 
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""
@@ -243,7 +254,12 @@ class TcpP2P(asyncio.Protocol):
                 fut.set_exception(self._error or ChannelNotReady("the connection is closed"))
         self._drain_waiters.clear()
         self.handler._unregister(self)
+        self._lost = True
         self._call_hook(self.on_closed, self._error)
+        for waiter in self._closed_waiters:
+            if not waiter.done():
+                waiter.set_result(self._error)
+        self._closed_waiters.clear()
 
     def pause_writing(self) -> None:
         self._paused = True

@@ -266,3 +266,31 @@ def test_keepalive_keeps_a_quiet_connection_and_idle_timeout_detects_a_network_c
         await proxy.close()
 
     run(main())
+
+
+def test_wait_closed_reports_a_clean_close_on_both_sides(pair: Any) -> None:
+    server_dir, client_dir = pair
+
+    async def main() -> None:
+        accepted: list[TcpP2P] = []
+
+        class S(TcpP2P):
+            def on_handshaked(self) -> None:
+                accepted.append(self)
+                self.send(b"bye")
+
+        class C(TcpP2P):
+            def on_recv(self, data: bytes) -> None:
+                self.transport.close()
+
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=S)
+        point_at(client_dir, server_dir, server_port(server))
+        client = P2PHandler(workdir=client_dir.workdir)
+        _, proto = await client.connect_peer("server.test", ProtocolClass=C)
+        assert await asyncio.wait_for(proto.wait_closed(), 5) is None
+        assert await asyncio.wait_for(accepted[0].wait_closed(), 5) is None
+        assert await proto.wait_closed() is None  # also after the fact
+        await server.close()
+
+    run(main())
