@@ -256,7 +256,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
         transports = list(settings.transports)
     if not ok:
         for kind in [t for t in transports if t.startswith("p2psc")]:
-            skipped[kind] = f"p2psc not importable ({why})"
+            skipped[kind] = f"p2psc not importable ({why.splitlines()[0][:200]})"
             transports.remove(kind)
     udp_transports = ["udp"]
     udp_ok, udp_why = p2psc_udp_available() if ok else (False, why)
