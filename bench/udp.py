@@ -135,9 +135,105 @@ async def udp_plain_sender(port: int) -> UdpSender:
 
 
 def p2psc_udp_available() -> tuple[bool, str]:
-    """Whether p2psc has a UDP channel the bench knows how to drive."""
+    """Whether p2psc has the UDP API of issue 3 (``p2psc.udp_p2p.UdpP2P`` and the handler calls)."""
     try:
-        from p2psc.p2p import UdpP2P  # type: ignore[attr-defined]  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return False, f"{type(exc).__name__}: {exc}"
-    return False, "p2psc UDP driver not written yet (API not final)"
+        from p2psc.udp_p2p import UdpP2P  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+
+        from p2psc.p2phandler import P2PHandler
+    except Exception as exc:  # noqa: BLE001 - any import failure means "skip p2psc UDP"
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    missing = [n for n in ("run_as_udp_server", "connect_udp_peer") if not hasattr(P2PHandler, n)]
+    if missing:
+        return False, f"P2PHandler has no {', '.join(missing)}"
+    return True, ""
+
+
+def _udp_port(returned: Any, handler: Any) -> int:
+    """The local port of p2psc's UDP server, from what run_as_udp_server returned or the handler."""
+    candidates = []
+    if isinstance(returned, tuple) and returned:
+        candidates.append(returned[0])
+    candidates.append(returned)
+    candidates += [getattr(handler, name, None) for name in ("udp_transport", "udp_server", "_udp_transport")]
+    for obj in candidates:
+        transport = getattr(obj, "transport", None) if not hasattr(obj, "get_extra_info") else obj
+        if transport is not None and hasattr(transport, "get_extra_info"):
+            sockname = transport.get_extra_info("sockname")
+            if sockname:
+                return int(sockname[1])
+    raise RuntimeError("cannot find the port of p2psc's UDP server")
+
+
+class P2PUdpServerSide(UdpServerSide):
+    """p2psc UDP receiver (``run_as_udp_server``) counting what ``on_recv`` delivers."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.handler: Any = None
+
+    async def start(self) -> None:
+        from p2psc.udp_p2p import UdpP2P  # type: ignore[import-not-found, unused-ignore]
+
+        from p2psc.p2phandler import P2PHandler
+
+        counter = self.counter
+
+        class BenchUdpServer(UdpP2P):  # type: ignore[misc, valid-type]
+            def on_recv(self, data: bytes, addr: Any) -> None:
+                counter.datagram_received(data, addr)
+
+        self.handler = P2PHandler(config=self.config)
+        returned = await self.handler.run_as_udp_server(ProtocolClass=BenchUdpServer)
+        self.port = _udp_port(returned, self.handler)
+
+    async def close(self) -> None:
+        if self.handler is not None:
+            await asyncio.wait_for(self.handler.close(), 10.0)
+
+
+class P2PUdpSender:
+    """p2psc UDP client (``connect_udp_peer``); one ``send`` is one datagram."""
+
+    def __init__(self, config: dict[str, Any], peer_id: str) -> None:
+        self.config = config
+        self.peer_id = peer_id
+        self.handler: Any = None
+        self.protocol: Any = None
+        self.transport: Any = None
+
+    async def connect(self, timeout: float) -> None:
+        from p2psc.udp_p2p import UdpP2P  # type: ignore[import-not-found, unused-ignore]
+
+        from p2psc.p2phandler import P2PHandler
+
+        class BenchUdpClient(UdpP2P):  # type: ignore[misc, valid-type]
+            def on_recv(self, data: bytes, addr: Any) -> None:
+                pass
+
+        self.handler = P2PHandler(config=self.config)
+        self.transport, self.protocol = await self.handler.connect_udp_peer(self.peer_id, ProtocolClass=BenchUdpClient)
+        await asyncio.wait_for(self.protocol.wait_handshaked(), timeout)
+
+    async def blast(self, payload: bytes, max_count: int, duration: float) -> tuple[int, float]:
+        """Send for ``duration`` s or ``max_count`` datagrams, yielding every YIELD_EVERY."""
+        send = self.protocol.send
+        clock = time.perf_counter
+        t0 = clock()
+        deadline = t0 + duration
+        sent = 0
+        while sent < max_count:
+            n = min(YIELD_EVERY, max_count - sent)
+            for _ in range(n):
+                send(payload)
+            sent += n
+            await asyncio.sleep(0)
+            if clock() >= deadline:
+                break
+        return sent, clock() - t0
+
+    async def close(self) -> None:
+        if self.protocol is not None and hasattr(self.protocol, "stop"):
+            self.protocol.stop()
+        if self.handler is not None:
+            await asyncio.wait_for(self.handler.close(), 10.0)

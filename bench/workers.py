@@ -29,8 +29,9 @@ from .common import (
     rss_bytes,
     run_on_loop,
 )
+from .material import CLIENT_PEER_ID, SERVER_PEER_ID, p2psc_config
 from .transports import client_factory, start_stream_server
-from .udp import UdpServerSide, udp_plain_sender
+from .udp import P2PUdpSender, P2PUdpServerSide, UdpServerSide, udp_plain_sender
 
 log = logging.getLogger("bench.workers")
 
@@ -100,9 +101,11 @@ def server_process(pipe: Connection, spec: dict[str, Any]) -> None:
 async def _server_main(channel: Channel, spec: dict[str, Any]) -> None:
     test = spec["test"]
     if test == "udp":
-        if spec["transport"] != "udp":
-            raise ValueError(f"no UDP driver for {spec['transport']!r}")
-        udp = UdpServerSide()
+        if spec["transport"] == "udp":
+            udp = UdpServerSide()
+        else:
+            udp = P2PUdpServerSide(p2psc_config(spec["p2psc"], Path(spec["workdir"]) / "server", SERVER_PEER_ID,
+                                                CLIENT_PEER_ID, peer_port=1))
         await udp.start()
         channel.send("ready", {"port": udp.port})
         while True:
@@ -298,10 +301,14 @@ async def _memory_test(factory: Any, params: dict[str, Any], channel: Channel) -
 
 async def _udp_test(channel: Channel, spec: dict[str, Any], port: int) -> dict[str, Any]:
     """Blast each payload size; the parent fetches the receiver's counts after each size."""
-    if spec["transport"] != "udp":
-        raise ValueError(f"no UDP driver for {spec['transport']!r}")
     params = spec["params"]
-    sender = await udp_plain_sender(port)
+    sender: Any
+    if spec["transport"] == "udp":
+        sender = await udp_plain_sender(port)
+    else:
+        sender = P2PUdpSender(p2psc_config(spec["p2psc"], Path(spec["workdir"]) / "client", CLIENT_PEER_ID,
+                                           SERVER_PEER_ID, peer_port=port), SERVER_PEER_ID)
+        await sender.connect(spec.get("handshake_timeout", 30.0))
     out: dict[str, Any] = {}
     try:
         for size in params["sizes"]:
@@ -317,6 +324,8 @@ async def _udp_test(channel: Channel, spec: dict[str, Any], port: int) -> dict[s
             channel.send("udp_sent", size)
             await channel.recv()  # parent has the receiver's report for this size
     finally:
-        assert sender.transport is not None
-        sender.transport.close()
+        if isinstance(sender, P2PUdpSender):
+            await sender.close()
+        elif sender.transport is not None:
+            sender.transport.close()
     return out
