@@ -57,6 +57,7 @@ class Settings:
     keepalive_interval: float = 0.0
     allow_key_change: bool = False
     directory_timeout: float = 5.0
+    channel_queue_size: int = 64  # messages a Channel buffers before it stops reading
     # UDP
     udp_max_payload: int = 1200
     udp_handshake_retry: float = 1.0

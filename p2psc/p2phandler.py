@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .config import (PeerAddress, PeerConfig, Settings, config_from_appublic, load_peer_config,
                      read_config_file)
+from .channel import ChannelHandlerMixin
 from .connection import Connection, Role
 from .p2p import TcpP2P
 from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
@@ -24,7 +25,7 @@ __all__ = ["P2PHandler"]
 P = TypeVar("P", bound=TcpP2P)
 
 
-class P2PHandler:
+class P2PHandler(ChannelHandlerMixin):
     """One peer: its RSA key, its known peers, and the connections it makes or accepts.
 
     - ``P2PHandler(loop=None)``: the config of appPublic's ``getConfig()`` (as the original

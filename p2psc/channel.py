@@ -1,0 +1,330 @@
+"""The async/await channel API: :class:`Channel`, over a :class:`~p2psc.p2p.TcpP2P` with a
+bounded receive queue, and :class:`ChannelHandlerMixin` (``open_channel``, ``serve``) which
+:class:`~p2psc.p2phandler.P2PHandler` inherits.
+
+::
+
+    handler = P2PHandler(workdir='test2')
+    async with await handler.open_channel('test1.com') as ch:
+        await ch.send(b'hello')            # waits (drain) while the peer is slow
+        reply = await ch.recv()            # one message
+        async for msg in ch: ...           # until the peer closes
+
+Flow control runs end to end: ``send`` waits while the transport's write buffer is above its
+high-water mark (``pause_writing``/``resume_writing``), and the receiving side stops reading
+from the socket (``pause_reading``) while ``channel_queue_size`` messages wait for the
+application, so a slow reader slows the sender down instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from .p2p import TcpP2P
+from .p2pexcept import ChannelNotReady, HandshakeTimeout
+
+if TYPE_CHECKING:
+    from .p2phandler import P2PHandler
+
+log = logging.getLogger("p2psc.channel")
+
+__all__ = [
+    "DEFAULT_QUEUE_SIZE",
+    "Channel",
+    "ChannelClosed",
+    "ChannelHandlerMixin",
+    "ChannelProtocol",
+]
+
+#: Messages buffered per channel before reading from the socket pauses (when the config has
+#: no ``channel_queue_size``).
+DEFAULT_QUEUE_SIZE = 64
+#: How long :meth:`Channel.close` waits for the CLOSE record to be flushed before aborting.
+CLOSE_TIMEOUT = 5.0
+
+OnChannel = Callable[["Channel"], Awaitable[Any]]
+
+# Tasks running ``on_channel`` callbacks: a strong reference so they are not collected.
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+class ChannelClosed(ChannelNotReady):
+    """The channel was closed cleanly (by either side); no more messages will come."""
+
+
+class ChannelProtocol(TcpP2P):
+    """A :class:`TcpP2P` that queues received messages for :class:`Channel` (at most
+    ``queue_size`` before it pauses reading from the socket) instead of using ``on_recv``."""
+
+    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None, *,
+                 queue_size: int | None = None, on_channel: OnChannel | None = None):
+        super().__init__(handler, myid, peer_id)
+        if queue_size is None:
+            queue_size = getattr(handler.settings, "channel_queue_size", DEFAULT_QUEUE_SIZE)
+        self.queue_size = max(1, int(queue_size))
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._recv_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._reading_paused = False
+        self._ended = False          # on_closed was called
+        self._end_error: Exception | None = None
+        self._on_channel = on_channel
+        self.channel: Channel | None = None
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def on_handshaked(self) -> None:
+        if self._on_channel is not None:
+            ch = self.channel = Channel(self)
+            task = asyncio.ensure_future(_run_on_channel(self._on_channel, ch))
+            _TASKS.add(task)
+            task.add_done_callback(_TASKS.discard)
+
+    def on_recv(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._queue.append(data)
+        if len(self._queue) >= self.queue_size and not self._reading_paused:
+            self._set_reading(False)
+        self._wake_one()
+
+    def on_closed(self, exc: Exception | None) -> None:
+        self._ended = True
+        self._end_error = exc
+        while self._recv_waiters:
+            fut = self._recv_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    # -- used by Channel ------------------------------------------------------------------------
+
+    async def get(self) -> bytes:
+        """The next message; cancel-safe (a message is taken only when it is returned)."""
+        while True:
+            if self._queue:
+                data = self._queue.popleft()
+                if self._reading_paused and len(self._queue) <= self.queue_size // 2:
+                    self._set_reading(True)
+                return data
+            self._raise_if_done()
+            fut = asyncio.get_running_loop().create_future()
+            self._recv_waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut in self._recv_waiters:
+                    self._recv_waiters.remove(fut)
+                elif fut.done() and not fut.cancelled():
+                    self._wake_one()  # we were woken for a message we will not take: pass it on
+                raise
+
+    def _raise_if_done(self) -> None:
+        if self._ended or self._closed:
+            err = self._end_error if self._ended else self._error
+            if err is not None:
+                raise err
+            raise ChannelClosed("the channel is closed")
+
+    def _wake_one(self) -> None:
+        while self._recv_waiters:
+            fut = self._recv_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _set_reading(self, on: bool) -> None:
+        raw = self._raw
+        self._reading_paused = not on
+        if raw is None or raw.is_closing():
+            return
+        try:
+            if on:
+                raw.resume_reading()
+            else:
+                raw.pause_reading()
+        except (RuntimeError, AttributeError):  # a transport that is closing
+            pass
+
+    def flush_now(self) -> None:
+        """Write what ``send`` queued now, rather than at the end of this loop iteration, so
+        that ``drain`` sees the transport's real buffer."""
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+            self._flush()
+
+
+async def _run_on_channel(on_channel: OnChannel, ch: Channel) -> None:
+    try:
+        await on_channel(ch)
+    except asyncio.CancelledError:
+        raise
+    except ChannelClosed:
+        pass
+    except Exception:
+        log.exception("%s: error in the channel callback", ch.peer_id)
+    finally:
+        try:
+            await ch.close()
+        except Exception:  # pragma: no cover - close() does not raise
+            log.debug("closing the channel to %s failed", ch.peer_id, exc_info=True)
+
+
+class Channel:
+    """An authenticated, encrypted message channel to one peer, for ``async``/``await`` code.
+
+    Made by :meth:`ChannelHandlerMixin.open_channel` or handed to the ``serve`` callback; the
+    handshake is done. One :meth:`send` arrives as exactly one :meth:`recv` on the other side.
+    """
+
+    def __init__(self, protocol: ChannelProtocol):
+        self.protocol = protocol
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Channel {self.protocol.myid} <-> {self.peer_id} {state}>"
+
+    @property
+    def peer_id(self) -> str:
+        """The authenticated id of the peer."""
+        return self.protocol.peer_id or ""
+
+    @property
+    def suite(self) -> str | None:
+        """The cipher suite in use."""
+        return self.protocol.suite
+
+    @property
+    def closed(self) -> bool:
+        """True once either side closed the channel or the connection was lost."""
+        return self.protocol._closed or self.protocol._ended
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The transport's extra info (``peername``, ``sockname``, ...)."""
+        tr = self.protocol.transport
+        return tr.get_extra_info(name, default) if tr is not None else default
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send one message; waits while the peer is slow to read (flow control).
+
+        Raises :class:`ChannelClosed` after a clean close, :class:`~p2psc.ConnectionLost`
+        after an abrupt loss, :class:`~p2psc.MessageTooLarge` over ``max_message_size``.
+        A ``send`` cancelled while waiting may still deliver its message.
+        """
+        proto = self.protocol
+        if proto._closed or proto._ended:
+            proto._raise_if_done()
+        try:
+            proto.send(data)
+        except ChannelClosed:
+            raise
+        except ChannelNotReady:
+            proto._raise_if_done()
+            raise
+        proto.flush_now()
+        try:
+            await proto.drain()
+        except ChannelClosed:
+            raise
+        except ChannelNotReady:
+            proto._raise_if_done()
+            raise
+
+    async def recv(self) -> bytes:
+        """The next message. Cancel-safe: a cancelled ``recv`` (a timeout) loses nothing.
+
+        Messages that arrived before the channel ended are returned first; then raises
+        :class:`ChannelClosed` after a clean close (by either side), or the error that ended
+        the connection (:class:`~p2psc.ConnectionLost` when it was lost without the peer's
+        CLOSE record, a :class:`~p2psc.ProtocolError` for a forged record, ...).
+        """
+        return await self.protocol.get()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """Iteration ends when the channel is closed cleanly; other errors propagate."""
+        try:
+            return await self.protocol.get()
+        except ChannelClosed:
+            raise StopAsyncIteration from None
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close gracefully: what was sent is flushed, then the authenticated CLOSE record.
+        Waits (at most ``timeout`` seconds, then aborts) until the connection has ended."""
+        proto = self.protocol
+        if proto.transport is None:
+            return
+        proto.close()
+        if proto._ended:
+            return
+        try:
+            await asyncio.wait_for(proto.wait_closed(), timeout)
+        except asyncio.TimeoutError:
+            log.info("%s: CLOSE not flushed within %g s; aborting", self.peer_id, timeout)
+            if proto._raw is not None:
+                proto._raw.abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without CLOSE (the peer sees a lost connection)."""
+        if self.protocol.transport is not None:
+            self.protocol.transport.abort()
+
+    async def __aenter__(self) -> Channel:  # noqa: PYI034
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class ChannelHandlerMixin:
+    """``open_channel`` and ``serve`` for :class:`~p2psc.p2phandler.P2PHandler`."""
+
+    async def open_channel(self, peer_id: str, *, timeout: float | None = None,
+                           queue_size: int | None = None) -> Channel:
+        """Connect to ``peer_id`` over TCP and return a :class:`Channel` once the handshake
+        is done. ``timeout`` bounds connecting and the handshake together
+        (:class:`~p2psc.HandshakeTimeout`); ``queue_size`` overrides ``channel_queue_size``."""
+        handler: Any = self
+        factory = functools.partial(ChannelProtocol, queue_size=queue_size)
+        protocol: ChannelProtocol | None = None
+
+        async def connect() -> ChannelProtocol:
+            nonlocal protocol
+            _, protocol = await handler.connect_peer(peer_id, ProtocolClass=factory)
+            await protocol.wait_handshaked()
+            return protocol
+
+        try:
+            proto = await asyncio.wait_for(connect(), timeout)
+        except asyncio.TimeoutError:
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.abort()
+            raise HandshakeTimeout(f"no connection and handshake with {peer_id} within "
+                                   f"{timeout:g} s") from None
+        except BaseException:
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.abort()
+            raise
+        proto.channel = Channel(proto)
+        return proto.channel
+
+    async def serve(self, on_channel: OnChannel, *, host: str | None = None,
+                    port: int | None = None, queue_size: int | None = None
+                    ) -> asyncio.AbstractServer:
+        """Listen over TCP on this peer's address (or ``host``/``port``) and run
+        ``await on_channel(ch)`` as a task for each handshaked connection. An exception in
+        ``on_channel`` is logged and closes that channel only; the channel is closed
+        gracefully when ``on_channel`` returns. Returns the server (also ``handler.server``;
+        ``handler.close()`` stops it and closes every channel)."""
+        handler: Any = self
+        factory = functools.partial(ChannelProtocol, queue_size=queue_size,
+                                    on_channel=on_channel)
+        server: asyncio.AbstractServer = await handler.run_as_server(factory, host=host,
+                                                                     port=port)
+        return server
