@@ -85,11 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     data["foreign_cpu"] = foreign_cpu_summary(data) if data["runs"] else {}
     data["argv"] = list(sys.argv[1:] if argv is None else argv)
 
+    full_default = (not args.smoke and settings.groups == GROUPS and args.transports is None
+                    and settings.sizes == DEFAULT_SIZES)
     out_dir = args.out or (RESULTS_DIR / "smoke" if args.smoke else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = data["machine"]["when_utc"].replace(":", "").replace("-", "")[:15]
     name = "smoke.json" if args.smoke else f"run-{stamp}-{settings.loop}.json"
-    for target in (out_dir / name, out_dir / ("latest-smoke.json" if args.smoke else "latest.json")):
+    # latest.json is the last *full* run (the one docs/BENCHMARKS.md shows); partial runs: last.json
+    latest = "latest-smoke.json" if args.smoke else ("latest.json" if full_default else "last.json")
+    for target in (out_dir / name, out_dir / latest):
         tmp = target.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=False), encoding="utf-8")
         os.replace(tmp, target)
@@ -97,8 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(console_report(data))
     print(f"\nresults: {out_dir / name}")
 
-    full_default = (not args.smoke and settings.groups == GROUPS and args.transports is None
-                    and settings.sizes == DEFAULT_SIZES)
     write_docs = (args.docs or full_default) and not args.no_docs
     plot_path: Path | None = None
     if not args.no_plot:

@@ -377,7 +377,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax = axes[0][2]
     lat = [t for t in STREAM_ORDER if t in tree.get("latency", {})]
     if lat:
-        bars(ax, ["p50", "p99"], lat, lambda k, g: _get(tree, "latency", k, f"{g}_us"), "µs")
+        bars(ax, ["p50", "p99"], lat, lambda k, g: _get(tree, "latency", k, f"{g}_us"), "µs", True)
         ax.set_title(f"round trip, {data['settings']['latency']['size']} B")
         ax.legend(fontsize=8)
     ax = axes[1][0]
@@ -477,7 +477,7 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, note
         "the order of the transports rotates from round to round. Every number is the **median** "
         "over rounds with **[min–max]**; ratios are medians of the per-round ratios."),
         ("- Before each measurement the runner waits (at most "
-        f"{'0' if s['smoke'] else '2'} s) for the machine's CPU to be under 10 % busy, and it "
+        f"{s.get('quiet_wait_s', 2.0):g} s) for the machine's CPU to be under 10 % busy, and it "
         "records the CPU used by other processes during the measurement (see below)."),
         (f"- **Throughput**: one connection; per size a {s['tcp']['warmup_s']} s warm-up blast, a sync "
         f"marker, then a blast of {s['tcp']['duration_s']} s (or the count bound "

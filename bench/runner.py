@@ -42,7 +42,7 @@ class Settings:
     loop: str = "uvloop"
     sizes: tuple[int, ...] = DEFAULT_SIZES
     smoke: bool = False
-    quiet_wait_s: float = 2.0
+    quiet_wait_s: float = 4.0
     profile_dir: str | None = None
     transports: tuple[str, ...] | None = None  # None: raw, tls, p2psc and the other suite
     # per test parameters (full-run defaults; see :func:`smoke_settings`)
@@ -349,6 +349,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
             "sizes": list(settings.sizes),
             "size_labels": {str(s): size_label(s) for s in settings.sizes},
             "smoke": settings.smoke,
+            "quiet_wait_s": settings.quiet_wait_s,
             "tcp": {k: v for k, v in tcp_params.items()},
             "latency": settings.latency,
             "handshake": {**settings.handshake, "bits": list(settings.handshake_bits)},
