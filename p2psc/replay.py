@@ -47,30 +47,42 @@ class ReplayWindow:
     """A sliding bitmap window over 64-bit counters (RFC 6479; WireGuard keeps 8,192 bits).
 
     :meth:`check` tells whether a counter may be new; :meth:`mark` records it, to be called
-    only after the datagram authenticated.
+    only after the datagram authenticated. Counters more than ``size - 1`` below the highest
+    one marked are refused. The bitmap is a ring of bytes, so moving the window costs no more
+    than clearing the bytes it passes (no big-integer shifts on the per-datagram path).
     """
 
-    __slots__ = ("size", "_top", "_bits")
+    __slots__ = ("size", "_top", "_ring", "_nbytes")
 
     def __init__(self, size: int = 8192):
+        if size < 8 or size % 8:
+            raise ValueError("the window size must be a positive multiple of 8")
         self.size = size
-        self._top = -1      # highest counter marked
-        self._bits = 0      # bit i set = counter (_top - i) seen
+        self._top = -1                   # highest counter marked
+        self._nbytes = size // 8 + 1     # one byte of slack: the top byte is partly ahead
+        self._ring = bytearray(self._nbytes)
 
     def check(self, counter: int) -> bool:
         """False for a counter already seen or older than the window."""
-        if counter > self._top:
+        top = self._top
+        if counter > top:
             return True
-        offset = self._top - counter
-        if offset >= self.size:
+        if top - counter >= self.size or counter < 0:
             return False
-        return not (self._bits >> offset) & 1
+        return not (self._ring[(counter >> 3) % self._nbytes] >> (counter & 7)) & 1
 
     def mark(self, counter: int) -> None:
         """Record ``counter`` as seen (call after :meth:`check` and authentication)."""
-        if counter > self._top:
-            shift = counter - self._top
-            self._bits = ((self._bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+        top = self._top
+        ring, nbytes = self._ring, self._nbytes
+        if counter > top:
+            old_byte, new_byte = top >> 3, counter >> 3
+            if new_byte - old_byte >= nbytes:
+                ring[:] = bytes(nbytes)
+            else:
+                for b in range(old_byte + 1, new_byte + 1):
+                    ring[b % nbytes] = 0
             self._top = counter
-        else:
-            self._bits |= 1 << (self._top - counter)
+        elif top - counter >= self.size or counter < 0:
+            return  # outside the window: nothing to remember (check() refuses it anyway)
+        ring[(counter >> 3) % nbytes] |= 1 << (counter & 7)
