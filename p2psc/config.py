@@ -64,6 +64,11 @@ class Settings:
     udp_handshake_timeout: float = 15.0
     udp_session_idle_timeout: float = 180.0
     udp_rekey_grace: float = 10.0
+    udp_max_sessions: int = 10000          # sessions (any state) one UDP socket holds at most
+    udp_init_rate: float = 100.0           # INITs/s that may cost RSA work, in total ...
+    udp_init_burst: int = 200              # ... with this burst
+    udp_init_rate_per_addr: float = 2.0    # INITs/s per source address (IP, port) ...
+    udp_init_burst_per_addr: int = 5       # ... with this burst
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any], where: str) -> "Settings":

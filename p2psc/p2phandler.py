@@ -17,6 +17,7 @@ from .p2p import TcpP2P
 from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
 from .p2pexcept import ConfigError, DirectoryError, P2PError, StatusError, UnknownPeerError
 from .replay import InitReplayCache
+from .udp_p2p import UdpHandlerMixin
 
 log = logging.getLogger("p2psc.p2phandler")
 
@@ -25,7 +26,7 @@ __all__ = ["P2PHandler"]
 P = TypeVar("P", bound=TcpP2P)
 
 
-class P2PHandler(ChannelHandlerMixin):
+class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
     """One peer: its RSA key, its known peers, and the connections it makes or accepts.
 
     - ``P2PHandler(loop=None)``: the config of appPublic's ``getConfig()`` (as the original
@@ -129,6 +130,7 @@ class P2PHandler(ChannelHandlerMixin):
                 proto.close()
             except Exception:  # closing must go on for the others
                 log.exception("error while closing %r", proto)
+        await self._close_udp()
         if server is not None:
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)

@@ -1,0 +1,496 @@
+"""``UdpP2P``: the asyncio datagram protocol applications subclass for UDP peers, and the
+``P2PHandler`` mixin that runs a UDP server or connects a UDP client.
+
+A thin adapter over the sans-IO :class:`p2psc.udp_session.UdpEndpoint`: datagrams in,
+hooks called, datagrams out, one asyncio timer for the endpoint's next deadline. On the
+stdlib event loop the socket is read with ``recvfrom_into`` a reusable buffer (the stdlib
+transport allocates 256 KiB per datagram and drops most of a burst); uvloop's own path is
+kept. The protocol is described in docs/UDP.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from .p2pexcept import (ChannelNotReady, HandshakeError, InvalidDataType, MissRemoteAddr,
+                        P2PError, StatusError)
+from .udp_session import (HandshakeComplete, HandshakeFailed, PeerClosed, PeerKeyNeeded,
+                          UdpEndpoint)
+
+if TYPE_CHECKING:
+    from .p2phandler import P2PHandler
+
+log = logging.getLogger("p2psc.udp")
+
+__all__ = ["UdpP2P", "UdpHandlerMixin"]
+
+_READ_BATCH = 256          # datagrams read per wake-up at most (fairness with other work)
+_RECV_BUF = 65536          # larger than any UDP datagram
+_SOCK_BUF = 1 << 20        # socket buffers asked for (the kernel may cap them)
+_monotonic = time.monotonic
+
+
+class UdpP2P(asyncio.DatagramProtocol):
+    """Authenticated, encrypted datagrams with any number of peers on one socket.
+
+    Built by the handler as ``ProtocolClass(handler, myid, peer_id=None)``: with a
+    ``peer_id`` it is a client that handshakes with that peer; without, a server that answers
+    any known peer. Override :meth:`on_recv`, :meth:`on_handshaked` (or
+    :meth:`on_peer_handshaked`) and, if needed, :meth:`on_peer_closed`.
+
+    One :meth:`send` is one datagram: it arrives as one ``on_recv`` or not at all, never
+    twice, never corrupted, never from an unauthenticated source. Payloads over
+    ``udp_max_payload`` (default 1200 bytes) raise :class:`MessageTooLarge`. A client's sends
+    before its handshake completes are queued (``pending_max_messages`` /
+    ``pending_max_bytes``; past that :class:`ChannelNotReady`) and flushed when it completes.
+    """
+
+    def __init__(self, handler: "P2PHandler", myid: str, peer_id: str | None = None):
+        self.handler = handler
+        self.myid = myid
+        self.peer_id = peer_id
+        self.transport: asyncio.DatagramTransport | None = None
+        self._ep: UdpEndpoint | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None            # set by the handler
+        self._target: tuple[Any, Any] | None = None        # client: (address, public key)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._handshaked = False
+        self._error: P2PError | None = None
+        self._closed = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rbuf: bytearray | None = None
+
+    # -- hooks for applications ---------------------------------------------------------------
+
+    def on_handshaked(self) -> None:
+        """Called when a peer is authenticated (on a client: once, for its peer)."""
+
+    def on_peer_handshaked(self, peer_id: str, addr: Any) -> None:
+        """Called when ``peer_id`` at ``addr`` is authenticated (not again for its rekeys);
+        the default calls :meth:`on_handshaked`."""
+        self.on_handshaked()
+
+    def on_recv(self, data: bytes, addr: Any) -> None:
+        """Called with each datagram's payload, decrypted and authenticated."""
+
+    def on_peer_closed(self, peer_id: str, error: Exception | None) -> None:
+        """Called when a peer's session ends: ``error`` None for its authenticated CLOSE,
+        else why (idle expiry)."""
+
+    # -- API ------------------------------------------------------------------------------------
+
+    @property
+    def handshaked(self) -> bool:
+        """True once a handshake completed (a client: with its peer) and until stop()."""
+        return self._handshaked and not self._closed
+
+    @property
+    def endpoint(self) -> UdpEndpoint | None:
+        """The sans-IO protocol state (for inspection)."""
+        return self._ep
+
+    def peer_of(self, addr: Any) -> str | None:
+        """The id of the authenticated peer last seen at ``addr``, or None."""
+        return self._ep.peer_at(addr) if self._ep is not None else None
+
+    def send(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
+        """Send one datagram: a client to its peer by default; a server must name ``addr``
+        (an authenticated peer's address) or use :meth:`send_to_peer`."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidDataType(f"send() takes bytes-like data, not {type(data).__name__}")
+        ep = self._ep
+        if ep is None or self._closed:
+            raise ChannelNotReady("the UDP endpoint is not open")
+        if addr is None or (self.peer_id is not None and self._target is not None
+                            and addr == self._target[0]):
+            if self.peer_id is None:
+                raise MissRemoteAddr("a server must name the address: send(data, addr) or "
+                                     "send_to_peer(peer_id, data)")
+            r = ep.send(self.peer_id, data)
+        else:
+            r = ep.send_to_addr(addr, data)
+        if r is not None:
+            self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
+        if ep.out or ep.timer_dirty:
+            self._after()
+
+    def send_to_peer(self, peer_id: str, data: bytes | bytearray | memoryview) -> None:
+        """Send one datagram to ``peer_id`` (its latest authenticated session)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidDataType(f"send() takes bytes-like data, not {type(data).__name__}")
+        ep = self._ep
+        if ep is None or self._closed:
+            raise ChannelNotReady("the UDP endpoint is not open")
+        r = ep.send(peer_id, data)
+        if r is not None:
+            self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
+        if ep.out or ep.timer_dirty:
+            self._after()
+
+    async def wait_handshaked(self) -> None:
+        """Return when the handshake is done (a server: the first one); raise its error if
+        it failed (e.g. :class:`HandshakeTimeout` after ``udp_handshake_timeout``)."""
+        if self._handshaked:
+            return
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise HandshakeError("the UDP endpoint closed before the handshake completed")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    def stop(self) -> None:
+        """Send an authenticated CLOSE to every peer and close the socket."""
+        if self._closed:
+            return
+        ep = self._ep
+        if ep is not None and self.transport is not None and not self.transport.is_closing():
+            ep.close_all()
+            self._flush()
+        self._set_closed(None)
+        if self.transport is not None:
+            self.transport.close()
+
+    close = stop  # what P2PHandler.close() calls on the protocols it knows
+
+    # -- asyncio.DatagramProtocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        self.transport = transport  # type: ignore[assignment]
+        handler = self.handler
+        now = _monotonic()
+        try:
+            self._ep = UdpEndpoint(self.myid, handler.private_key, handler.settings,
+                                   key_lookup=handler.config.peers.public_key,
+                                   replay_cache=handler.replay_cache,
+                                   accept_from=self.peer_id, now=now)
+        except P2PError as exc:
+            self._fail(exc)
+            transport.close()
+            return
+        handler._udp_register(self)
+        if self._sock is not None and _has_private_reader_api(loop):
+            loop.call_soon(self._install_reader)
+        if self.peer_id is not None and self._target is not None:
+            addr, key = self._target
+            try:
+                self._ep.connect(self.peer_id, key, addr, now)
+            except P2PError as exc:
+                self._fail(exc)
+                return
+            self._after()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        ep = self._ep
+        if ep is None or self._closed:
+            return
+        pt = ep.receive(data, addr, _monotonic())
+        if ep.events:
+            self._dispatch()
+        if pt is not None:
+            try:
+                self.on_recv(pt, addr)
+            except Exception:
+                log.exception("%s: exception in on_recv", self.myid)
+        if ep.out or ep.timer_dirty:
+            self._after()
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("%s: socket error: %s", self.myid, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.warning("%s: UDP socket lost: %s", self.myid, exc)
+        self._set_closed(None)
+        self.handler._udp_unregister(self)
+
+    # -- the stdlib loop's receive path -------------------------------------------------------
+
+    def _install_reader(self) -> None:
+        """Replace the stdlib transport's reader (256 KiB allocated per datagram) by ours."""
+        transport, sock, loop = self.transport, self._sock, self._loop
+        if self._closed or transport is None or sock is None or transport.is_closing():
+            return
+        fd = sock.fileno()
+        self._rbuf = bytearray(_RECV_BUF)
+        loop._remove_reader(fd)  # type: ignore[union-attr]
+        loop._add_reader(fd, self._read_ready)  # type: ignore[union-attr]
+
+    def _read_ready(self) -> None:
+        ep, sock, buf = self._ep, self._sock, self._rbuf
+        if ep is None or sock is None or buf is None or self._closed:
+            return
+        recv = sock.recvfrom_into
+        mv = memoryview(buf)
+        receive = ep.receive
+        now = _monotonic()
+        for _ in range(_READ_BATCH):
+            try:
+                n, addr = recv(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.error_received(exc)
+                break
+            pt = receive(mv[:n], addr, now)
+            if ep.events:
+                self._dispatch()
+            if pt is not None:
+                try:
+                    self.on_recv(pt, addr)
+                except Exception:
+                    log.exception("%s: exception in on_recv", self.myid)
+            if ep.out:
+                self._flush()
+            if self._closed:
+                return
+        if ep.timer_dirty:
+            self._reschedule()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _after(self) -> None:
+        """After a call into the endpoint: events, datagrams, timer."""
+        ep = self._ep
+        if ep is None:
+            return
+        if ep.events:
+            self._dispatch()
+        if ep.out:
+            self._flush()
+        if ep.timer_dirty:
+            self._reschedule()
+
+    def _flush(self) -> None:
+        ep, transport = self._ep, self.transport
+        if ep is None or transport is None:
+            return
+        out = ep.datagrams_to_send()
+        if transport.is_closing():
+            return
+        sendto = transport.sendto
+        for dgram, addr in out:
+            sendto(dgram, addr)
+
+    def _reschedule(self) -> None:
+        ep, loop = self._ep, self._loop
+        if ep is None or loop is None or self._closed:
+            return
+        when = ep.get_timer()
+        if when is None or when >= self._timer_at:
+            return  # an earlier (or no) wake-up is already set; a spurious one re-checks
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_later(max(0.0, when - _monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        ep = self._ep
+        if ep is None or self._closed:
+            return
+        ep.handle_timer(_monotonic())
+        self._after()
+
+    def _dispatch(self) -> None:
+        ep = self._ep
+        if ep is None:
+            return
+        for ev in ep.take_events():
+            if self._closed:
+                return
+            if type(ev) is HandshakeComplete:
+                if ev.rekey:
+                    continue
+                if self.peer_id is not None and self._handshaked:
+                    continue  # a client tells its application once
+                first = not self._handshaked
+                self._handshaked = True
+                if first:
+                    for fut in self._waiters:
+                        if not fut.done():
+                            fut.set_result(None)
+                    self._waiters.clear()
+                self._call_hook(self.on_peer_handshaked, ev.peer_id, ev.addr)
+            elif type(ev) is HandshakeFailed:
+                if ev.rekey:
+                    continue
+                log.warning("%s: handshake with %s failed: %s", self.myid, ev.peer_id, ev.error)
+                if self.peer_id is not None and not self._handshaked:
+                    self._fail(ev.error)
+                    if self.transport is not None:
+                        self.transport.close()
+            elif type(ev) is PeerClosed:
+                self._call_hook(self.on_peer_closed, ev.peer_id, ev.error)
+            elif type(ev) is PeerKeyNeeded:
+                task = asyncio.ensure_future(self._lookup(ev.peer_id, ev.token))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _lookup(self, peer_id: str, token: bytes) -> None:
+        try:
+            key = await self.handler._lookup_unknown_peer(peer_id)
+        except P2PError as exc:
+            log.info("%s: lookup of %s failed: %s", self.myid, peer_id, exc)
+            key = None
+        ep = self._ep
+        if ep is None or self._closed:
+            return
+        ep.provide_peer_key(token, key, _monotonic())
+        self._after()
+
+    def _fail(self, exc: P2PError) -> None:
+        self._error = exc
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiters.clear()
+        self._set_closed(exc)
+
+    def _set_closed(self, error: P2PError | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if error is not None and self._error is None:
+            self._error = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._tasks):
+            task.cancel()
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(self._error or HandshakeError(
+                    "the UDP endpoint closed before the handshake completed"))
+        self._waiters.clear()
+
+    def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("%s: exception in %s", self.myid, getattr(hook, "__name__", hook))
+
+
+def _has_private_reader_api(loop: asyncio.AbstractEventLoop) -> bool:
+    """The stdlib selector loop, whose ``_add_reader``/``_remove_reader`` we can use."""
+    return (isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+            and hasattr(loop, "_add_reader") and hasattr(loop, "_remove_reader"))
+
+
+def _udp_socket(family: int, bind_addr: Any) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+            except OSError:
+                pass
+        sock.bind(bind_addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+P = TypeVar("P", bound=UdpP2P)
+
+
+class UdpHandlerMixin:
+    """UDP for :class:`~p2psc.p2phandler.P2PHandler`: ``run_as_udp_server`` and
+    ``connect_udp_peer``."""
+
+    udp_transport: asyncio.DatagramTransport | None = None
+    udp_server_protocol: UdpP2P | None = None
+
+    def _udp_protocols(self) -> set[UdpP2P]:
+        protos: set[UdpP2P] | None = self.__dict__.get("_udp_protos")
+        if protos is None:
+            protos = self.__dict__["_udp_protos"] = set()
+        return protos
+
+    def _udp_register(self, proto: UdpP2P) -> None:
+        self._udp_protocols().add(proto)
+
+    def _udp_unregister(self, proto: UdpP2P) -> None:
+        self._udp_protocols().discard(proto)
+        if self.udp_server_protocol is proto:
+            self.udp_transport = self.udp_server_protocol = None
+
+    async def run_as_udp_server(self, ProtocolClass: Callable[..., P] = UdpP2P,  # type: ignore[assignment]
+                                *, host: str | None = None, port: int | None = None
+                                ) -> tuple[asyncio.DatagramTransport, P]:
+        """Serve UDP on this peer's host and port (from ``xconfig``, or as given; port 0
+        picks a free one: read it from ``self.udp_transport.get_extra_info('sockname')``).
+        Returns ``(transport, protocol)``, also kept as ``udp_transport`` and
+        ``udp_server_protocol``."""
+        if self.udp_transport is not None:
+            raise StatusError("already serving UDP; close() first")
+        handler: Any = self
+        loop = asyncio.get_running_loop()
+        host = handler.config.host if host is None else host
+        port = handler.config.port if port is None else port
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM,
+                                       flags=socket.AI_PASSIVE)
+        if not infos:
+            raise OSError(f"cannot resolve {host!r}")
+        family, _, _, _, sockaddr = infos[0]
+        sock = _udp_socket(family, sockaddr)
+        myid = handler.get_myid()
+
+        def factory() -> P:
+            proto = ProtocolClass(self, myid)
+            proto._sock = sock
+            return proto
+
+        transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
+        self.udp_transport, self.udp_server_protocol = transport, protocol  # type: ignore[assignment]
+        log.info("%s serving UDP on %s", myid, transport.get_extra_info("sockname"))
+        return transport, protocol
+
+    async def connect_udp_peer(self, peer_id: str,
+                               ProtocolClass: Callable[..., P] = UdpP2P  # type: ignore[assignment]
+                               ) -> tuple[asyncio.DatagramTransport, P]:
+        """Open a UDP socket to a known peer and start the handshake (INIT retransmitted
+        until ``udp_handshake_timeout``); returns ``(transport, protocol)``:
+        ``await protocol.wait_handshaked()`` to wait for it."""
+        handler: Any = self
+        addr, key = await handler._resolve_peer(peer_id)
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as peers.json has
+        if not infos:
+            raise OSError(f"cannot resolve {addr.host!r}")
+        family, _, _, _, sockaddr = infos[0]
+        sock = _udp_socket(family, ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+        myid = handler.get_myid()
+
+        def factory() -> P:
+            proto = ProtocolClass(self, myid, peer_id)
+            proto._sock = sock
+            proto._target = (sockaddr, key)
+            return proto
+
+        transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
+        return transport, protocol  # type: ignore[return-value]
+
+    async def _close_udp(self) -> None:
+        """Stop the UDP server and every UDP client this handler made."""
+        for proto in list(self._udp_protocols()):
+            try:
+                proto.stop()
+            except Exception:  # closing must go on for the others
+                log.exception("error while stopping %r", proto)
+        self._udp_protocols().clear()
+        self.udp_transport = self.udp_server_protocol = None
+        await asyncio.sleep(0)  # let the transports close

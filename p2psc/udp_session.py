@@ -1,0 +1,815 @@
+"""UDP sessions, sans-IO: datagram formats, sessions by index, replay windows, timers,
+handshake retransmission, rekeying, idle expiry and INIT rate limits.
+
+:class:`UdpEndpoint` is everything one UDP socket needs, with no socket and no asyncio: feed
+it datagrams (:meth:`UdpEndpoint.receive`), take the datagrams it wants sent
+(:meth:`UdpEndpoint.datagrams_to_send`) and its events (:meth:`UdpEndpoint.take_events`),
+and call :meth:`UdpEndpoint.handle_timer` when :meth:`UdpEndpoint.get_timer` says (as
+aioquic's ``get_timer``/``handle_timer``). Time is passed in (``now``, monotonic seconds).
+The protocol is specified in docs/UDP.md.
+
+Datagrams (integers big-endian)::
+
+    INIT      u8 0x01 | INIT body        (ext = u32 sender index | u8 flags | u32 replaced index)
+    RESP      u8 0x02 | u32 receiver index | RESP body   (ext = u32 sender index)
+    FINISHED  u8 0x03 | u32 receiver index | u64 counter | AEAD(FINISHED MAC)
+    DATA      u8 0x04 | u32 receiver index | u64 counter | AEAD(payload)
+    KEEPALIVE u8 0x05 | u32 receiver index | u64 counter | AEAD(empty)   (answers FINISHED)
+    CLOSE     u8 0x06 | u32 receiver index | u64 counter | AEAD(empty)
+
+The AEAD's associated data is the 13-byte header; its nonce is the direction's IV XOR the
+counter (see :mod:`p2psc.suites`).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import heapq
+import itertools
+import logging
+import secrets
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Union
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .config import Settings
+from .handshake import (MAX_HANDSHAKE_BODY, HandshakeResult, InitiatorHandshake, InitMessage,
+                        ResponderHandshake)
+from .p2pexcept import (ChannelNotReady, ConfigError, ConnectionLost, CRCError, HandshakeError,
+                        HandshakeTimeout, MessageTooLarge, P2PError, ProtocolError)
+from .replay import InitReplayCache, ReplayWindow
+from .suites import SUITES_BY_NAME, RecordCipher
+
+__all__ = ["UdpEndpoint", "Session", "TokenBucket", "InitRateLimiter", "HandshakeComplete",
+           "HandshakeFailed", "PeerKeyNeeded", "PeerClosed", "Event", "T_INIT", "T_RESP",
+           "T_FINISHED", "T_DATA", "T_KEEPALIVE", "T_CLOSE", "HEADER_LEN",
+           "MAX_UDP_PAYLOAD", "max_payload_limit"]
+
+log = logging.getLogger("p2psc.udp.session")
+
+T_INIT, T_RESP, T_FINISHED, T_DATA, T_KEEPALIVE, T_CLOSE = 1, 2, 3, 4, 5, 6
+_HDR = struct.Struct(">BIQ")          # type, receiver index, counter
+HEADER_LEN = _HDR.size                # 13
+_RESP_HDR = struct.Struct(">BI")
+_INIT_EXT = struct.Struct(">IBI")     # sender index, flags, replaced index (0: none)
+_RESP_EXT = struct.Struct(">I")
+FLAG_REKEY = 0x01
+MAX_UDP_PAYLOAD = 65507               # the largest IPv4 UDP payload
+_MIN_SEALED = HEADER_LEN + 16         # header + the shortest tag
+_MAX_HANDSHAKE_DGRAM = 5 + MAX_HANDSHAKE_BODY
+_RESP_CACHE_SIZE = 1024
+_MAX_LOOKUPS = 64                     # INITs waiting for a directory lookup, at most
+_REPLAY_WINDOW = 8192
+
+
+def max_payload_limit(tag_len: int = 32) -> int:
+    """The largest payload one datagram can carry (IPv4, the longest tag by default)."""
+    return MAX_UDP_PAYLOAD - HEADER_LEN - tag_len
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HandshakeComplete:
+    """A session is established. ``rekey`` is True when it replaces a session with the same
+    peer (a rekey: applications need not hear of it)."""
+
+    peer_id: str
+    addr: Any
+    rekey: bool
+
+
+@dataclass(frozen=True)
+class HandshakeFailed:
+    """A handshake we initiated failed (timeout; ``error`` says why)."""
+
+    peer_id: str
+    error: P2PError
+    rekey: bool
+
+
+@dataclass(frozen=True)
+class PeerKeyNeeded:
+    """An INIT came from a peer whose public key is unknown: answer with
+    :meth:`UdpEndpoint.provide_peer_key` (``token``, the key or None)."""
+
+    peer_id: str
+    token: bytes
+
+
+@dataclass(frozen=True)
+class PeerClosed:
+    """A session ended: ``error`` None for the peer's authenticated CLOSE, else why
+    (idle expiry)."""
+
+    peer_id: str
+    addr: Any
+    error: P2PError | None
+
+
+Event = Union[HandshakeComplete, HandshakeFailed, PeerKeyNeeded, PeerClosed]
+
+
+# -- rate limits ------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float):
+        self.rate = rate
+        self.burst = max(1.0, float(burst))
+        self.tokens = self.burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens
+        return False
+
+
+class InitRateLimiter:
+    """Token buckets on INIT processing: one per source address (IP, port), then one in total.
+
+    An address's bucket is asked first, so a flood from one address only drains the total
+    bucket at its own address's rate. The per-address table is bounded (least recently used
+    buckets are dropped; a dropped bucket was full or will be refilled by the total one).
+    """
+
+    def __init__(self, rate: float, burst: float, per_addr_rate: float, per_addr_burst: float,
+                 now: float, max_addrs: int = 4096):
+        self.total = TokenBucket(rate, burst, now)
+        self.per_addr_rate = per_addr_rate
+        self.per_addr_burst = per_addr_burst
+        self.max_addrs = max_addrs
+        self._addrs: OrderedDict[Hashable, TokenBucket] = OrderedDict()
+
+    def _addr_bucket(self, addr: Any, now: float) -> TokenBucket:
+        key = tuple(addr[:2]) if isinstance(addr, tuple) else addr
+        b = self._addrs.get(key)
+        if b is None:
+            b = self._addrs[key] = TokenBucket(self.per_addr_rate, self.per_addr_burst, now)
+            if len(self._addrs) > self.max_addrs:
+                self._addrs.popitem(last=False)
+        else:
+            self._addrs.move_to_end(key)
+        return b
+
+    def allow_addr(self, addr: Any, now: float) -> bool:
+        """The per-address bucket only (for cheap answers, such as a cached RESP)."""
+        return self._addr_bucket(addr, now).take(now)
+
+    def allow(self, addr: Any, now: float) -> bool:
+        """Both buckets: for an INIT that will cost RSA work."""
+        return self._addr_bucket(addr, now).take(now) and self.total.take(now)
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+class Role(enum.Enum):
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+
+class State(enum.Enum):
+    SENT_INIT = "sent INIT"
+    SENT_RESP = "sent RESP"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class Session:
+    """One handshake's keys and counters with one peer, found by our receiver ``index``."""
+
+    __slots__ = ("index", "remote_index", "peer_id", "peer_key", "role", "state", "addr",
+                 "send_cipher", "recv_cipher", "send_ctr", "window", "confirmed", "last_recv",
+                 "started", "tries", "needs_rekey", "retired", "rekeying", "replaces",
+                 "handshake", "init_dgram", "result", "flags", "error", "__weakref__")
+
+    def __init__(self, index: int, peer_id: str, peer_key: rsa.RSAPublicKey, role: Role,
+                 addr: Any, now: float):
+        self.index = index
+        self.remote_index = 0
+        self.peer_id = peer_id
+        self.peer_key = peer_key
+        self.role = role
+        self.state = State.SENT_INIT if role is Role.INITIATOR else State.SENT_RESP
+        self.addr = addr
+        self.send_cipher: RecordCipher | None = None
+        self.recv_cipher: RecordCipher | None = None
+        self.send_ctr = 0
+        self.window = ReplayWindow(_REPLAY_WINDOW)
+        self.confirmed = False      # an authenticated datagram came from the peer
+        self.last_recv = now
+        self.started = now
+        self.tries = 0
+        self.needs_rekey = False
+        self.retired = False        # replaced by a rekeyed session: decrypts until grace ends
+        self.rekeying: Session | None = None   # the rekey handshake we run for this session
+        self.replaces: Session | None = None   # the session this rekey handshake replaces
+        self.handshake: InitiatorHandshake | None = None
+        self.init_dgram = b""
+        self.result: HandshakeResult | None = None
+        self.flags = 0
+        self.error: P2PError | None = None
+
+    def __repr__(self) -> str:
+        return (f"<Session {self.index:08x} {self.role.value} {self.peer_id} {self.state.value}"
+                f" at {self.addr}>")
+
+
+# timer kinds
+_K_INIT, _K_FINISHED, _K_HALFOPEN, _K_IDLE, _K_REKEY, _K_GRACE = range(6)
+
+
+class UdpEndpoint:
+    """The UDP protocol state of one socket: any number of sessions, either role.
+
+    ``accept_from``: accept INITs only from this peer id (a client socket), or from anyone
+    (None, a server). ``key_lookup``: the public key of a known peer id, or None (then a
+    :class:`PeerKeyNeeded` event asks for it).
+    """
+
+    def __init__(self, my_id: str, private_key: rsa.RSAPrivateKey, settings: Settings, *,
+                 key_lookup: Callable[[str], rsa.RSAPublicKey | None] | None = None,
+                 replay_cache: InitReplayCache | None = None,
+                 accept_from: str | None = None, now: float = 0.0,
+                 wall_clock: Callable[[], float] = time.time):
+        self.my_id = my_id
+        self.settings = settings
+        self._private_key = private_key
+        self._key_lookup = key_lookup or (lambda _pid: None)
+        self._accept_from = accept_from
+        self._wall = wall_clock
+        self._suite = SUITES_BY_NAME[settings.cipher_suite]
+        limit = max_payload_limit()
+        if not 0 < settings.udp_max_payload <= limit:
+            raise ConfigError(f"udp_max_payload must be between 1 and {limit} bytes "
+                              f"(one UDP datagram), not {settings.udp_max_payload}")
+        self.max_payload = settings.udp_max_payload
+        if replay_cache is None:
+            replay_cache = InitReplayCache(settings.replay_cache_size, settings.timestamp_window)
+        self._responder = ResponderHandshake(my_id, private_key, replay_cache=replay_cache,
+                                             timestamp_window=settings.timestamp_window,
+                                             enable_rc4=settings.enable_rc4)
+        self.limiter = InitRateLimiter(settings.udp_init_rate, settings.udp_init_burst,
+                                       settings.udp_init_rate_per_addr,
+                                       settings.udp_init_burst_per_addr, now)
+        self.sessions: dict[int, Session] = {}
+        self.by_addr: dict[Any, Session] = {}      # latest established session at an address
+        self.latest: dict[str, Session] = {}       # latest established session with a peer
+        self.handshaking: dict[str, Session] = {}  # a first handshake we run with a peer
+        self.known: dict[str, tuple[rsa.RSAPublicKey, Any]] = {}  # peers we connect() to
+        self._pending: dict[str, list[bytes]] = {}
+        self._pending_bytes: dict[str, int] = {}
+        self._resp_cache: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+        self._lookups: dict[bytes, tuple[InitMessage, Any]] = {}
+        self._timers: list[tuple[float, int, int, Session]] = []
+        self._seq = itertools.count()
+        self.events: list[Event] = []
+        self.out: list[tuple[bytes, Any]] = []
+        self.timer_dirty = False
+        self._rekey_messages = settings.rekey_after_messages
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def take_events(self) -> list[Event]:
+        ev, self.events = self.events, []
+        return ev
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
+        """The ``(datagram, address)`` pairs to send, in order (handed over and cleared)."""
+        out, self.out = self.out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` should next be called (monotonic seconds), or None."""
+        self.timer_dirty = False
+        return self._timers[0][0] if self._timers else None
+
+    def _schedule(self, when: float, kind: int, s: Session) -> None:
+        timers = self._timers
+        if timers and when >= timers[0][0]:
+            heapq.heappush(timers, (when, next(self._seq), kind, s))
+        else:
+            heapq.heappush(timers, (when, next(self._seq), kind, s))
+            self.timer_dirty = True
+        if len(timers) > 4 * len(self.sessions) + 64:  # drop entries of removed sessions
+            live = self.sessions
+            self._timers = [t for t in timers if live.get(t[3].index) is t[3]]
+            heapq.heapify(self._timers)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def _new_index(self) -> int:
+        while True:
+            idx = secrets.randbits(32)
+            if idx and idx not in self.sessions:
+                return idx
+
+    def _remove(self, s: Session) -> None:
+        if self.sessions.get(s.index) is s:
+            del self.sessions[s.index]
+        s.state = State.CLOSED
+        if self.by_addr.get(s.addr) is s:
+            del self.by_addr[s.addr]
+        if self.latest.get(s.peer_id) is s:
+            del self.latest[s.peer_id]
+        if self.handshaking.get(s.peer_id) is s:
+            del self.handshaking[s.peer_id]
+        if s.replaces is not None and s.replaces.rekeying is s:
+            s.replaces.rekeying = None
+        s.send_cipher = s.recv_cipher = None
+        s.handshake = None
+
+    def session_for_peer(self, peer_id: str) -> Session | None:
+        """The latest established session with ``peer_id``."""
+        return self.latest.get(peer_id)
+
+    def session_for_addr(self, addr: Any) -> Session | None:
+        """The latest established session with the peer at ``addr``."""
+        return self.by_addr.get(addr)
+
+    def peer_at(self, addr: Any) -> str | None:
+        """The id of the authenticated peer last seen at ``addr``."""
+        s = self.by_addr.get(addr)
+        return s.peer_id if s is not None else None
+
+    # -- initiating -------------------------------------------------------------------------
+
+    def connect(self, peer_id: str, public_key: rsa.RSAPublicKey, addr: Any, now: float) -> None:
+        """Start a handshake with ``peer_id`` at ``addr`` (queues INIT; costs one RSA
+        signature). Sends to the peer queue until it completes."""
+        self.known[peer_id] = (public_key, addr)
+        if peer_id not in self.handshaking:
+            self._initiate(peer_id, public_key, addr, now, None)
+
+    def _initiate(self, peer_id: str, public_key: rsa.RSAPublicKey, addr: Any, now: float,
+                  replaces: Session | None) -> Session:
+        if len(self.sessions) >= self.settings.udp_max_sessions:
+            raise ChannelNotReady(f"{self.settings.udp_max_sessions} UDP sessions open "
+                                  "(udp_max_sessions)")
+        idx = self._new_index()
+        if replaces is not None:
+            ext = _INIT_EXT.pack(idx, FLAG_REKEY, replaces.remote_index)
+        else:
+            ext = _INIT_EXT.pack(idx, 0, 0)
+        hs = InitiatorHandshake(self.my_id, self._private_key, peer_id, public_key, self._suite,
+                                ext=ext)
+        s = Session(idx, peer_id, public_key, Role.INITIATOR, addr, now)
+        s.handshake = hs
+        s.init_dgram = bytes([T_INIT]) + hs.build_init(self._wall())
+        s.replaces = replaces
+        self.sessions[idx] = s
+        if replaces is None:
+            self.handshaking[peer_id] = s
+        else:
+            replaces.rekeying = s
+        self.out.append((s.init_dgram, addr))
+        self._schedule(now + self.settings.udp_handshake_retry, _K_INIT, s)
+        log.debug("INIT to %s at %s (index %08x%s)", peer_id, addr, idx,
+                  ", rekey" if replaces else "")
+        return s
+
+    def _on_resp(self, data: bytes, addr: Any, now: float) -> None:
+        _, idx = _RESP_HDR.unpack_from(data)
+        s = self.sessions.get(idx)
+        if s is None or s.state is not State.SENT_INIT or s.handshake is None:
+            log.debug("dropped RESP from %s: no handshake with index %08x", addr, idx)
+            return
+        try:
+            result = s.handshake.receive_resp(data[5:])
+            if len(result.peer_ext) != _RESP_EXT.size:
+                raise ProtocolError("RESP ext is not a receiver index")
+        except P2PError as exc:
+            # RESPs are unauthenticated until their signature verifies: a forged one must not
+            # end the handshake. Remember why, for the timeout's error.
+            s.error = exc
+            log.info("ignored RESP from %s for %s: %s", addr, s.peer_id, exc)
+            return
+        (s.remote_index,) = _RESP_EXT.unpack(result.peer_ext)
+        s.result = result
+        s.handshake = None
+        s.init_dgram = b""
+        s.send_cipher = result.suite.make_cipher(result.secrets.i2r)
+        s.recv_cipher = result.suite.make_cipher(result.secrets.r2i)
+        s.addr = addr  # the RESP signature authenticates it
+        s.state = State.ESTABLISHED
+        s.started = s.last_recv = now
+        s.tries = 0
+        self.out.append((self._seal(s, T_FINISHED, result.finished_mac()), addr))
+        self._schedule(now + self.settings.udp_handshake_retry, _K_FINISHED, s)
+        self._established(s, now)
+
+    # -- responding -------------------------------------------------------------------------
+
+    def _on_init(self, body: bytes, addr: Any, now: float) -> None:
+        token = hashlib.sha256(body).digest()
+        cached = self._resp_cache.get(token)
+        if cached is not None:
+            if now < cached[1]:
+                if self.limiter.allow_addr(addr, now):
+                    log.debug("retransmitted INIT from %s: RESP sent again from the cache", addr)
+                    self.out.append((cached[0], addr))
+                return
+            del self._resp_cache[token]
+        if token in self._lookups:
+            return
+        try:
+            init = self._responder.parse(body)
+            if len(init.ext) != _INIT_EXT.size:
+                raise ProtocolError("INIT ext is not a UDP sender index")
+        except P2PError as exc:
+            log.debug("dropped INIT from %s: %s", addr, exc)
+            return
+        if self._accept_from is not None and init.initiator_id != self._accept_from:
+            log.debug("dropped INIT from %s: %s is not the peer of this socket", addr,
+                      init.initiator_id)
+            return
+        if len(self.sessions) >= self.settings.udp_max_sessions:
+            log.warning("dropped INIT from %s at %s: %d sessions open (udp_max_sessions)",
+                        init.initiator_id, addr, len(self.sessions))
+            return
+        if not self.limiter.allow(addr, now):
+            log.debug("dropped INIT from %s: rate limited", addr)
+            return
+        key = self._key_lookup(init.initiator_id)
+        if key is None:
+            if len(self._lookups) >= _MAX_LOOKUPS:
+                log.debug("dropped INIT from %s: too many key lookups pending", addr)
+                return
+            self._lookups[token] = (init, addr)
+            self.events.append(PeerKeyNeeded(init.initiator_id, token))
+            return
+        self._accept(init, token, key, addr, now)
+
+    def provide_peer_key(self, token: bytes, public_key: rsa.RSAPublicKey | None,
+                         now: float) -> None:
+        """Resume the INIT held for :class:`PeerKeyNeeded` (None refuses it)."""
+        item = self._lookups.pop(token, None)
+        if item is None:
+            return
+        init, addr = item
+        if public_key is None:
+            log.info("refused INIT from %s: unknown peer %r", addr, init.initiator_id)
+            return
+        self._accept(init, token, public_key, addr, now)
+
+    def _accept(self, init: InitMessage, token: bytes, key: rsa.RSAPublicKey, addr: Any,
+                now: float) -> None:
+        idx = self._new_index()
+        try:
+            resp, result = self._responder.accept(init, key, self._wall(),
+                                                  ext=_RESP_EXT.pack(idx))
+        except P2PError as exc:
+            log.info("refused INIT from %s at %s: %s", init.initiator_id, addr, exc)
+            return
+        init_idx, flags, replaced = _INIT_EXT.unpack(init.ext)
+        dgram = _RESP_HDR.pack(T_RESP, init_idx) + resp
+        s = Session(idx, init.initiator_id, key, Role.RESPONDER, addr, now)
+        s.remote_index = init_idx
+        s.flags = flags
+        s.result = result
+        s.send_cipher = result.suite.make_cipher(result.secrets.r2i)
+        s.recv_cipher = result.suite.make_cipher(result.secrets.i2r)
+        old = self.sessions.get(replaced) if flags & FLAG_REKEY and replaced else None
+        if old is not None and old.peer_id == s.peer_id and old.state is State.ESTABLISHED:
+            s.replaces = old
+        self.sessions[idx] = s
+        cache = self._resp_cache
+        cache[token] = (dgram, now + self.settings.udp_handshake_timeout)
+        while len(cache) > _RESP_CACHE_SIZE:
+            cache.popitem(last=False)
+        self.out.append((dgram, addr))
+        self._schedule(now + self.settings.udp_handshake_timeout, _K_HALFOPEN, s)
+        log.debug("RESP to %s at %s (index %08x)", s.peer_id, addr, idx)
+
+    # -- both -------------------------------------------------------------------------------
+
+    def _established(self, s: Session, now: float) -> None:
+        """``s`` is now usable for sending: the initiator got RESP, or the responder got the
+        first authenticated datagram."""
+        peer = s.peer_id
+        old = s.replaces
+        rekey = old is not None and old.state is State.ESTABLISHED and not old.retired
+        if rekey:
+            assert old is not None
+            old.retired = True
+            old.rekeying = None
+            if self.by_addr.get(old.addr) is old:
+                del self.by_addr[old.addr]
+            self._schedule(now + self.settings.udp_rekey_grace, _K_GRACE, old)
+        s.replaces = None
+        if self.handshaking.get(peer) is s:
+            del self.handshaking[peer]
+        self.latest[peer] = s
+        self.by_addr[s.addr] = s
+        settings = self.settings
+        self._schedule(now + settings.udp_session_idle_timeout, _K_IDLE, s)
+        # the responder rekeys by time only if the initiator did not
+        factor = 1.0 if s.role is Role.INITIATOR else 1.1
+        self._schedule(now + settings.rekey_after_time * factor, _K_REKEY, s)
+        self.events.append(HandshakeComplete(peer, s.addr, rekey))
+        log.debug("session %08x with %s at %s established%s", s.index, peer, s.addr,
+                  " (rekey)" if rekey else "")
+        pending = self._pending.pop(peer, None)
+        self._pending_bytes.pop(peer, None)
+        if pending:
+            for data in pending:
+                self.out.append((self._seal(s, T_DATA, data), s.addr))
+
+    def _first_auth(self, s: Session, now: float) -> None:
+        """The first authenticated datagram from the peer in this session."""
+        s.confirmed = True
+        if s.state is State.SENT_RESP:
+            s.state = State.ESTABLISHED
+            self._established(s, now)
+
+    def _roam(self, s: Session, addr: Any) -> None:
+        """An authenticated datagram came from a new address: the peer moved."""
+        log.info("%s moved from %s to %s", s.peer_id, s.addr, addr)
+        if self.by_addr.get(s.addr) is s:
+            del self.by_addr[s.addr]
+        s.addr = addr
+        if s.state is State.ESTABLISHED and not s.retired:
+            self.by_addr[addr] = s
+        if self.known.get(s.peer_id) is not None:
+            self.known[s.peer_id] = (self.known[s.peer_id][0], addr)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def receive(self, data: bytes | memoryview, addr: Any, now: float) -> bytes | None:
+        """Process one datagram; returns the payload of an authenticated DATA datagram, else
+        None. Other results are in :attr:`events` and :attr:`out`. Never raises for bad
+        input: it is dropped with a debug log line. ``data`` is not kept (a reused receive
+        buffer may be passed)."""
+        if len(data) >= _MIN_SEALED and data[0] == T_DATA:
+            _, idx, ctr = _HDR.unpack_from(data)
+            s = self.sessions.get(idx)
+            if s is not None:
+                cipher = s.recv_cipher
+                if cipher is not None and s.window.check(ctr):
+                    try:
+                        pt = cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
+                    except CRCError:
+                        log.debug("dropped datagram from %s: failed authentication", addr)
+                        return None
+                    s.window.mark(ctr)
+                    s.last_recv = now
+                    if not s.confirmed:
+                        self._first_auth(s, now)
+                    if addr != s.addr:
+                        self._roam(s, addr)
+                    return pt
+                log.debug("dropped DATA from %s: replayed, too old or no keys (%d)", addr, ctr)
+                return None
+            log.debug("dropped DATA from %s: unknown index %08x", addr, idx)
+            return None
+        try:
+            self._receive_other(data, addr, now)
+        except P2PError as exc:  # pragma: no cover - every path catches its own
+            log.debug("dropped datagram from %s: %s", addr, exc)
+        return None
+
+    def _receive_other(self, data: bytes | memoryview, addr: Any, now: float) -> None:
+        n = len(data)
+        if n == 0:
+            log.debug("dropped empty datagram from %s", addr)
+            return
+        t = data[0]
+        if t == T_INIT:
+            if n > _MAX_HANDSHAKE_DGRAM:
+                log.debug("dropped INIT from %s: %d bytes is too large", addr, n)
+                return
+            self._on_init(bytes(data[1:]), addr, now)
+        elif t == T_RESP:
+            if not 5 < n <= _MAX_HANDSHAKE_DGRAM:
+                log.debug("dropped RESP from %s: bad length %d", addr, n)
+                return
+            self._on_resp(bytes(data), addr, now)
+        elif t in (T_FINISHED, T_KEEPALIVE, T_CLOSE) and n >= _MIN_SEALED:
+            self._on_control(t, data, addr, now)
+        else:
+            log.debug("dropped datagram from %s: type %#x, %d bytes", addr, t, n)
+
+    def _on_control(self, t: int, data: bytes | memoryview, addr: Any, now: float) -> None:
+        _, idx, ctr = _HDR.unpack_from(data)
+        s = self.sessions.get(idx)
+        if s is None or s.recv_cipher is None or not s.window.check(ctr):
+            log.debug("dropped control datagram from %s: unknown index or replayed", addr)
+            return
+        try:
+            pt = s.recv_cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
+        except CRCError:
+            log.debug("dropped datagram from %s: failed authentication", addr)
+            return
+        s.window.mark(ctr)
+        s.last_recv = now
+        if t == T_FINISHED:
+            if s.role is not Role.RESPONDER or s.result is None:
+                log.debug("dropped FINISHED from %s: not a responder session", addr)
+                return
+            try:
+                s.result.check_finished(pt)
+            except HandshakeError as exc:
+                log.warning("%s at %s: %s; session dropped", s.peer_id, addr, exc)
+                self._remove(s)
+                return
+        if not s.confirmed:
+            self._first_auth(s, now)
+        if addr != s.addr:
+            self._roam(s, addr)
+        if t == T_FINISHED:
+            self.out.append((self._seal(s, T_KEEPALIVE, b""), s.addr))
+        elif t == T_CLOSE:
+            was_latest = self.latest.get(s.peer_id) is s
+            self._remove(s)
+            log.debug("%s at %s closed session %08x", s.peer_id, addr, s.index)
+            if was_latest:
+                self.events.append(PeerClosed(s.peer_id, addr, None))
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _seal(self, s: Session, t: int, payload: bytes | bytearray | memoryview) -> bytes:
+        ctr = s.send_ctr
+        s.send_ctr = ctr + 1
+        header = _HDR.pack(t, s.remote_index, ctr)
+        assert s.send_cipher is not None
+        return header + s.send_cipher.seal(ctr, payload, header)
+
+    def send(self, peer_id: str, data: bytes | bytearray | memoryview,
+             now: float | None = None) -> tuple[bytes, Any] | None:
+        """Seal ``data`` for ``peer_id``'s latest session: returns ``(datagram, address)``,
+        or None when it was queued until a handshake completes (one is started if we know
+        where the peer is). Raises :class:`MessageTooLarge`, or :class:`ChannelNotReady` when
+        there is no session and no handshake, or the queue is full."""
+        if len(data) > self.max_payload:
+            raise MessageTooLarge(f"payload of {len(data)} bytes is over the "
+                                  f"{self.max_payload}-byte datagram limit (udp_max_payload)")
+        s = self.latest.get(peer_id)
+        if s is None:
+            self._queue(peer_id, data, now)
+            return None
+        if s.needs_rekey or s.send_ctr >= self._rekey_messages:
+            self._maybe_rekey(s, now)
+        ctr = s.send_ctr
+        s.send_ctr = ctr + 1
+        header = _HDR.pack(T_DATA, s.remote_index, ctr)
+        return header + s.send_cipher.seal(ctr, data, header), s.addr  # type: ignore[union-attr]
+
+    def send_to_addr(self, addr: Any, data: bytes | bytearray | memoryview,
+                     now: float | None = None) -> tuple[bytes, Any]:
+        """Seal ``data`` for the session of the peer at ``addr`` (raises
+        :class:`ChannelNotReady` if there is none)."""
+        if len(data) > self.max_payload:
+            raise MessageTooLarge(f"payload of {len(data)} bytes is over the "
+                                  f"{self.max_payload}-byte datagram limit (udp_max_payload)")
+        s = self.by_addr.get(addr)
+        if s is None:
+            raise ChannelNotReady(f"no authenticated session with {addr}")
+        if s.needs_rekey or s.send_ctr >= self._rekey_messages:
+            self._maybe_rekey(s, now)
+        return self._seal(s, T_DATA, data), s.addr
+
+    def _queue(self, peer_id: str, data: bytes | bytearray | memoryview,
+               now: float | None) -> None:
+        if peer_id not in self.handshaking:
+            known = self.known.get(peer_id)
+            if known is None:
+                raise ChannelNotReady(f"no session with {peer_id}")
+            self._initiate(peer_id, known[0], known[1],
+                           time.monotonic() if now is None else now, None)
+        settings = self.settings
+        q = self._pending.setdefault(peer_id, [])
+        nbytes = self._pending_bytes.get(peer_id, 0) + len(data)
+        if len(q) >= settings.pending_max_messages or nbytes > settings.pending_max_bytes:
+            raise ChannelNotReady("the handshake has not completed and the pre-handshake queue "
+                                  "is full")
+        q.append(bytes(data))
+        self._pending_bytes[peer_id] = nbytes
+
+    def _maybe_rekey(self, s: Session, now: float | None) -> None:
+        if s.rekeying is not None or s.retired or s.state is not State.ESTABLISHED:
+            return
+        try:
+            self._initiate(s.peer_id, s.peer_key, s.addr,
+                           time.monotonic() if now is None else now, s)
+        except P2PError as exc:
+            log.warning("rekey with %s not started: %s", s.peer_id, exc)
+        s.needs_rekey = False
+
+    def close_peer(self, peer_id: str) -> None:
+        """Send CLOSE on every session with ``peer_id`` and forget them."""
+        for s in [x for x in self.sessions.values() if x.peer_id == peer_id]:
+            self._close_session(s)
+        self._pending.pop(peer_id, None)
+        self._pending_bytes.pop(peer_id, None)
+        self.known.pop(peer_id, None)
+
+    def close_all(self) -> None:
+        """Send CLOSE on every established session and forget everything."""
+        for s in list(self.sessions.values()):
+            self._close_session(s)
+        self._pending.clear()
+        self._pending_bytes.clear()
+        self._lookups.clear()
+        self._timers.clear()
+        self.known.clear()
+
+    def _close_session(self, s: Session) -> None:
+        if s.send_cipher is not None and s.state is State.ESTABLISHED:
+            self.out.append((self._seal(s, T_CLOSE, b""), s.addr))
+        self._remove(s)
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        """Run every timer due at ``now``: INIT and FINISHED retransmission, handshake
+        timeouts, rekey deadlines, grace periods and idle expiry."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, s = heapq.heappop(timers)
+            if self.sessions.get(s.index) is not s:
+                continue
+            if kind == _K_INIT:
+                self._timer_init(s, now)
+            elif kind == _K_FINISHED:
+                self._timer_finished(s, now)
+            elif kind == _K_HALFOPEN:
+                if s.state is State.SENT_RESP:
+                    log.debug("session %08x with %s: no FINISHED within %g s; dropped", s.index,
+                              s.peer_id, self.settings.udp_handshake_timeout)
+                    self._remove(s)
+            elif kind == _K_IDLE:
+                idle = self.settings.udp_session_idle_timeout
+                if now - s.last_recv >= idle:
+                    self._expire(s, ConnectionLost(f"nothing received from {s.peer_id} for "
+                                                   f"{idle:g} s (udp_session_idle_timeout)"))
+                else:
+                    self._schedule(s.last_recv + idle, _K_IDLE, s)
+            elif kind == _K_REKEY:
+                s.needs_rekey = True
+            elif kind == _K_GRACE:
+                log.debug("session %08x with %s: grace period over", s.index, s.peer_id)
+                self._remove(s)
+        self.timer_dirty = True
+
+    def _timer_init(self, s: Session, now: float) -> None:
+        if s.state is not State.SENT_INIT:
+            return
+        settings = self.settings
+        deadline = s.started + settings.udp_handshake_timeout
+        if now >= deadline - 1e-6:
+            replaced = s.replaces
+            self._remove(s)
+            limit = f"{settings.udp_handshake_timeout:g} s"
+            if s.error is not None:
+                err: P2PError = type(s.error)(f"{s.error} (no valid RESP within {limit})")
+            else:
+                err = HandshakeTimeout(f"no answer from {s.peer_id} at {s.addr} within {limit}")
+            rekey = replaced is not None
+            if replaced is not None:
+                log.warning("rekey with %s failed: %s", s.peer_id, err)
+                replaced.needs_rekey = True  # try again on a later send
+            else:
+                self._pending.pop(s.peer_id, None)
+                self._pending_bytes.pop(s.peer_id, None)
+            self.events.append(HandshakeFailed(s.peer_id, err, rekey))
+            return
+        s.tries += 1
+        self.out.append((s.init_dgram, s.addr))
+        log.debug("INIT to %s at %s retransmitted (%d)", s.peer_id, s.addr, s.tries)
+        delay = settings.udp_handshake_retry * (2 ** s.tries)
+        self._schedule(min(now + delay, deadline), _K_INIT, s)
+
+    def _timer_finished(self, s: Session, now: float) -> None:
+        if s.confirmed or s.state is not State.ESTABLISHED or s.result is None:
+            return
+        settings = self.settings
+        if now - s.started >= settings.udp_handshake_timeout:
+            log.debug("session %08x with %s: FINISHED never acknowledged", s.index, s.peer_id)
+            return
+        s.tries += 1
+        self.out.append((self._seal(s, T_FINISHED, s.result.finished_mac()), s.addr))
+        self._schedule(now + settings.udp_handshake_retry * (2 ** s.tries), _K_FINISHED, s)
+
+    def _expire(self, s: Session, err: P2PError) -> None:
+        was_latest = self.latest.get(s.peer_id) is s
+        addr = s.addr
+        self._remove(s)
+        log.debug("session %08x with %s expired", s.index, s.peer_id)
+        if was_latest:
+            self.events.append(PeerClosed(s.peer_id, addr, err))
