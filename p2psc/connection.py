@@ -20,6 +20,7 @@ from typing import Callable, Union
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from .buffers import POOL_MIN, BufferPool
 from .config import Settings
 from .handshake import (MAX_HANDSHAKE_BODY, HandshakeResult, InitiatorHandshake, InitMessage,
                         ResponderHandshake)
@@ -34,6 +35,11 @@ __all__ = ["Role", "State", "RecordType", "Connection", "HandshakeComplete", "Me
 
 _HEADER = struct.Struct(">IB")
 HEADER_LEN = _HEADER.size
+#: Size of a receive scratch buffer; one can be shared by every connection of an event loop
+#: (records are handled before :meth:`Connection.buffer_updated` returns).
+SCRATCH_SIZE = 256 * 1024
+#: Bytes kept while an unknown initiator's key is looked up.
+MAX_HELD_WHILE_AWAITING_KEY = 64 * 1024
 
 
 class RecordType(enum.IntEnum):
@@ -122,7 +128,8 @@ class Connection:
                  key_lookup: Callable[[str], rsa.RSAPublicKey | None] | None = None,
                  replay_cache: InitReplayCache | None = None,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic,
+                 scratch: bytearray | None = None, pool: BufferPool | None = None):
         self.role = role
         self.my_id = my_id
         self.settings = settings
@@ -132,7 +139,16 @@ class Connection:
         self._monotonic = monotonic
         self._key_lookup = key_lookup or (lambda _pid: None)
         self._out: list[bytes] = []
+        self._out_size = 0
+        # receive side: the incomplete record (or header fragment) and how much of it is filled;
+        # complete records are handled straight from the (shareable) scratch buffer
         self._buf = bytearray()
+        self._fill = 0
+        self._need = 0  # the size of the incomplete record once its header is known
+        self._held = bytearray()
+        self._pool = pool
+        self._scratch = scratch
+        self._in_scratch = 0
         self._send: _Direction | None = None
         self._recv: _Direction | None = None
         self._result: HandshakeResult | None = None
@@ -170,19 +186,30 @@ class Connection:
     def data_to_send(self) -> list[bytes]:
         """The byte chunks to write, in order (the list is handed over and cleared)."""
         out, self._out = self._out, []
+        self._out_size = 0
         return out
 
-    def _write_plain(self, rtype: RecordType, body: bytes) -> None:
-        self._out.append(_HEADER.pack(len(body), rtype) + body)
+    @property
+    def pending_output(self) -> int:
+        """Bytes waiting in :meth:`data_to_send`."""
+        return self._out_size
 
-    def _write_sealed(self, rtype: int, data: bytes | memoryview) -> None:
+    def _write_plain(self, rtype: RecordType, body: bytes) -> None:
+        record = _HEADER.pack(len(body), rtype) + body
+        self._out.append(record)
+        self._out_size += len(record)
+
+    def _write_sealed(self, rtype: int, data: bytes | bytearray | memoryview) -> None:
         d = self._send
         assert d is not None
-        header = _HEADER.pack(len(data) + d.cipher.tag_len, rtype)
+        n = len(data) + d.cipher.tag_len
+        header = _HEADER.pack(n, rtype)
         ct = d.cipher.seal(d.seq, data, header)
         d.seq += 1
-        self._out.append(header)
-        self._out.append(ct)
+        out = self._out
+        out.append(header)
+        out.append(ct)
+        self._out_size += n + HEADER_LEN
 
     # -- handshake --------------------------------------------------------------------------
 
@@ -203,7 +230,10 @@ class Connection:
         try:
             self._accept_init(init, public_key)
             # records that arrived while we waited
-            events.extend(self._process())
+            held, self._held = bytes(self._held), bytearray()
+            if held:
+                with memoryview(held) as view:
+                    events.extend(self._process(view))
         except P2PError:
             self.state = State.CLOSED
             raise
@@ -247,25 +277,74 @@ class Connection:
 
     # -- input ------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Feed received bytes; returns the events they complete.
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes should go (``asyncio.BufferedProtocol`` style):
+        the rest of the current incomplete record's own buffer when its header is known (so
+        a large record is read straight into place), else the scratch buffer. Follow with
+        :meth:`buffer_updated`."""
+        if self._need:
+            return memoryview(self._buf)[self._fill:self._need]
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._scratch = bytearray(SCRATCH_SIZE)
+        n = self._fill
+        if n:  # a few bytes of a header: move them in front of what comes next
+            scratch[:n] = self._buf
+        self._in_scratch = n
+        return memoryview(scratch)[n:]
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """``nbytes`` were written into the buffer of the last :meth:`get_buffer`; returns the
+        events they complete.
 
         Raises a :class:`P2PError` subclass when the peer breaks the protocol; the
         connection is then closed and must be dropped.
         """
         if self.state is State.CLOSED:
             return []
-        self._buf += data
-        if self.state is State.AWAIT_PEER_KEY:
-            if len(self._buf) > MAX_HANDSHAKE_BODY + 64 * 1024:
-                self.state = State.CLOSED
-                raise ProtocolError("too much data before the handshake completed")
-            return []
         try:
-            return self._process()
+            need = self._need
+            if need:  # filling one record's own buffer
+                self._fill += nbytes
+                if self._fill < need:
+                    return []
+                record = self._buf
+                self._buf, self._fill, self._need = bytearray(), 0, 0
+                with memoryview(record) as whole:
+                    with whole[:need] as view:
+                        events = self._process(view)
+                if need > POOL_MIN and self._pool is not None:
+                    self._pool.put(record)
+                return events
+            n = self._in_scratch + nbytes
+            self._in_scratch = 0
+            self._buf, self._fill = bytearray(), 0
+            assert self._scratch is not None
+            with memoryview(self._scratch) as scratch:
+                with scratch[:n] as view:
+                    return self._process(view)
         except P2PError:
             self.state = State.CLOSED
             raise
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed received bytes; returns the events they complete (see :meth:`buffer_updated`)."""
+        events: list[Event] = []
+        with memoryview(data) as mv:
+            pos, n = 0, len(mv)
+            while pos < n and self.state is not State.CLOSED:
+                buf = self.get_buffer()
+                k = min(len(buf), n - pos)
+                buf[:k] = mv[pos:pos + k]
+                buf.release()
+                pos += k
+                events += self.buffer_updated(k)
+        return events
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and held: an incomplete record, or what waits for a peer key."""
+        return self._fill + len(self._held)
 
     def receive_eof(self) -> list[Event]:
         """The peer closed its side: a clean end only after its CLOSE record."""
@@ -279,46 +358,67 @@ class Connection:
         return [ConnectionClosed(HandshakeError(f"the peer closed the connection during the "
                                                 f"handshake ({was.value})"))]
 
-    def _process(self) -> list[Event]:
-        buf = self._buf
-        pos = 0
-        n = len(buf)
+    def _check_length(self, body_len: int) -> None:
+        if self.state is State.ESTABLISHED:
+            if body_len > self._max_data_body:
+                raise MessageTooLarge(f"record of {body_len} bytes is over the "
+                                      f"{self.settings.max_message_size}-byte message limit")
+        elif body_len > MAX_HANDSHAKE_BODY:
+            raise ProtocolError(f"handshake record of {body_len} bytes is too large")
+
+    def _process(self, view: memoryview) -> list[Event]:
+        """Handle every complete record in ``view``; keep what is left for the next read."""
         events: list[Event] = []
-        while n - pos >= HEADER_LEN and self.state is not State.CLOSED:
-            body_len, rtype = _HEADER.unpack_from(buf, pos)
-            if self.state is State.ESTABLISHED:
-                if body_len > self._max_data_body:
-                    raise MessageTooLarge(f"record of {body_len} bytes is over the "
-                                          f"{self.settings.max_message_size}-byte message limit")
-            elif body_len > MAX_HANDSHAKE_BODY:
-                raise ProtocolError(f"handshake record of {body_len} bytes is too large")
+        if self.state is State.AWAIT_PEER_KEY:
+            self._hold(view)
+            return events
+        pos, n = 0, len(view)
+        unpack = _HEADER.unpack_from
+        while n - pos >= HEADER_LEN:
+            body_len, rtype = unpack(view, pos)
+            if body_len > self._max_data_body or self.state is not State.ESTABLISHED:
+                self._check_length(body_len)
             end = pos + HEADER_LEN + body_len
             if end > n:
                 break
-            header = bytes(buf[pos:pos + HEADER_LEN])
-            with memoryview(buf) as mv:
-                body = mv[pos + HEADER_LEN:end]
-                try:
-                    ev = self._on_record(rtype, header, body)
-                finally:
-                    body.release()
+            ev = self._on_record(rtype, view[pos:pos + HEADER_LEN], view[pos + HEADER_LEN:end])
             pos = end
             if ev is not None:
                 events.append(ev)
-            if self.state is State.AWAIT_PEER_KEY:
-                break
-        if pos:
-            del buf[:pos]
+            state = self.state
+            if state is State.CLOSED:
+                return events
+            if state is State.AWAIT_PEER_KEY:
+                self._hold(view[pos:])
+                return events
+        rest = n - pos
+        if rest >= HEADER_LEN:  # an incomplete record: a buffer for the whole of it
+            need = HEADER_LEN + _HEADER.unpack_from(view, pos)[0]  # (length checked above)
+            if need > POOL_MIN and self._pool is not None:
+                buf = self._pool.get(need)
+            else:
+                buf = bytearray(need)
+            buf[:rest] = view[pos:]
+            self._buf, self._fill, self._need = buf, rest, need
+        elif rest:
+            self._buf = bytearray(view[pos:])
+            self._fill = rest
         return events
 
-    def _open(self, header: bytes, body: memoryview) -> bytes:
+    def _hold(self, data: memoryview) -> None:
+        """Keep bytes that arrive while the peer's key is being looked up (bounded)."""
+        if len(self._held) + len(data) > MAX_HELD_WHILE_AWAITING_KEY:
+            raise ProtocolError("too much data before the handshake completed")
+        self._held += data
+
+    def _open(self, header: memoryview, body: memoryview) -> bytes:
         d = self._recv
         assert d is not None
         pt = d.cipher.open(d.seq, body, header)
         d.seq += 1
         return pt
 
-    def _on_record(self, rtype: int, header: bytes, body: memoryview) -> Event | None:
+    def _on_record(self, rtype: int, header: memoryview, body: memoryview) -> Event | None:
         state = self.state
         if state is State.ESTABLISHED:
             if rtype == _DATA:
@@ -367,7 +467,14 @@ class Connection:
         assert d is not None
         if d.seq >= self._rekey_messages or self._monotonic() - d.since >= self._rekey_time:
             self.update_key()
-        self._write_sealed(_DATA, data)
+        n = len(data) + d.cipher.tag_len
+        header = _HEADER.pack(n, _DATA)
+        ct = d.cipher.seal(d.seq, data, header)
+        d.seq += 1
+        out = self._out
+        out.append(header)
+        out.append(ct)
+        self._out_size += n + HEADER_LEN
 
     def update_key(self) -> None:
         """Send KEY_UPDATE and ratchet our sending key forward."""

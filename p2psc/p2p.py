@@ -62,7 +62,14 @@ class SecureTransport:
         return getattr(self._transport, name)
 
 
-class TcpP2P(asyncio.Protocol):
+#: Unsent records past this size are written at once rather than at the end of the event-loop
+#: iteration, so that the transport's flow control (``drain``) sees them.
+FLUSH_THRESHOLD = 64 * 1024
+#: Up to this size the records of one flush are joined into one buffer; above, writelines.
+JOIN_LIMIT = 256 * 1024
+
+
+class TcpP2P(asyncio.BufferedProtocol):
     """An authenticated, encrypted TCP channel to one peer.
 
     Built by :class:`~p2psc.p2phandler.P2PHandler` as ``ProtocolClass(handler, myid, peer_id)``
@@ -133,7 +140,11 @@ class TcpP2P(asyncio.Protocol):
         conn = self._conn
         if self._handshaked and conn is not None and not self._closed:
             conn.send(data)
-            if self._flush_handle is None:
+            if conn._out_size >= FLUSH_THRESHOLD:
+                if self._flush_handle is not None:
+                    self._flush_handle.cancel()
+                self._flush()
+            elif self._flush_handle is None:
                 self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
             return
         if self._closed or self._error is not None:
@@ -213,7 +224,13 @@ class TcpP2P(asyncio.Protocol):
             self._conn.initiate()
             self._flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        conn = self._conn
+        if conn is None or self._closed:
+            return memoryview(bytearray(4096))  # read and dropped
+        return conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         conn = self._conn
         if conn is None or self._closed:
             return
@@ -221,7 +238,7 @@ class TcpP2P(asyncio.Protocol):
         if self._liveness:
             self._last_recv = self._loop.time()  # type: ignore[union-attr]
         try:
-            events = conn.receive_data(data)
+            events = conn.buffer_updated(nbytes)
         except P2PError as exc:
             self._fail(exc)
             return
@@ -229,6 +246,18 @@ class TcpP2P(asyncio.Protocol):
             self._dispatch(events)
         if conn._out and self._flush_handle is None:
             self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed bytes as if read from the socket (the transport itself uses the buffer API)."""
+        with memoryview(data) as mv:
+            pos = 0
+            while pos < len(mv) and self._conn is not None and not self._closed:
+                buf = self.get_buffer(len(mv) - pos)
+                k = min(len(buf), len(mv) - pos)
+                buf[:k] = mv[pos:pos + k]
+                buf.release()
+                pos += k
+                self.buffer_updated(k)
 
     def eof_received(self) -> bool:
         if self._conn is not None:
@@ -364,14 +393,17 @@ class TcpP2P(asyncio.Protocol):
         conn, raw = self._conn, self._raw
         if conn is None or raw is None:
             return
+        size = conn._out_size
         out = conn.data_to_send()
         if self._liveness:
             self._last_send = self._loop.time()  # type: ignore[union-attr]
         if out and not raw.is_closing():
             if len(out) == 1:
                 raw.write(out[0])
-            else:
+            elif size <= JOIN_LIMIT:
                 raw.write(b"".join(out))
+            else:  # large records: no copy into one buffer (uvloop writes them with writev)
+                raw.writelines(out)
 
     def _on_handshake_timeout(self) -> None:
         self._timer = None
@@ -384,6 +416,11 @@ class TcpP2P(asyncio.Protocol):
         if self._closed:
             return
         log.warning("%s: %s: %s", self._describe(), type(exc).__name__, exc)
+        # the error outlives the connection (wait_handshaked, on_closed): drop the frames of
+        # its traceback and context, which would keep the connection's keys alive
+        exc.__traceback__ = None
+        if exc.__suppress_context__:
+            exc.__context__ = None
         self._set_closed(exc)
         if self._raw is not None:
             self._raw.abort()

@@ -12,10 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .config import (PeerAddress, PeerConfig, Settings, config_from_appublic, load_peer_config,
                      read_config_file)
 from .channel import ChannelHandlerMixin
-from .connection import Connection, Role
+from .buffers import BufferPool
+from .connection import SCRATCH_SIZE, Connection, Role
 from .p2p import TcpP2P
 from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
-from .p2pexcept import ConfigError, DirectoryError, P2PError, StatusError, UnknownPeerError
+from .p2pexcept import (ConfigError, DirectoryError, HandshakeError, P2PError, StatusError,
+                         UnknownPeerError)
 from .replay import InitReplayCache
 from .udp_p2p import UdpHandlerMixin
 
@@ -56,8 +58,12 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
         self.replay_cache = InitReplayCache(self.settings.replay_cache_size,
                                             self.settings.timestamp_window)
         self._protocols: set[Any] = set()
+        # accepted connections not yet authenticated, oldest first (max_pending_handshakes)
+        self._pending: dict[Any, None] = {}
         self._peer_conns: dict[str, Any] = {}
         self._directory: Any = None
+        self._scratch: bytearray | None = None
+        self._buffer_pool = BufferPool()
 
     # -- identity -------------------------------------------------------------------------------
 
@@ -217,17 +223,37 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             if key is None:
                 raise UnknownPeerError(f"no public key for {peer_id!r}")
             return Connection(role, cfg.peer_id, cfg.private_key, self.settings,
-                              peer_id=peer_id, peer_public_key=key)
+                              peer_id=peer_id, peer_public_key=key, scratch=self._scratch_buffer(),
+                              pool=self._buffer_pool)
         return Connection(role, cfg.peer_id, cfg.private_key, self.settings,
-                          key_lookup=cfg.peers.public_key, replay_cache=self.replay_cache)
+                          key_lookup=cfg.peers.public_key, replay_cache=self.replay_cache,
+                          scratch=self._scratch_buffer(), pool=self._buffer_pool)
+
+    def _scratch_buffer(self) -> bytearray:
+        """The receive buffer shared by this handler's TCP connections (they run on one event
+        loop, and each handles its records before the next read)."""
+        if self._scratch is None:
+            self._scratch = bytearray(SCRATCH_SIZE)
+        return self._scratch
 
     def _register(self, proto: Any) -> None:
         self._protocols.add(proto)
+        if proto.peer_id is None:  # accepted: unauthenticated until its handshake completes
+            limit = self.settings.max_pending_handshakes
+            while limit and len(self._pending) >= limit:
+                oldest = next(iter(self._pending))
+                del self._pending[oldest]
+                oldest._fail(HandshakeError(
+                    f"dropped: {limit} handshakes pending (max_pending_handshakes); this one "
+                    "was the oldest"))
+            self._pending[proto] = None
 
     def _unregister(self, proto: Any) -> None:
         self._protocols.discard(proto)
+        self._pending.pop(proto, None)
         if proto.peer_id is not None and self._peer_conns.get(proto.peer_id) is proto:
             del self._peer_conns[proto.peer_id]
 
     def _on_handshaked(self, proto: Any) -> None:
+        self._pending.pop(proto, None)
         self._peer_conns[proto.peer_id] = proto
