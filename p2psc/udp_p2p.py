@@ -14,19 +14,25 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .p2pexcept import (ChannelNotReady, HandshakeError, InvalidDataType, MissRemoteAddr,
-                        P2PError, StatusError)
-from .udp_session import (HandshakeComplete, HandshakeFailed, PeerClosed, PeerKeyNeeded,
-                          UdpEndpoint)
+from .p2pexcept import (
+    ChannelNotReady,
+    HandshakeError,
+    InvalidDataType,
+    MissRemoteAddr,
+    P2PError,
+    StatusError,
+)
+from .udp_session import HandshakeComplete, HandshakeFailed, PeerClosed, PeerKeyNeeded, UdpEndpoint
 
 if TYPE_CHECKING:
     from .p2phandler import P2PHandler
 
 log = logging.getLogger("p2psc.udp")
 
-__all__ = ["UdpP2P", "UdpHandlerMixin"]
+__all__ = ["UdpHandlerMixin", "UdpP2P"]
 
 _READ_BATCH = 256          # datagrams read per wake-up at most (fairness with other work)
 _RECV_BUF = 65536          # larger than any UDP datagram
@@ -49,7 +55,7 @@ class UdpP2P(asyncio.DatagramProtocol):
     ``pending_max_bytes``; past that :class:`ChannelNotReady`) and flushed when it completes.
     """
 
-    def __init__(self, handler: "P2PHandler", myid: str, peer_id: str | None = None):
+    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None):
         self.handler = handler
         self.myid = myid
         self.peer_id = peer_id

@@ -32,23 +32,54 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Union
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .config import Settings
-from .handshake import (MAX_HANDSHAKE_BODY, HandshakeResult, InitiatorHandshake, InitMessage,
-                        ResponderHandshake)
-from .p2pexcept import (ChannelNotReady, ConfigError, ConnectionLost, CRCError, HandshakeError,
-                        HandshakeTimeout, MessageTooLarge, P2PError, ProtocolError)
+from .handshake import (
+    MAX_HANDSHAKE_BODY,
+    HandshakeResult,
+    InitiatorHandshake,
+    InitMessage,
+    ResponderHandshake,
+)
+from .p2pexcept import (
+    ChannelNotReady,
+    ConfigError,
+    ConnectionLost,
+    CRCError,
+    HandshakeError,
+    HandshakeTimeout,
+    MessageTooLarge,
+    P2PError,
+    ProtocolError,
+)
 from .replay import InitReplayCache, ReplayWindow
 from .suites import SUITES_BY_NAME, RecordCipher
 
-__all__ = ["UdpEndpoint", "Session", "TokenBucket", "InitRateLimiter", "HandshakeComplete",
-           "HandshakeFailed", "PeerKeyNeeded", "PeerClosed", "Event", "T_INIT", "T_RESP",
-           "T_FINISHED", "T_DATA", "T_KEEPALIVE", "T_CLOSE", "HEADER_LEN",
-           "MAX_UDP_PAYLOAD", "max_payload_limit"]
+__all__ = [
+    "HEADER_LEN",
+    "MAX_UDP_PAYLOAD",
+    "T_CLOSE",
+    "T_DATA",
+    "T_FINISHED",
+    "T_INIT",
+    "T_KEEPALIVE",
+    "T_RESP",
+    "Event",
+    "HandshakeComplete",
+    "HandshakeFailed",
+    "InitRateLimiter",
+    "PeerClosed",
+    "PeerKeyNeeded",
+    "Session",
+    "TokenBucket",
+    "UdpEndpoint",
+    "max_payload_limit",
+]
 
 log = logging.getLogger("p2psc.udp.session")
 
@@ -113,7 +144,7 @@ class PeerClosed:
     error: P2PError | None
 
 
-Event = Union[HandshakeComplete, HandshakeFailed, PeerKeyNeeded, PeerClosed]
+Event = HandshakeComplete | HandshakeFailed | PeerKeyNeeded | PeerClosed
 
 
 # -- rate limits ------------------------------------------------------------------------------
@@ -122,7 +153,7 @@ Event = Union[HandshakeComplete, HandshakeFailed, PeerKeyNeeded, PeerClosed]
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up."""
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: float, now: float):
         self.rate = rate
@@ -194,10 +225,33 @@ class State(enum.Enum):
 class Session:
     """One handshake's keys and counters with one peer, found by our receiver ``index``."""
 
-    __slots__ = ("index", "remote_index", "peer_id", "peer_key", "role", "state", "addr",
-                 "send_cipher", "recv_cipher", "send_ctr", "window", "confirmed", "last_recv",
-                 "started", "tries", "needs_rekey", "retired", "rekeying", "replaces",
-                 "handshake", "init_dgram", "result", "flags", "error", "__weakref__")
+    __slots__ = (
+        "__weakref__",
+        "addr",
+        "confirmed",
+        "error",
+        "flags",
+        "handshake",
+        "index",
+        "init_dgram",
+        "last_recv",
+        "needs_rekey",
+        "peer_id",
+        "peer_key",
+        "recv_cipher",
+        "rekeying",
+        "remote_index",
+        "replaces",
+        "result",
+        "retired",
+        "role",
+        "send_cipher",
+        "send_ctr",
+        "started",
+        "state",
+        "tries",
+        "window",
+    )
 
     def __init__(self, index: int, peer_id: str, peer_key: rsa.RSAPublicKey, role: Role,
                  addr: Any, now: float):
@@ -439,12 +493,12 @@ class UdpEndpoint:
             log.debug("dropped INIT from %s: %s is not the peer of this socket", addr,
                       init.initiator_id)
             return
+        if not self.limiter.allow(addr, now):
+            log.debug("dropped INIT from %s: rate limited", addr)
+            return
         if len(self.sessions) >= self.settings.udp_max_sessions:
             log.warning("dropped INIT from %s at %s: %d sessions open (udp_max_sessions)",
                         init.initiator_id, addr, len(self.sessions))
-            return
-        if not self.limiter.allow(addr, now):
-            log.debug("dropped INIT from %s: rate limited", addr)
             return
         key = self._key_lookup(init.initiator_id)
         if key is None:
@@ -561,13 +615,14 @@ class UdpEndpoint:
             s = self.sessions.get(idx)
             if s is not None:
                 cipher = s.recv_cipher
-                if cipher is not None and s.window.check(ctr):
+                window = s.window
+                if cipher is not None and (ctr > window._top or window.check(ctr)):
                     try:
-                        pt = cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
+                        pt = cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])  # type: ignore[arg-type]
                     except CRCError:
                         log.debug("dropped datagram from %s: failed authentication", addr)
                         return None
-                    s.window.mark(ctr)
+                    window.mark(ctr)
                     s.last_recv = now
                     if not s.confirmed:
                         self._first_auth(s, now)
@@ -612,7 +667,7 @@ class UdpEndpoint:
             log.debug("dropped control datagram from %s: unknown index or replayed", addr)
             return
         try:
-            pt = s.recv_cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
+            pt = s.recv_cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])  # type: ignore[arg-type]
         except CRCError:
             log.debug("dropped datagram from %s: failed authentication", addr)
             return
@@ -648,7 +703,7 @@ class UdpEndpoint:
         s.send_ctr = ctr + 1
         header = _HDR.pack(t, s.remote_index, ctr)
         assert s.send_cipher is not None
-        return header + s.send_cipher.seal(ctr, payload, header)
+        return header + s.send_cipher.seal(ctr, payload, header)  # type: ignore[arg-type]
 
     def send(self, peer_id: str, data: bytes | bytearray | memoryview,
              now: float | None = None) -> tuple[bytes, Any] | None:
@@ -668,7 +723,7 @@ class UdpEndpoint:
         ctr = s.send_ctr
         s.send_ctr = ctr + 1
         header = _HDR.pack(T_DATA, s.remote_index, ctr)
-        return header + s.send_cipher.seal(ctr, data, header), s.addr  # type: ignore[union-attr]
+        return header + s.send_cipher.seal(ctr, data, header), s.addr  # type: ignore[union-attr, arg-type]
 
     def send_to_addr(self, addr: Any, data: bytes | bytearray | memoryview,
                      now: float | None = None) -> tuple[bytes, Any]:
