@@ -392,3 +392,28 @@ def test_handshake_timeout_without_server(pair: Any) -> None:
         await client.close()
 
     run(main(), timeout=10)
+
+
+def test_unknown_initiator_looked_up_through_the_handler(tmp_path: Path) -> None:
+    server_dir = make_peer(tmp_path, "server.test")
+    client_dir = make_peer(tmp_path, "client.test")   # the server does not know the client
+    asked: list[str] = []
+
+    async def main() -> None:
+        server, sproto = await start_server(server_dir)
+
+        async def lookup(peer_id: str) -> Any:
+            asked.append(peer_id)
+            return rsa_key("client.test").public_key() if peer_id == "client.test" else None
+
+        server._lookup_unknown_peer = lookup  # type: ignore[method-assign]
+        client, cproto = await start_client(client_dir, server_dir, udp_port(server))
+        await asyncio.wait_for(cproto.wait_handshaked(), 10)
+        cproto.send(b"looked up")
+        await asyncio.wait_for(cproto.expect(1), 5)
+        assert asked == ["client.test"]
+        assert sproto.handshaked_peers[0][0] == "client.test"
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=20)
