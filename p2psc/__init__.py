@@ -13,7 +13,7 @@ from .p2pexcept import (ChannelNotReady, ConfigError, ConnectionLost, CRCError, 
 __version__ = "1.0.0"
 
 __all__ = [
-    "P2PHandler", "TcpP2P", "Channel", "ChannelClosed", "__version__",
+    "P2PHandler", "TcpP2P", "Channel", "ChannelClosed", "DatagramChannel", "__version__",
     "P2PError", "ConfigError", "UnknownPeerError", "MissRemoteAddr", "CRCError",
     "ChannelNotReady", "InvalidDataType", "SignCheckError", "StatusError", "HandshakeError",
     "HandshakeTimeout", "ProtocolError", "MessageTooLarge", "ConnectionLost", "DirectoryError",
@@ -28,7 +28,7 @@ def __getattr__(name: str) -> object:
     if name == "TcpP2P":
         from .p2p import TcpP2P
         return TcpP2P
-    if name in ("Channel", "ChannelClosed"):
+    if name in ("Channel", "ChannelClosed", "DatagramChannel"):
         from . import channel
         return getattr(channel, name)
     raise AttributeError(f"module 'p2psc' has no attribute {name!r}")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .p2p import TcpP2P
 from .p2pexcept import ChannelNotReady, HandshakeTimeout
+from .udp_p2p import UdpP2P
 
 if TYPE_CHECKING:
     from .p2phandler import P2PHandler
@@ -39,6 +40,8 @@ __all__ = [
     "ChannelClosed",
     "ChannelHandlerMixin",
     "ChannelProtocol",
+    "DatagramChannel",
+    "DatagramChannelProtocol",
 ]
 
 #: Messages buffered per channel before reading from the socket pauses (when the config has
@@ -57,6 +60,56 @@ class ChannelClosed(ChannelNotReady):
     """The channel was closed cleanly (by either side); no more messages will come."""
 
 
+class _MessageQueue:
+    """Received messages waiting for ``recv``, and the waiting ``recv`` calls.
+
+    A message is taken from the queue only by the ``recv`` that returns it, so cancelling a
+    ``recv`` (a timeout) never loses one.
+    """
+
+    __slots__ = ("ended", "error", "items", "waiters")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[bytes] = collections.deque()
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.ended = False  # no more messages will come
+        self.error: Exception | None = None
+
+    def put(self, data: bytes) -> None:
+        self.items.append(data)
+        self.wake_one()
+
+    def end(self, error: Exception | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.error = error
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    def wake_one(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    async def wait(self) -> None:
+        """Wait until a message may be there or the queue ended (cancel-safe)."""
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut in self.waiters:
+                self.waiters.remove(fut)
+            elif fut.done() and not fut.cancelled() and self.items:
+                self.wake_one()  # we were woken for a message we will not take: pass it on
+            raise
+
+
 class ChannelProtocol(TcpP2P):
     """A :class:`TcpP2P` that queues received messages for :class:`Channel` (at most
     ``queue_size`` before it pauses reading from the socket) instead of using ``on_recv``."""
@@ -67,11 +120,8 @@ class ChannelProtocol(TcpP2P):
         if queue_size is None:
             queue_size = getattr(handler.settings, "channel_queue_size", DEFAULT_QUEUE_SIZE)
         self.queue_size = max(1, int(queue_size))
-        self._queue: collections.deque[bytes] = collections.deque()
-        self._recv_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._q = _MessageQueue()
         self._reading_paused = False
-        self._ended = False          # on_closed was called
-        self._end_error: Exception | None = None
         self._on_channel = on_channel
         self.channel: Channel | None = None
 
@@ -87,54 +137,43 @@ class ChannelProtocol(TcpP2P):
     def on_recv(self, data: bytes) -> None:
         if self._closed:
             return
-        self._queue.append(data)
-        if len(self._queue) >= self.queue_size and not self._reading_paused:
+        self._q.put(data)
+        if len(self._q.items) >= self.queue_size and not self._reading_paused:
             self._set_reading(False)
-        self._wake_one()
 
     def on_closed(self, exc: Exception | None) -> None:
-        self._ended = True
-        self._end_error = exc
-        while self._recv_waiters:
-            fut = self._recv_waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
+        self._q.end(exc)
 
     # -- used by Channel ------------------------------------------------------------------------
 
+    @property
+    def queued(self) -> int:
+        """Messages received and not yet taken by ``recv``."""
+        return len(self._q.items)
+
+    @property
+    def ended(self) -> bool:
+        """True once the channel is closed (by either side) or lost."""
+        return self._closed or self._q.ended
+
     async def get(self) -> bytes:
         """The next message; cancel-safe (a message is taken only when it is returned)."""
+        q = self._q
         while True:
-            if self._queue:
-                data = self._queue.popleft()
-                if self._reading_paused and len(self._queue) <= self.queue_size // 2:
+            if q.items:
+                data = q.items.popleft()
+                if self._reading_paused and len(q.items) <= self.queue_size // 2:
                     self._set_reading(True)
                 return data
             self._raise_if_done()
-            fut = asyncio.get_running_loop().create_future()
-            self._recv_waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut in self._recv_waiters:
-                    self._recv_waiters.remove(fut)
-                elif fut.done() and not fut.cancelled():
-                    self._wake_one()  # we were woken for a message we will not take: pass it on
-                raise
+            await q.wait()
 
     def _raise_if_done(self) -> None:
-        if self._ended or self._closed:
-            err = self._end_error if self._ended else self._error
+        if self._q.ended or self._closed:
+            err = self._q.error if self._q.ended else self._error
             if err is not None:
                 raise err
             raise ChannelClosed("the channel is closed")
-
-    def _wake_one(self) -> None:
-        while self._recv_waiters:
-            fut = self._recv_waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
 
     def _set_reading(self, on: bool) -> None:
         raw = self._raw
@@ -201,7 +240,7 @@ class Channel:
     @property
     def closed(self) -> bool:
         """True once either side closed the channel or the connection was lost."""
-        return self.protocol._closed or self.protocol._ended
+        return self.protocol.ended
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """The transport's extra info (``peername``, ``sockname``, ...)."""
@@ -216,7 +255,7 @@ class Channel:
         A ``send`` cancelled while waiting may still deliver its message.
         """
         proto = self.protocol
-        if proto._closed or proto._ended:
+        if proto.ended:
             proto._raise_if_done()
         try:
             proto.send(data)
@@ -261,7 +300,7 @@ class Channel:
         if proto.transport is None:
             return
         proto.close()
-        if proto._ended:
+        if proto._q.ended:
             return
         try:
             await asyncio.wait_for(proto.wait_closed(), timeout)
@@ -276,6 +315,120 @@ class Channel:
             self.protocol.transport.abort()
 
     async def __aenter__(self) -> Channel:  # noqa: PYI034
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class DatagramChannelProtocol(UdpP2P):
+    """A UDP client (:class:`UdpP2P`) that queues received datagrams for
+    :class:`DatagramChannel`; when ``queue_size`` datagrams wait, new ones are dropped (and
+    counted in ``dropped``), as a socket buffer would."""
+
+    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None, *,
+                 queue_size: int | None = None):
+        super().__init__(handler, myid, peer_id)
+        if queue_size is None:
+            queue_size = getattr(handler.settings, "channel_queue_size", DEFAULT_QUEUE_SIZE)
+        self.queue_size = max(1, int(queue_size))
+        self.dropped = 0
+        self._q = _MessageQueue()
+
+    def on_recv(self, data: bytes, addr: Any) -> None:
+        if len(self._q.items) >= self.queue_size:
+            self.dropped += 1
+            return
+        self._q.put(data)
+
+    def on_peer_closed(self, peer_id: str, error: Exception | None) -> None:
+        if peer_id == self.peer_id:
+            self._q.end(error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._q.end(self._error)
+
+    @property
+    def ended(self) -> bool:
+        return self._closed or self._q.ended
+
+    async def get(self) -> bytes:
+        q = self._q
+        while True:
+            if q.items:
+                return q.items.popleft()
+            self._raise_if_done()
+            await q.wait()
+
+    def _raise_if_done(self) -> None:
+        if self.ended:
+            err = self._q.error if self._q.ended else self._error
+            if err is not None:
+                raise err
+            raise ChannelClosed("the datagram channel is closed")
+
+
+class DatagramChannel:
+    """Authenticated, encrypted datagrams to one peer over UDP, for ``async``/``await`` code.
+
+    Datagram semantics: one :meth:`send` arrives as one :meth:`recv` or not at all (never
+    twice, never altered), order is not guaranteed, payloads are limited to
+    ``udp_max_payload`` bytes (:class:`~p2psc.MessageTooLarge` above), and there is no flow
+    control: datagrams arriving while ``channel_queue_size`` wait unread are dropped.
+    """
+
+    def __init__(self, protocol: DatagramChannelProtocol):
+        self.protocol = protocol
+
+    def __repr__(self) -> str:
+        return f"<DatagramChannel {self.protocol.myid} <-> {self.peer_id}>"
+
+    @property
+    def peer_id(self) -> str:
+        return self.protocol.peer_id or ""
+
+    @property
+    def closed(self) -> bool:
+        return self.protocol.ended
+
+    @property
+    def max_payload(self) -> int:
+        """The largest payload :meth:`send` accepts."""
+        return int(self.protocol.handler.settings.udp_max_payload)
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams dropped because the receive queue was full."""
+        return self.protocol.dropped
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send one datagram (does not wait: UDP has no flow control)."""
+        proto = self.protocol
+        if proto.ended:
+            proto._raise_if_done()
+        proto.send(data)
+
+    async def recv(self) -> bytes:
+        """The next datagram; cancel-safe. Raises :class:`ChannelClosed` once either side
+        closed the channel, or the error that ended it (e.g. the session's idle expiry)."""
+        return await self.protocol.get()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.protocol.get()
+        except ChannelClosed:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        """Send the authenticated CLOSE to the peer and close the socket."""
+        self.protocol.stop()
+        await asyncio.sleep(0)  # let the transport close
+
+    async def __aenter__(self) -> DatagramChannel:  # noqa: PYI034
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -328,3 +481,21 @@ class ChannelHandlerMixin:
         server: asyncio.AbstractServer = await handler.run_as_server(factory, host=host,
                                                                      port=port)
         return server
+
+    async def open_datagram_channel(self, peer_id: str, *, timeout: float | None = None,
+                                    queue_size: int | None = None) -> DatagramChannel:
+        """Open a UDP session to ``peer_id`` and return a :class:`DatagramChannel` once the
+        handshake is done (``timeout`` bounds it, else ``udp_handshake_timeout`` does)."""
+        handler: Any = self
+        factory = functools.partial(DatagramChannelProtocol, queue_size=queue_size)
+        _, proto = await handler.connect_udp_peer(peer_id, ProtocolClass=factory)
+        try:
+            await asyncio.wait_for(proto.wait_handshaked(), timeout)
+        except asyncio.TimeoutError:
+            proto.stop()
+            raise HandshakeTimeout(f"no UDP handshake with {peer_id} within "
+                                   f"{timeout:g} s") from None
+        except BaseException:
+            proto.stop()
+            raise
+        return DatagramChannel(proto)

@@ -93,7 +93,7 @@ def test_backpressure_slow_reader_bounds_sender(pair: Any, loop_kind: str) -> No
         assert max_buffer <= high + 2 * msg_size
         # the receiver stopped reading: only about queue_size messages (plus what one socket
         # read held) wait in its queue; the rest is in kernel buffers, not in memory we hold
-        assert len(sch.protocol._queue) <= queue_size + 8
+        assert sch.protocol.queued <= queue_size + 8
         assert sch.protocol._reading_paused
         release.set()
         await asyncio.wait_for(task, 30)
@@ -169,8 +169,16 @@ def test_graceful_close_ends_iteration_after_pending_messages(pair: Any, loop_ki
         assert await ch.protocol.wait_closed() is None
         with pytest.raises(ChannelClosed):
             await ch.recv()
-        await client.close()
+        # the server stops: its CLOSE ends the client's iteration cleanly
+        ch2 = await client.open_datagram_channel("server.test", timeout=10)
+        await ch2.send(b"x")
+        assert await asyncio.wait_for(ch2.recv(), 5) == b"recv:x"
         await server.close()
+
+        async def drain() -> list[bytes]:
+            return [m async for m in ch2]
+        assert await asyncio.wait_for(drain(), 5) == []
+        await client.close()
 
     run(main(), loop=loop_kind)
 
@@ -241,3 +249,44 @@ def test_open_channel_errors(pair: Any, tmp_path: Any) -> None:
         await client.close()
 
     run(main())
+
+
+def test_datagram_channel_round_trip_and_close(pair: Any, loop_kind: str) -> None:
+    from p2psc import DatagramChannel, MessageTooLarge
+    from p2psc.udp_p2p import UdpP2P
+
+    class UdpEcho(UdpP2P):
+        def on_recv(self, data: bytes, addr: Any) -> None:
+            self.send(b"recv:" + data, addr)
+
+    async def main() -> None:
+        server_dir, client_dir = pair
+        server = P2PHandler(workdir=server_dir.workdir)
+        transport, _ = await server.run_as_udp_server(UdpEcho, host="127.0.0.1", port=0)
+        point_at(client_dir, server_dir, transport.get_extra_info("sockname")[1])
+        client = P2PHandler(workdir=client_dir.workdir)
+        async with await client.open_datagram_channel("server.test", timeout=10) as ch:
+            assert isinstance(ch, DatagramChannel) and ch.peer_id == "server.test"
+            for i in range(20):
+                await ch.send(b"d%d" % i)
+            got = set()
+            while len(got) < 20:  # loopback does not lose these; order is not promised
+                got.add(await asyncio.wait_for(ch.recv(), 5))
+            assert got == {b"recv:d%d" % i for i in range(20)}
+            with pytest.raises(MessageTooLarge):
+                await ch.send(bytes(ch.max_payload + 1))
+        assert ch.closed
+        with pytest.raises(ChannelClosed):
+            await ch.recv()
+        # the server stops: its CLOSE ends the client's iteration cleanly
+        ch2 = await client.open_datagram_channel("server.test", timeout=10)
+        await ch2.send(b"x")
+        assert await asyncio.wait_for(ch2.recv(), 5) == b"recv:x"
+        await server.close()
+
+        async def drain() -> list[bytes]:
+            return [m async for m in ch2]
+        assert await asyncio.wait_for(drain(), 5) == []
+        await client.close()
+
+    run(main(), loop=loop_kind)
