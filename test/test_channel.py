@@ -169,16 +169,8 @@ def test_graceful_close_ends_iteration_after_pending_messages(pair: Any, loop_ki
         assert await ch.protocol.wait_closed() is None
         with pytest.raises(ChannelClosed):
             await ch.recv()
-        # the server stops: its CLOSE ends the client's iteration cleanly
-        ch2 = await client.open_datagram_channel("server.test", timeout=10)
-        await ch2.send(b"x")
-        assert await asyncio.wait_for(ch2.recv(), 5) == b"recv:x"
-        await server.close()
-
-        async def drain() -> list[bytes]:
-            return [m async for m in ch2]
-        assert await asyncio.wait_for(drain(), 5) == []
         await client.close()
+        await server.close()
 
     run(main(), loop=loop_kind)
 
