@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -55,6 +56,9 @@ class Settings:
     replay_cache_size: int = 65536
     idle_timeout: float = 0.0
     keepalive_interval: float = 0.0
+    #: Accepted connections whose handshake has not completed, at most; when full, the oldest
+    #: is dropped to make room (0: no limit). Bounds what a flood of half-open connections holds.
+    max_pending_handshakes: int = 1024
     allow_key_change: bool = False
     directory_timeout: float = 5.0
     channel_queue_size: int = 64  # messages a Channel buffers before it stops reading
@@ -87,6 +91,12 @@ class Settings:
                     raise ConfigError(f"{where}: {f.name} must be a number, not {value!r}")
                 if isinstance(default, int) and not isinstance(value, int):
                     raise ConfigError(f"{where}: {f.name} must be a whole number, not {value!r}")
+                try:
+                    finite = math.isfinite(value)
+                except OverflowError:  # an int too large for a float
+                    finite = False
+                if not finite:  # NaN would disable every comparison (e.g. the INIT time window)
+                    raise ConfigError(f"{where}: {f.name} must be a finite number, not {value!r}")
                 if value < 0:
                     raise ConfigError(f"{where}: {f.name} must not be negative")
             elif not isinstance(value, str):
@@ -333,7 +343,11 @@ def load_peer_config(conf: Mapping[str, Any]) -> PeerConfig:
         password = os.environ.get("P2PSC_PRIKEY_PASSWORD")
     if password is not None and not isinstance(password, str):
         raise ConfigError(f"{where}: my_prikey_password must be a string")
-    private_key = keys.load_private_key(conf["my_prikey_file"], password.encode() if password else None)
+    try:
+        password_bytes = password.encode("utf-8") if password else None
+    except UnicodeEncodeError:
+        raise ConfigError(f"{where}: my_prikey_password is not valid text") from None
+    private_key = keys.load_private_key(conf["my_prikey_file"], password_bytes)
 
     xconfig = Path(conf["xconfig"])
     me = _parse_address(_read_json(xconfig, "own peer record (xconfig)"), str(xconfig))

@@ -98,6 +98,8 @@ def _read_key_file(path: PathLike, what: str) -> bytes:
         raise ConfigError(f"{p}: {what} file not found") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read {what} file: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL byte or an unencodable character in the path
+        raise ConfigError(f"{path!r}: cannot read {what} file: invalid file name") from None
 
 
 def generate_private_key(bits: int = 3072) -> rsa.RSAPrivateKey:
