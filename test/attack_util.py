@@ -124,7 +124,9 @@ def clone(conn: Connection) -> Connection:
     different inputs."""
     c = copy.copy(conn)
     c._out = []
-    c._buf = bytearray(conn._buf)
+    for name, value in vars(conn).items():  # own buffers (record, held bytes, scratch)
+        if isinstance(value, bytearray):
+            setattr(c, name, bytearray(value))
     if conn._initiator is not None:
         c._initiator = copy.copy(conn._initiator)
     for name in ("_send", "_recv"):
