@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Union
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .buffers import POOL_MIN, BufferPool
@@ -28,7 +29,7 @@ from .keyschedule import next_secret
 from .p2pexcept import (ChannelNotReady, ConnectionLost, CRCError, HandshakeError,
                         MessageTooLarge, P2PError, ProtocolError, StatusError, UnknownPeerError)
 from .replay import InitReplayCache
-from .suites import SUITES_BY_NAME, RecordCipher
+from .suites import SUITES_BY_NAME, AeadCipher, RecordCipher
 
 __all__ = ["Role", "State", "RecordType", "Connection", "HandshakeComplete", "MessageReceived",
            "PeerKeyNeeded", "ConnectionClosed", "Event", "HEADER_LEN"]
@@ -73,7 +74,7 @@ class HandshakeComplete:
     peer_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MessageReceived:
     """One authenticated, decrypted application message."""
 
@@ -104,18 +105,24 @@ _CLOSE_BODY = b""
 class _Direction:
     """One direction's record cipher, sequence number and secret (for key updates)."""
 
-    __slots__ = ("suite", "secret", "cipher", "seq", "since")
+    __slots__ = ("suite", "secret", "cipher", "aead", "iv", "seq", "since")
 
     def __init__(self, result: HandshakeResult, secret: bytes, now: float):
         self.suite = result.suite
         self.secret = secret
-        self.cipher: RecordCipher = result.suite.make_cipher(secret)
+        self._set_cipher(result.suite.make_cipher(secret))
         self.seq = 0
         self.since = now
 
+    def _set_cipher(self, cipher: RecordCipher) -> None:
+        self.cipher = cipher
+        # the AEAD suites' fast path (the record layer calls the AEAD directly)
+        self.aead = cipher.aead if isinstance(cipher, AeadCipher) else None
+        self.iv = cipher.iv if isinstance(cipher, AeadCipher) else 0
+
     def ratchet(self, now: float) -> None:
         self.secret = next_secret(self.secret)
-        self.cipher = self.suite.make_cipher(self.secret)
+        self._set_cipher(self.suite.make_cipher(self.secret))
         self.seq = 0
         self.since = now
 
@@ -374,13 +381,32 @@ class Connection:
             return events
         pos, n = 0, len(view)
         unpack = _HEADER.unpack_from
+        max_body = self._max_data_body
+        append = events.append
         while n - pos >= HEADER_LEN:
             body_len, rtype = unpack(view, pos)
-            if body_len > self._max_data_body or self.state is not State.ESTABLISHED:
+            if body_len > max_body or self.state is not State.ESTABLISHED:
                 self._check_length(body_len)
             end = pos + HEADER_LEN + body_len
             if end > n:
                 break
+            if rtype == _DATA and self.state is State.ESTABLISHED:
+                # the fast path: one application message
+                d = self._recv
+                assert d is not None
+                aead = d.aead
+                if aead is not None:
+                    try:
+                        pt = aead.decrypt((d.iv ^ d.seq).to_bytes(12, "big"),
+                                          view[pos + HEADER_LEN:end], view[pos:pos + HEADER_LEN])
+                    except InvalidTag:
+                        raise CRCError("record failed authentication") from None
+                else:
+                    pt = d.cipher.open(d.seq, view[pos + HEADER_LEN:end], view[pos:pos + HEADER_LEN])
+                d.seq += 1
+                append(MessageReceived(pt))
+                pos = end
+                continue
             ev = self._on_record(rtype, view[pos:pos + HEADER_LEN], view[pos + HEADER_LEN:end])
             pos = end
             if ev is not None:
@@ -467,14 +493,18 @@ class Connection:
         assert d is not None
         if d.seq >= self._rekey_messages or self._monotonic() - d.since >= self._rekey_time:
             self.update_key()
-        n = len(data) + d.cipher.tag_len
-        header = _HEADER.pack(n, _DATA)
-        ct = d.cipher.seal(d.seq, data, header)
+        aead = d.aead
+        if aead is not None:
+            header = _HEADER.pack(len(data) + 16, _DATA)
+            ct = aead.encrypt((d.iv ^ d.seq).to_bytes(12, "big"), data, header)
+        else:
+            header = _HEADER.pack(len(data) + d.cipher.tag_len, _DATA)
+            ct = d.cipher.seal(d.seq, data, header)
         d.seq += 1
         out = self._out
         out.append(header)
         out.append(ct)
-        self._out_size += n + HEADER_LEN
+        self._out_size += len(ct) + HEADER_LEN
 
     def update_key(self) -> None:
         """Send KEY_UPDATE and ratchet our sending key forward."""

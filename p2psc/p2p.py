@@ -303,11 +303,15 @@ class TcpP2P(asyncio.BufferedProtocol):
     # -- internals --------------------------------------------------------------------------
 
     def _dispatch(self, events: list[Any]) -> None:
+        on_recv = self.on_recv
         for ev in events:
             if self._closed:
                 return
             if type(ev) is MessageReceived:
-                self._call_hook(self.on_recv, ev.data)
+                try:
+                    on_recv(ev.data)
+                except Exception:
+                    log.exception("%s: exception in on_recv", self._describe())
             elif type(ev) is HandshakeComplete:
                 self._on_handshake_complete(ev.peer_id)
             elif type(ev) is ConnectionClosed:

@@ -50,19 +50,19 @@ class RecordCipher(Protocol):
 class AeadCipher:
     """AES-GCM or ChaCha20-Poly1305 with a TLS 1.3 style nonce (IV XOR sequence number)."""
 
-    __slots__ = ("_aead", "_iv", "tag_len")
+    __slots__ = ("aead", "iv", "tag_len")
 
     def __init__(self, factory: Callable[[bytes], AESGCM | ChaCha20Poly1305], secret: bytes):
-        self._aead = factory(hkdf_expand(secret, b"key", 32))
-        self._iv = int.from_bytes(hkdf_expand(secret, b"iv", 12), "big")
+        self.aead = factory(hkdf_expand(secret, b"key", 32))
+        self.iv = int.from_bytes(hkdf_expand(secret, b"iv", 12), "big")
         self.tag_len = 16
 
     def seal(self, seq: int, plaintext: bytes | memoryview, aad: bytes) -> bytes:
-        return self._aead.encrypt((self._iv ^ seq).to_bytes(12, "big"), plaintext, aad)
+        return self.aead.encrypt((self.iv ^ seq).to_bytes(12, "big"), plaintext, aad)
 
     def open(self, seq: int, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
         try:
-            return self._aead.decrypt((self._iv ^ seq).to_bytes(12, "big"), ciphertext, aad)
+            return self.aead.decrypt((self.iv ^ seq).to_bytes(12, "big"), ciphertext, aad)
         except InvalidTag:
             raise CRCError("record failed authentication") from None
 
