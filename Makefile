@@ -30,8 +30,10 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
 
+# the parsers under hypothesis in a long mode for FUZZ_SECONDS (test/fuzz.py); not part of `test`
+FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
-	$(BIN)/python -m test.fuzz
+	$(BIN)/python test/fuzz.py $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
