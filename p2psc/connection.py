@@ -160,6 +160,7 @@ class Connection:
         self._recv: _Direction | None = None
         self._result: HandshakeResult | None = None
         self._pending_init: InitMessage | None = None
+        self._derive: Callable[[], HandshakeResult] | None = None
         self._max_data_body = settings.max_message_size + 32  # + the largest tag
         self._rekey_messages = settings.rekey_after_messages
         self._rekey_time = settings.rekey_after_time
@@ -250,14 +251,25 @@ class Connection:
         assert self._responder is not None
         if public_key is None:
             raise UnknownPeerError(f"INIT from unknown peer {init.initiator_id!r}")
-        resp, result = self._responder.accept(init, public_key, self._clock())
+        resp, self._derive = self._responder.respond(init, public_key, self._clock())
         self.peer_id = init.initiator_id
+        self._write_plain(RecordType.RESP, resp)
+        self.state = State.SENT_RESP
+
+    def derive_keys(self) -> None:
+        """Responder: decrypt the key material and derive the keys, if not done yet.
+
+        RESP does not depend on them, so an adapter calls this right after writing RESP and
+        the RSA decryption overlaps RESP's trip; otherwise it happens when FINISHED arrives.
+        """
+        derive, self._derive = self._derive, None
+        if derive is None:
+            return
+        result = derive()
         self._result = result
         now = self._monotonic()
         self._send = _Direction(result, result.secrets.r2i, now)
         self._recv = _Direction(result, result.secrets.i2r, now)
-        self._write_plain(RecordType.RESP, resp)
-        self.state = State.SENT_RESP
 
     def _on_init(self, body: bytes) -> list[Event]:
         assert self._responder is not None
@@ -468,6 +480,7 @@ class Connection:
         if state is State.SENT_INIT and rtype == RecordType.RESP:
             return self._on_resp(bytes(body))[0]
         if state is State.SENT_RESP and rtype == RecordType.FINISHED:
+            self.derive_keys()
             assert self._result is not None
             try:
                 mac = self._open(header, body)
@@ -526,3 +539,4 @@ class Connection:
         self.state = State.CLOSED
         self._send = self._recv = None
         self._result = None
+        self._derive = None

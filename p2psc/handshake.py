@@ -30,6 +30,7 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from cryptography.hazmat.primitives import constant_time
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -276,8 +277,20 @@ class ResponderHandshake:
 
     def accept(self, init: InitMessage, peer_public_key: rsa.RSAPublicKey | None, now: float,
                *, ext: bytes = b"") -> tuple[bytes, HandshakeResult]:
-        """Steps 2-5: the initiator is known, its signature verifies, the INIT is fresh and new;
-        only then is the key material decrypted. Returns the RESP body and the keys."""
+        """Steps 2-5 and the keys at once: see :meth:`respond`."""
+        resp, derive_keys = self.respond(init, peer_public_key, now, ext=ext)
+        return resp, derive_keys()
+
+    def respond(self, init: InitMessage, peer_public_key: rsa.RSAPublicKey | None, now: float,
+                *, ext: bytes = b"") -> tuple[bytes, Callable[[], HandshakeResult]]:
+        """Steps 2-5: the initiator is known, its signature verifies, the INIT is fresh and
+        new. Returns the RESP body, and a function that decrypts the key material and derives
+        the keys, so the caller can send RESP first and decrypt while it travels.
+
+        A key material that does not decrypt is replaced by random bytes (implicit rejection,
+        as TLS does for RSA key transport): the handshake then fails at FINISHED, exactly as
+        with a wrong key, so the outcome of the decryption is never observable on its own.
+        """
         if peer_public_key is None:
             raise UnknownPeerError(f"INIT from unknown peer {init.initiator_id!r}")
         keys.verify(peer_public_key, init.signature, INIT_LABEL + init.signed_part,
@@ -292,9 +305,6 @@ class ResponderHandshake:
         replay_key = init.initiator_id.encode() + b"\x00" + init.nonce
         if not self._replay_cache.check_and_add(replay_key, init.timestamp_ms / 1000, now):
             raise HandshakeError(f"replayed INIT from {init.initiator_id}")
-        key_material = keys.decrypt(self._private_key, init.encrypted_key_material)
-        if key_material is None or len(key_material) != KEY_MATERIAL_LEN:
-            raise HandshakeError("handshake failed")  # one error for every decryption failure
         eph = X25519PrivateKey.generate()
         shared = _x25519(eph, init.ephemeral)
         nonce = os.urandom(NONCE_LEN)
@@ -303,6 +313,15 @@ class ResponderHandshake:
         sig = keys.sign(self._private_key,
                         RESP_LABEL + hashlib.sha256(init.body + signed).digest())
         resp = signed + _encode_var16(sig)
-        th = hashlib.sha256(init.body + resp).digest()
-        secrets = derive_traffic_secrets(key_material, shared, init.nonce, nonce, suite.code, th)
-        return resp, HandshakeResult(init.initiator_id, suite, secrets, th, init.ext)
+        private_key = self._private_key
+
+        def derive_keys() -> HandshakeResult:
+            key_material = keys.decrypt(private_key, init.encrypted_key_material)
+            if key_material is None or len(key_material) != KEY_MATERIAL_LEN:
+                key_material = os.urandom(KEY_MATERIAL_LEN)  # implicit rejection
+            th = hashlib.sha256(init.body + resp).digest()
+            secrets = derive_traffic_secrets(key_material, shared, init.nonce, nonce,
+                                             suite.code, th)
+            return HandshakeResult(init.initiator_id, suite, secrets, th, init.ext)
+
+        return resp, derive_keys

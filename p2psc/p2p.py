@@ -246,6 +246,15 @@ class TcpP2P(asyncio.BufferedProtocol):
             self._dispatch(events)
         if conn._out and self._flush_handle is None:
             self._flush()
+        if conn._derive is not None:
+            self._derive_keys(conn)
+
+    def _derive_keys(self, conn: Connection) -> None:
+        """RESP is on its way: decrypt the key material meanwhile."""
+        try:
+            conn.derive_keys()
+        except P2PError as exc:
+            self._fail(exc)
 
     def data_received(self, data: bytes) -> None:
         """Feed bytes as if read from the socket (the transport itself uses the buffer API)."""
@@ -341,6 +350,8 @@ class TcpP2P(asyncio.BufferedProtocol):
             return
         self._dispatch(events)
         self._flush()
+        if conn._derive is not None:
+            self._derive_keys(conn)
 
     def _on_handshake_complete(self, peer_id: str) -> None:
         self.peer_id = peer_id

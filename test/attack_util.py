@@ -172,6 +172,8 @@ def feed(conn: Connection, data: bytes, *, eof: bool = True,
     except P2PError as exc:
         error = exc
     wrote = joined(conn)
+    if error is None:
+        conn.derive_keys()  # as the adapter does once RESP is written (a no-op otherwise)
     if error is None and eof:
         events += conn.receive_eof()
     return Outcome(events, error, wrote)

@@ -188,9 +188,33 @@ def test_replayed_init_is_refused_by_the_shared_cache() -> None:
 def test_resp_signed_by_the_wrong_key_is_refused() -> None:
     i, r = make_pair(r_key_on_file=rsa_key("not-r"))
     i.initiate()
-    # the responder cannot decrypt key material sealed to another key: generic failure
-    with pytest.raises(HandshakeError, match="^handshake failed$"):
+    assert pump(i, r) == []
+    with pytest.raises(SignCheckError):
+        pump(r, i)
+    assert i.state is State.CLOSED
+
+
+def test_undecryptable_key_material_is_rejected_implicitly_at_finished() -> None:
+    """Key material that does not decrypt is replaced by random bytes: R still answers, and
+    the handshake fails at FINISHED, so the decryption's outcome is never visible alone."""
+    i, r = make_pair(r_key_on_file=rsa_key("not-r"))  # I encrypts to the wrong key
+    i.initiate()
+    assert pump(i, r) == []
+    assert r.state is State.SENT_RESP
+    i._initiator._peer_public_key = rsa_key("r").public_key()  # type: ignore[union-attr]
+    assert pump(r, i) == [HandshakeComplete("r.test")]
+    with pytest.raises(HandshakeError, match="FINISHED"):
         pump(i, r)
+
+
+def test_responder_keys_may_be_derived_before_finished_arrives() -> None:
+    i, r = make_pair()
+    i.initiate()
+    pump(i, r)
+    r.derive_keys()  # what the adapter does right after writing RESP
+    assert r._derive is None
+    assert pump(r, i) == [HandshakeComplete("r.test")]
+    assert pump(i, r) == [HandshakeComplete("i.test")]
 
 
 def test_resp_with_another_suite_is_a_downgrade_and_refused() -> None:
