@@ -558,9 +558,10 @@ class UdpEndpoint:
         first authenticated datagram."""
         peer = s.peer_id
         old = s.replaces
-        rekey = old is not None and old.state is State.ESTABLISHED and not old.retired
-        if rekey:
-            assert old is not None
+        # a rekey even when `old` was retired meanwhile: both sides may rekey at once, and
+        # then two new sessions replace the same old one (the application hears of neither)
+        rekey = old is not None
+        if old is not None and old.state is State.ESTABLISHED and not old.retired:
             old.retired = True
             old.rekeying = None
             if self.by_addr.get(old.addr) is old:

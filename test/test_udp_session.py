@@ -326,6 +326,28 @@ def test_rekey_after_time(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [d[0] for d in net.a_out()] == [T_INIT]
 
 
+def test_simultaneous_rekeys_are_not_new_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ends start a rekey before either INIT arrives (the responder's later deadline
+    passed too, e.g. under load): each side hears of rekeys only, never of a new peer."""
+    net = Net(monkeypatch, rekey_after_time=30.0)
+    net.established()
+    net.tick(34.0)  # past the initiator's deadline (30 s) and the responder's (33 s)
+    in_flight = [send_a(net, b"from a")]
+    r = net.b.send("a.test", b"from b", net.now)
+    assert r is not None
+    init_a, init_b = net.a_out(), net.b_out()
+    assert [d[0] for d in init_a] == [T_INIT] and [d[0] for d, _ in init_b] == [T_INIT]
+    # the two INITs cross on the wire
+    net.to_b(init_a)
+    net.to_a(init_b)
+    net.pump()
+    assert net.to_b(in_flight) == [b"from a"]
+    assert net.to_a([r]) == [b"from b"]
+    events = net.a.take_events() + net.b.take_events()
+    assert events and all(isinstance(e, HandshakeComplete) and e.rekey for e in events)
+    assert net.to_b([send_a(net, b"after")]) == [b"after"]
+
+
 def test_idle_expiry_and_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     net = Net(monkeypatch, udp_session_idle_timeout=60.0)
     net.established()
