@@ -88,6 +88,7 @@ class TcpP2P(asyncio.BufferedProtocol):
         self.transport: SecureTransport | None = None
         self._raw: asyncio.Transport | None = None
         self._conn: Connection | None = None
+        self._prepared: Connection | None = None  # an initiator's connection made in advance
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -213,15 +214,17 @@ class TcpP2P(asyncio.BufferedProtocol):
         handler = self.handler
         role = Role.INITIATOR if self.peer_id is not None else Role.RESPONDER
         try:
-            self._conn = handler._new_connection(role, self.peer_id)
+            conn = self._prepared or handler._new_connection(role, self.peer_id)
         except P2PError as exc:
             self._fail(exc)
             return
+        self._conn, self._prepared = conn, None
         handler._register(self)
         self._timer = self._loop.call_later(handler.settings.handshake_timeout,
                                             self._on_handshake_timeout)
         if role is Role.INITIATOR:
-            self._conn.initiate()
+            if conn.state is State.IDLE:
+                conn.initiate()
             self._flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -13,7 +13,7 @@ from .config import (PeerAddress, PeerConfig, Settings, config_from_appublic, lo
                      read_config_file)
 from .channel import ChannelHandlerMixin
 from .buffers import BufferPool
-from .connection import SCRATCH_SIZE, Connection, Role
+from .connection import SCRATCH_SIZE, Connection, Role, State
 from .p2p import TcpP2P
 from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
 from .p2pexcept import (ConfigError, DirectoryError, HandshakeError, P2PError, StatusError,
@@ -106,11 +106,8 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
         """Connect to a known peer and start the handshake; returns ``(transport, protocol)``
         as ``loop.create_connection`` does (``await protocol.wait_handshaked()`` to wait for it)."""
         addr, _key = await self._resolve_peer(peer_id)
-        loop = asyncio.get_running_loop()
-        myid = self.get_myid()
         try:
-            transport, protocol = await loop.create_connection(
-                lambda: ProtocolClass(self, myid, peer_id), addr.host, addr.port)
+            transport, protocol = await self._open_tcp(ProtocolClass, peer_id, addr.host, addr.port)
         except OSError as exc:
             if self.config.find_peer_info_url is None:
                 raise
@@ -120,8 +117,28 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             new_addr, _key = await self._resolve_peer(peer_id, refresh=True)
             if (new_addr.host, new_addr.port) == (addr.host, addr.port):
                 raise
-            transport, protocol = await loop.create_connection(
-                lambda: ProtocolClass(self, myid, peer_id), new_addr.host, new_addr.port)
+            transport, protocol = await self._open_tcp(ProtocolClass, peer_id, new_addr.host,
+                                                       new_addr.port)
+        return transport, protocol
+
+    async def _open_tcp(self, ProtocolClass: Callable[..., P], peer_id: str, host: str,
+                        port: int) -> tuple[asyncio.Transport, P]:
+        """Connect, signing INIT while the TCP handshake is under way (it costs one RSA
+        private operation, about as long as a connect on a LAN)."""
+        loop = asyncio.get_running_loop()
+        myid = self.get_myid()
+        conn = self._new_connection(Role.INITIATOR, peer_id)
+
+        def factory() -> P:
+            protocol = ProtocolClass(self, myid, peer_id)
+            protocol._prepared = conn
+            return protocol
+
+        task = loop.create_task(loop.create_connection(factory, host, port))
+        await asyncio.sleep(0)  # the connect has started (or failed)
+        if not task.done() and conn.state is State.IDLE:
+            conn.initiate()
+        transport, protocol = await task
         return transport, protocol  # type: ignore[return-value]
 
     async def close(self) -> None:
