@@ -102,6 +102,10 @@ _DATA = RecordType.DATA
 _CLOSE_BODY = b""
 
 
+def _no_lookup(_peer_id: str) -> None:
+    return None
+
+
 class _Direction:
     """One direction's record cipher, sequence number and secret (for key updates)."""
 
@@ -130,6 +134,13 @@ class _Direction:
 class Connection:
     """One TCP connection's protocol state, either role."""
 
+    __slots__ = (
+        "role", "my_id", "settings", "peer_id", "state", "_clock", "_monotonic", "_key_lookup",
+        "_out", "_out_size", "_buf", "_fill", "_need", "_held", "_pool", "_scratch",
+        "_in_scratch", "_send", "_recv", "_result", "_suite_name", "_pending_init", "_derive",
+        "_max_data_body", "_rekey_messages", "_rekey_time", "_initiator", "_responder",
+    )
+
     def __init__(self, role: Role, my_id: str, private_key: rsa.RSAPrivateKey, settings: Settings,
                  *, peer_id: str | None = None, peer_public_key: rsa.RSAPublicKey | None = None,
                  key_lookup: Callable[[str], rsa.RSAPublicKey | None] | None = None,
@@ -144,21 +155,22 @@ class Connection:
         self.state = State.IDLE
         self._clock = clock
         self._monotonic = monotonic
-        self._key_lookup = key_lookup or (lambda _pid: None)
+        self._key_lookup = key_lookup or _no_lookup
         self._out: list[bytes] = []
         self._out_size = 0
         # receive side: the incomplete record (or header fragment) and how much of it is filled;
         # complete records are handled straight from the (shareable) scratch buffer
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._fill = 0
         self._need = 0  # the size of the incomplete record once its header is known
-        self._held = bytearray()
+        self._held: bytes | bytearray = b""
         self._pool = pool
         self._scratch = scratch
         self._in_scratch = 0
         self._send: _Direction | None = None
         self._recv: _Direction | None = None
-        self._result: HandshakeResult | None = None
+        self._result: HandshakeResult | None = None  # only until the handshake completes
+        self._suite_name: str | None = None
         self._pending_init: InitMessage | None = None
         self._derive: Callable[[], HandshakeResult] | None = None
         self._max_data_body = settings.max_message_size + 32  # + the largest tag
@@ -187,7 +199,7 @@ class Connection:
 
     @property
     def suite_name(self) -> str | None:
-        return self._result.suite.name if self._result else None
+        return self._suite_name
 
     # -- output -----------------------------------------------------------------------------
 
@@ -238,7 +250,7 @@ class Connection:
         try:
             self._accept_init(init, public_key)
             # records that arrived while we waited
-            held, self._held = bytes(self._held), bytearray()
+            held, self._held = bytes(self._held), b""
             if held:
                 with memoryview(held) as view:
                     events.extend(self._process(view))
@@ -285,14 +297,20 @@ class Connection:
     def _on_resp(self, body: bytes) -> list[Event]:
         assert self._initiator is not None
         result = self._initiator.receive_resp(body)
-        self._initiator = None
-        self._result = result
         now = self._monotonic()
         self._send = _Direction(result, result.secrets.i2r, now)
         self._recv = _Direction(result, result.secrets.r2i, now)
-        self.state = State.ESTABLISHED
         self._write_sealed(RecordType.FINISHED, result.finished_mac())
+        self._established(result)
         return [HandshakeComplete(result.peer_id)]
+
+    def _established(self, result: HandshakeResult) -> None:
+        """Keep only what the record layer needs: the handshake's state and secrets go."""
+        self.state = State.ESTABLISHED
+        self._suite_name = result.suite.name
+        self._initiator = self._responder = None
+        self._result = None
+        self._key_lookup = _no_lookup
 
     # -- input ------------------------------------------------------------------------------
 
@@ -328,7 +346,7 @@ class Connection:
                 if self._fill < need:
                     return []
                 record = self._buf
-                self._buf, self._fill, self._need = bytearray(), 0, 0
+                self._buf, self._fill, self._need = b"", 0, 0
                 with memoryview(record) as whole:
                     with whole[:need] as view:
                         events = self._process(view)
@@ -337,7 +355,7 @@ class Connection:
                 return events
             n = self._in_scratch + nbytes
             self._in_scratch = 0
-            self._buf, self._fill = bytearray(), 0
+            self._buf, self._fill = b"", 0
             assert self._scratch is not None
             with memoryview(self._scratch) as scratch:
                 with scratch[:n] as view:
@@ -447,6 +465,8 @@ class Connection:
         """Keep bytes that arrive while the peer's key is being looked up (bounded)."""
         if len(self._held) + len(data) > MAX_HELD_WHILE_AWAITING_KEY:
             raise ProtocolError("too much data before the handshake completed")
+        if not isinstance(self._held, bytearray):
+            self._held = bytearray(self._held)
         self._held += data
 
     def _open(self, header: memoryview, body: memoryview) -> bytes:
@@ -481,14 +501,15 @@ class Connection:
             return self._on_resp(bytes(body))[0]
         if state is State.SENT_RESP and rtype == RecordType.FINISHED:
             self.derive_keys()
-            assert self._result is not None
+            result = self._result
+            assert result is not None
             try:
                 mac = self._open(header, body)
             except CRCError:
                 raise HandshakeError("FINISHED failed authentication") from None
-            self._result.check_finished(mac)
-            self.state = State.ESTABLISHED
-            return HandshakeComplete(self._result.peer_id)
+            result.check_finished(mac)
+            self._established(result)
+            return HandshakeComplete(result.peer_id)
         raise ProtocolError(f"unexpected record type {rtype:#x} in state {state.value}")
 
     # -- application data -------------------------------------------------------------------

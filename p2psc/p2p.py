@@ -81,6 +81,15 @@ class TcpP2P(asyncio.BufferedProtocol):
     :class:`ChannelNotReady`); the queue is flushed, in order, when the handshake completes.
     """
 
+    # slots keep an idle connection small; subclasses may still add attributes of their own
+    __slots__ = (
+        "__weakref__", "handler", "myid", "peer_id", "transport", "_raw", "_conn", "_prepared",
+        "_loop", "_pending", "_pending_bytes", "_flush_handle", "_timer", "_handshaked",
+        "_error", "_closed", "_waiters", "_paused", "_drain_waiters", "_lookup_task",
+        "_peername", "_got_data", "_lost", "_closed_waiters", "_last_recv", "_last_send",
+        "_tick", "_liveness",
+    )
+
     def __init__(self, handler: "P2PHandler", myid: str, peer_id: str | None = None):
         self.handler = handler
         self.myid = myid
@@ -90,22 +99,21 @@ class TcpP2P(asyncio.BufferedProtocol):
         self._conn: Connection | None = None
         self._prepared: Connection | None = None  # an initiator's connection made in advance
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] | None = None  # a list once needed
         self._pending_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._handshaked = False
         self._error: P2PError | None = None
         self._closed = False
-        self._close_reason_set = False
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[None]] | None = None  # a list once needed
         self._paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._drain_waiters: list[asyncio.Future[None]] | None = None  # a list once needed
         self._lookup_task: asyncio.Task[None] | None = None
         self._peername: Any = None
         self._got_data = False
         self._lost = False
-        self._closed_waiters: list[asyncio.Future[Exception | None]] = []
+        self._closed_waiters: list[asyncio.Future[Exception | None]] | None = None
         self._last_recv = 0.0
         self._last_send = 0.0
         self._tick: asyncio.TimerHandle | None = None
@@ -154,10 +162,12 @@ class TcpP2P(asyncio.BufferedProtocol):
         if len(data) > settings.max_message_size:
             raise MessageTooLarge(f"message of {len(data)} bytes is over the "
                                   f"{settings.max_message_size}-byte limit")
-        if (len(self._pending) >= settings.pending_max_messages
+        if (len(self._pending or ()) >= settings.pending_max_messages
                 or self._pending_bytes + len(data) > settings.pending_max_bytes):
             raise ChannelNotReady("the handshake has not completed and the pre-handshake queue "
                                   "is full")
+        if self._pending is None:
+            self._pending = []
         self._pending.append(bytes(data))
         self._pending_bytes += len(data)
 
@@ -171,6 +181,8 @@ class TcpP2P(asyncio.BufferedProtocol):
         if self._closed:
             raise HandshakeError("the connection closed before the handshake completed")
         fut = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
         self._waiters.append(fut)
         await fut
 
@@ -180,6 +192,8 @@ class TcpP2P(asyncio.BufferedProtocol):
         if self._lost:
             return self._error
         fut = asyncio.get_running_loop().create_future()
+        if self._closed_waiters is None:
+            self._closed_waiters = []
         self._closed_waiters.append(fut)
         return await fut  # type: ignore[no-any-return]
 
@@ -190,6 +204,8 @@ class TcpP2P(asyncio.BufferedProtocol):
         if not self._paused:
             return
         fut = asyncio.get_running_loop().create_future()
+        if self._drain_waiters is None:
+            self._drain_waiters = []
         self._drain_waiters.append(fut)
         await fut
 
@@ -290,27 +306,27 @@ class TcpP2P(asyncio.BufferedProtocol):
                 err = HandshakeError("the connection closed before the handshake completed")
             self._set_closed(err)
         self._conn = None
-        for fut in self._drain_waiters:
+        for fut in self._drain_waiters or ():
             if not fut.done():
                 fut.set_exception(self._error or ChannelNotReady("the connection is closed"))
-        self._drain_waiters.clear()
+        self._drain_waiters = None
         self.handler._unregister(self)
         self._lost = True
         self._call_hook(self.on_closed, self._error)
-        for waiter in self._closed_waiters:
+        for waiter in self._closed_waiters or ():
             if not waiter.done():
                 waiter.set_result(self._error)
-        self._closed_waiters.clear()
+        self._closed_waiters = None
 
     def pause_writing(self) -> None:
         self._paused = True
 
     def resume_writing(self) -> None:
         self._paused = False
-        for fut in self._drain_waiters:
+        for fut in self._drain_waiters or ():
             if not fut.done():
                 fut.set_result(None)
-        self._drain_waiters.clear()
+        self._drain_waiters = None
 
     # -- internals --------------------------------------------------------------------------
 
@@ -364,15 +380,15 @@ class TcpP2P(asyncio.BufferedProtocol):
             self._timer = None
         conn = self._conn
         assert conn is not None
-        for data in self._pending:
+        for data in self._pending or ():
             conn.send(data)
-        self._pending.clear()
+        self._pending = None
         self._pending_bytes = 0
         self.handler._on_handshaked(self)
-        for fut in self._waiters:
+        for fut in self._waiters or ():
             if not fut.done():
                 fut.set_result(None)
-        self._waiters.clear()
+        self._waiters = None
         log.debug("%s: handshake complete (%s)", self._describe(), conn.suite_name)
         self._start_liveness_timer()
         self._call_hook(self.on_handshaked)
@@ -462,12 +478,12 @@ class TcpP2P(asyncio.BufferedProtocol):
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
-        self._pending.clear()
-        for fut in self._waiters:  # only waiting while the handshake is not complete
+        self._pending = None
+        for fut in self._waiters or ():  # only waiting while the handshake is not complete
             if not fut.done():
                 fut.set_exception(error or HandshakeError("the connection closed before the "
                                                           "handshake completed"))
-        self._waiters.clear()
+        self._waiters = None
 
     def _call_hook(self, hook: Any, *args: Any) -> None:
         try:

@@ -124,7 +124,8 @@ def clone(conn: Connection) -> Connection:
     different inputs."""
     c = copy.copy(conn)
     c._out = []
-    for name, value in vars(conn).items():  # own buffers (record, held bytes, scratch)
+    for name in type(conn).__slots__:  # own buffers (record, held bytes, scratch)
+        value = getattr(conn, name, None)
         if isinstance(value, bytearray):
             setattr(c, name, bytearray(value))
     if conn._initiator is not None:

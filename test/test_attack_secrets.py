@@ -15,7 +15,7 @@ import pytest
 
 from attack_util import (Client, RecordHook, clone, feed, recorder, run_session, wait_until)
 from conftest import TcpProxy, make_peer, point_at, rsa_key, run, server_port
-from p2psc import keys
+from p2psc import handshake, keys
 from p2psc.config import load_peer_config, read_config_file
 from p2psc.connection import HEADER_LEN, Connection, _Direction
 from p2psc.keyschedule import TrafficSecrets
@@ -49,7 +49,8 @@ def _logged_text(caplog: pytest.LogCaptureFixture) -> str:
 
 
 def test_no_private_key_or_session_secret_is_logged(pair: Any, tmp_path: Any,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+                                                    caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """At DEBUG, through a successful handshake and exchange, a peer with the wrong key, a
     forged record, a failing hook and config errors (wrong password, bad key file): no form
     of a private key, a password or a traffic secret appears in any log record."""
@@ -57,12 +58,17 @@ def test_no_private_key_or_session_secret_is_logged(pair: Any, tmp_path: Any,
     caplog.set_level(logging.DEBUG)
     secrets: list[bytes] = []
 
+    real_derive = handshake.derive_traffic_secrets
+
+    def grab_secrets(*args: Any) -> Any:
+        res = real_derive(*args)
+        secrets.extend([res.i2r, res.r2i, res.finished_key, args[-1]])  # + transcript hash
+        return res
+
+    monkeypatch.setattr(handshake, "derive_traffic_secrets", grab_secrets)
+
     class Grab(Client):
-        def on_handshaked(self) -> None:
-            super().on_handshaked()
-            res = self._conn._result  # type: ignore[union-attr]
-            secrets.extend([res.secrets.i2r, res.secrets.r2i, res.secrets.finished_key,
-                            res.transcript_hash])
+        pass
 
         def on_recv(self, data: bytes) -> None:
             super().on_recv(data)
@@ -118,7 +124,7 @@ def test_no_private_key_or_session_secret_is_logged(pair: Any, tmp_path: Any,
 
     text = _logged_text(caplog)
     assert "CRCError" in text and "SignCheckError" in text and "failing application hook" in text
-    assert len(secrets) == 4
+    assert len(secrets) == 8  # the client's and the server's derivations
     needles = [n for k in (server_dir.key, client_dir.key, enc.key) for n in _secret_needles(k)]
     needles += [n for s in secrets for n in _bytes_needles(s)]
     needles += [password, "wrong password 7c1d"]
