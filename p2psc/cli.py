@@ -177,7 +177,25 @@ def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) ->
         fut.set_result(result)
 
 
-def _write_all(out: IO[bytes], data: bytes, flush: bool) -> None:
+class _RawOut:
+    """stdout written with ``os.write`` on its descriptor: nothing buffered in Python, and no
+    lock that a worker thread blocked on a full pipe could hold at interpreter exit."""
+
+    def __init__(self, stream: IO[str]):
+        stream.flush()
+        self.fd = stream.fileno()
+
+    def write(self, data: bytes) -> None:
+        with memoryview(data) as mv:
+            pos = 0
+            while pos < len(mv):
+                pos += os.write(self.fd, mv[pos:])
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+def _write_all(out: Any, data: bytes, flush: bool) -> None:
     out.write(data)
     if flush:
         out.flush()
@@ -348,7 +366,7 @@ async def _listen_udp(args: argparse.Namespace, handler: Any) -> int:
     from .udp_p2p import UdpP2P
 
     io = _Worker()
-    out = sys.stdout.buffer
+    out = _RawOut(sys.stdout)
     stop: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def finish(code: int) -> None:
@@ -402,7 +420,7 @@ async def _listen(args: argparse.Namespace) -> int:
     if args.udp:
         return await _listen_udp(args, handler)
     io = _Worker()
-    out = sys.stdout.buffer
+    out = _RawOut(sys.stdout)
     stop: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def finish(code: int) -> None:
@@ -467,8 +485,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
 def _read_chunk(src: IO[bytes], size: int, regular: bool) -> bytes:
     if regular:
         return src.read(size)
-    read1 = getattr(src, "read1", None)  # a pipe or terminal: what is there, up to size
-    return read1(size) if read1 is not None else src.read(size)
+    # a pipe or terminal: what is there, up to size; os.read takes no lock that could
+    # block interpreter exit while this daemon thread waits on a terminal
+    return os.read(src.fileno(), size)
 
 
 def _open_source(name: str | None) -> tuple[IO[bytes], bool]:
@@ -494,7 +513,7 @@ async def _send(args: argparse.Namespace, src: IO[bytes]) -> int:
                     if sys.stderr.isatty() and not args.quiet else None)
         io, out_io = _Worker(), _Worker()
         ch = await _open(handler, args.peer_id, args.timeout)
-        out = sys.stdout.buffer
+        out = _RawOut(sys.stdout)
 
         async def replies() -> bool:
             """Write what comes back (with --recv); True when the peer ended the transfer."""
@@ -669,7 +688,10 @@ def _run(coro: Coroutine[Any, Any, int], args: argparse.Namespace) -> int:
             return await coro
         except asyncio.CancelledError:
             if interrupted:
-                return int(getattr(args, "interrupt_code", EXIT_FAIL))
+                code = int(getattr(args, "interrupt_code", EXIT_FAIL))
+                if code != EXIT_OK:
+                    print(f"{PROG}: interrupted", file=sys.stderr)
+                return code
             raise
 
     try:
