@@ -335,7 +335,9 @@ class Connection:
         events they complete.
 
         Raises a :class:`P2PError` subclass when the peer breaks the protocol; the
-        connection is then closed and must be dropped.
+        connection is then closed and must be dropped. The events completed before the
+        error (messages that authenticated, in order) are in the exception's ``events``:
+        deliver them before reporting the error.
         """
         if self.state is State.CLOSED:
             return []
@@ -375,7 +377,11 @@ class Connection:
                 buf[:k] = mv[pos:pos + k]
                 buf.release()
                 pos += k
-                events += self.buffer_updated(k)
+                try:
+                    events += self.buffer_updated(k)
+                except P2PError as exc:
+                    exc.events = events + getattr(exc, "events", [])  # type: ignore[attr-defined]
+                    raise
         return events
 
     @property
@@ -404,11 +410,23 @@ class Connection:
             raise ProtocolError(f"handshake record of {body_len} bytes is too large")
 
     def _process(self, view: memoryview) -> list[Event]:
-        """Handle every complete record in ``view``; keep what is left for the next read."""
+        """Handle every complete record in ``view``; keep what is left for the next read.
+
+        On an error, the events completed before it (authentic messages that came first) are
+        attached to the exception as ``events``.
+        """
         events: list[Event] = []
+        try:
+            self._records(view, events)
+        except P2PError as exc:
+            exc.events = events  # type: ignore[attr-defined]
+            raise
+        return events
+
+    def _records(self, view: memoryview, events: list[Event]) -> None:
         if self.state is State.AWAIT_PEER_KEY:
             self._hold(view)
-            return events
+            return
         pos, n = 0, len(view)
         unpack = _HEADER.unpack_from
         max_body = self._max_data_body
@@ -443,10 +461,10 @@ class Connection:
                 events.append(ev)
             state = self.state
             if state is State.CLOSED:
-                return events
+                return
             if state is State.AWAIT_PEER_KEY:
                 self._hold(view[pos:])
-                return events
+                return
         rest = n - pos
         if rest >= HEADER_LEN:  # an incomplete record: a buffer for the whole of it
             need = HEADER_LEN + _HEADER.unpack_from(view, pos)[0]  # (length checked above)
@@ -459,7 +477,6 @@ class Connection:
         elif rest:
             self._buf = bytearray(view[pos:])
             self._fill = rest
-        return events
 
     def _hold(self, data: memoryview) -> None:
         """Keep bytes that arrive while the peer's key is being looked up (bounded)."""

@@ -259,6 +259,9 @@ class TcpP2P(asyncio.BufferedProtocol):
         try:
             events = conn.buffer_updated(nbytes)
         except P2PError as exc:
+            before = getattr(exc, "events", None)
+            if before:  # authentic messages that came before the bad record
+                self._dispatch(before)
             self._fail(exc)
             return
         if events:
@@ -365,6 +368,9 @@ class TcpP2P(asyncio.BufferedProtocol):
         try:
             events = conn.provide_peer_key(key)
         except P2PError as exc:
+            before = getattr(exc, "events", None)
+            if before:
+                self._dispatch(before)
             self._fail(exc)
             return
         self._dispatch(events)

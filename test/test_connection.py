@@ -314,3 +314,19 @@ def test_parsers_refuse_truncated_and_trailing_bytes() -> None:
             hs.parse_init(body[:cut])
     with pytest.raises(ProtocolError, match="trailing"):
         hs.parse_init(body + b"\0")
+
+
+def test_messages_before_a_forged_record_come_with_the_error() -> None:
+    """Authentic records that precede a forged one in the same read are not lost: the error
+    carries them (``exc.events``), so delivery does not depend on how reads are split."""
+    i, r = make_pair()
+    handshake(i, r)
+    i.send(b"one")
+    i.send(b"two")
+    i.send(b"three")
+    stream = bytearray(b"".join(i.data_to_send()))
+    stream[-1] ^= 1  # the last record is forged
+    with pytest.raises(CRCError) as info:
+        r.receive_data(bytes(stream))
+    assert info.value.events == [MessageReceived(b"one"), MessageReceived(b"two")]  # type: ignore[attr-defined]
+    assert r.state is State.CLOSED
