@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .connection import (Connection, ConnectionClosed, HandshakeComplete, MessageReceived,
                          PeerKeyNeeded, Role, State)
 from .p2pexcept import (ChannelNotReady, ConnectionLost, HandshakeError, HandshakeTimeout,
-                        InvalidDataType, MessageTooLarge, P2PError)
+                        InvalidDataType, MessageTooLarge, P2PError, StatusError)
 
 if TYPE_CHECKING:
     from .p2phandler import P2PHandler
@@ -58,8 +58,30 @@ class SecureTransport:
         """The underlying asyncio transport (writing to it directly breaks the channel)."""
         return self._transport
 
-    def __getattr__(self, name: str) -> Any:  # pause_reading, get_write_buffer_size, ...
-        return getattr(self._transport, name)
+    def writelines(self, list_of_data: Any) -> None:
+        """Send each item as one encrypted message."""
+        for data in list_of_data:
+            self._protocol.send(data)
+
+    def can_write_eof(self) -> bool:
+        """False: a half-close would end the stream without the authenticated CLOSE."""
+        return False
+
+    def write_eof(self) -> None:
+        raise StatusError("p2psc channels do not half-close; use close()")
+
+    def __getattr__(self, name: str) -> Any:
+        # only what cannot put bytes on the wire: anything else would bypass the encryption
+        if name in _PASSTHROUGH:
+            return getattr(self._transport, name)
+        raise AttributeError(f"{type(self).__name__} has no {name!r} (the raw asyncio transport "
+                             "is .raw; writing to it directly sends unencrypted bytes)")
+
+
+_PASSTHROUGH = frozenset({
+    "pause_reading", "resume_reading", "is_reading", "get_write_buffer_size",
+    "get_write_buffer_limits", "set_write_buffer_limits", "get_protocol",
+})
 
 
 #: Unsent records past this size are written at once rather than at the end of the event-loop

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import TcpProxy, point_at, run, server_port
 from p2psc.p2p import TcpP2P
-from p2psc.p2pexcept import (ChannelNotReady, InvalidDataType, MessageTooLarge, UnknownPeerError)
+from p2psc.p2pexcept import (ChannelNotReady, InvalidDataType, MessageTooLarge, StatusError,
+                             UnknownPeerError)
 from p2psc.p2phandler import P2PHandler
 
 
@@ -291,6 +292,39 @@ def test_wait_closed_reports_a_clean_close_on_both_sides(pair: Any) -> None:
         assert await asyncio.wait_for(proto.wait_closed(), 5) is None
         assert await asyncio.wait_for(accepted[0].wait_closed(), 5) is None
         assert await proto.wait_closed() is None  # also after the fact
+        await server.close()
+
+    run(main())
+
+
+def test_transport_wrapper_never_writes_plaintext(pair: Any) -> None:
+    """``self.transport`` encrypts what it writes and exposes no raw write path."""
+    server_dir, client_dir = pair
+
+    async def main() -> None:
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=Echo)
+        point_at(client_dir, server_dir, server_port(server))
+        client = P2PHandler(workdir=client_dir.workdir)
+
+        class C(Collector):
+            expected = 3
+
+        _, proto = await client.connect_peer("server.test", ProtocolClass=C)
+        await proto.wait_handshaked()
+        tr = proto.transport
+        tr.write(b"one")
+        tr.writelines([b"two", bytearray(b"three")])
+        await asyncio.wait_for(proto.done, 5)
+        assert proto.received == [b"recv:one", b"recv:two", b"recv:three"]
+        assert tr.can_write_eof() is False
+        with pytest.raises(StatusError):
+            tr.write_eof()
+        for name in ("sendfile", "set_protocol", "_sock"):
+            with pytest.raises(AttributeError, match="unencrypted"):
+                getattr(tr, name)
+        assert tr.get_write_buffer_size() >= 0 and tr.get_extra_info("peername")[0] == "127.0.0.1"
+        await client.close()
         await server.close()
 
     run(main())
