@@ -3,7 +3,7 @@ datagram counters (RFC 6479 style) used by UDP sessions."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import heapq
 
 __all__ = ["InitReplayCache", "ReplayWindow"]
 
@@ -12,15 +12,18 @@ class InitReplayCache:
     """Remembers the INITs accepted within the timestamp window, bounded in size.
 
     An entry expires when its INIT's timestamp leaves the window (a replay is then refused as
-    stale). When the cache is full the oldest entry is evicted and its timestamp becomes a
-    floor: every INIT at or below the floor is refused, so an evicted INIT can never be
-    replayed. Only INITs whose signature verified are added, so filling it needs a known key.
+    stale). When the cache is full the entry with the lowest timestamp is evicted and its
+    timestamp becomes a floor: every INIT at or below the floor is refused, so an evicted
+    INIT can never be replayed. Evicting the lowest timestamp keeps the floor below every
+    INIT still cached, so a peer whose clock runs ahead cannot raise it for everyone. Only
+    INITs whose signature verified are added, so filling it needs a known key.
     """
 
     def __init__(self, max_entries: int = 65536, window: float = 120.0):
         self.max_entries = max(1, max_entries)
         self.window = window
-        self._entries: OrderedDict[bytes, float] = OrderedDict()
+        self._entries: dict[bytes, float] = {}
+        self._by_time: list[tuple[float, bytes]] = []  # a heap: the lowest timestamp first
         self._floor = float("-inf")
 
     def __len__(self) -> int:
@@ -28,17 +31,16 @@ class InitReplayCache:
 
     def check_and_add(self, key: bytes, timestamp: float, now: float) -> bool:
         """True (and remembered) when this INIT was not seen; False for a replay."""
-        entries = self._entries
-        while entries:
-            oldest_key, oldest_ts = next(iter(entries.items()))
-            if oldest_ts + self.window >= now:
-                break
-            del entries[oldest_key]
+        entries, by_time = self._entries, self._by_time
+        while by_time and by_time[0][0] + self.window < now:
+            del entries[heapq.heappop(by_time)[1]]
         if timestamp <= self._floor or key in entries:
             return False
         entries[key] = timestamp
+        heapq.heappush(by_time, (timestamp, key))
         while len(entries) > self.max_entries:
-            _, evicted_ts = entries.popitem(last=False)
+            evicted_ts, evicted_key = heapq.heappop(by_time)
+            del entries[evicted_key]
             self._floor = max(self._floor, evicted_ts)
         return True
 

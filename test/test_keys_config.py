@@ -175,6 +175,18 @@ def test_settings_defaults_are_sane() -> None:
     assert s.timestamp_window == 120.0 and s.rekey_after_time == 600.0
 
 
+def test_init_replay_cache_floor_never_passes_a_cached_timestamp() -> None:
+    """Review finding: with insertion-order eviction one INIT dated ahead (allowed up to
+    +window) became the floor when evicted and blocked every INIT for up to the window."""
+    c = InitReplayCache(max_entries=3, window=120)
+    now = 1000.0
+    assert c.check_and_add(b"fast clock", now + 110, now)
+    for k in (b"a", b"b", b"c"):
+        assert c.check_and_add(k, now, now)
+    assert c.check_and_add(b"fresh", now + 1, now)  # the floor is `now`, not now + 110
+    assert not c.check_and_add(b"a", now, now)
+
+
 def test_init_replay_cache_expiry_and_bounded_size() -> None:
     c = InitReplayCache(max_entries=3, window=10)
     assert c.check_and_add(b"a", 100, 100)
