@@ -124,9 +124,15 @@ class PeerAddress:
     peer_id: str
     host: str
     port: int
+    #: the directory record's time, for a peer learned from the directory (older records
+    #: are refused: no rollback to a retired key or address)
+    updated_at: int | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"peer_id": self.peer_id, "host": self.host, "port": self.port}
+        record: dict[str, Any] = {"peer_id": self.peer_id, "host": self.host, "port": self.port}
+        if self.updated_at is not None:
+            record["updated_at"] = self.updated_at
+        return record
 
 
 def _parse_address(obj: Any, where: str, expected_id: str | None = None) -> PeerAddress:
@@ -145,7 +151,10 @@ def _parse_address(obj: Any, where: str, expected_id: str | None = None) -> Peer
         raise ConfigError(f"{where}: peer {peer_id}: host must be a non-empty string")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ConfigError(f"{where}: peer {peer_id}: port must be a whole number 0-65535")
-    return PeerAddress(peer_id, host, port)
+    updated_at = obj.get("updated_at")
+    if updated_at is not None and (isinstance(updated_at, bool) or not isinstance(updated_at, int)):
+        raise ConfigError(f"{where}: peer {peer_id}: updated_at must be a whole number")
+    return PeerAddress(peer_id, host, port, updated_at)
 
 
 def _read_json(path: Path, what: str) -> Any:

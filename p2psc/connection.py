@@ -286,6 +286,8 @@ class Connection:
     def _on_init(self, body: bytes) -> list[Event]:
         assert self._responder is not None
         init = self._responder.parse(body)
+        if init.ext:  # UDP's INITs carry an index there: one is not replayable over TCP
+            raise HandshakeError("INIT with transport data (a UDP INIT?) on a TCP connection")
         key = self._key_lookup(init.initiator_id)
         if key is None:
             self._pending_init = init
@@ -297,6 +299,8 @@ class Connection:
     def _on_resp(self, body: bytes) -> list[Event]:
         assert self._initiator is not None
         result = self._initiator.receive_resp(body)
+        if result.peer_ext:
+            raise HandshakeError("RESP with transport data (a UDP RESP?) on a TCP connection")
         now = self._monotonic()
         self._send = _Direction(result, result.secrets.i2r, now)
         self._recv = _Direction(result, result.secrets.r2i, now)
@@ -495,9 +499,7 @@ class Connection:
 
     def _on_record(self, rtype: int, header: memoryview, body: memoryview) -> Event | None:
         state = self.state
-        if state is State.ESTABLISHED:
-            if rtype == _DATA:
-                return MessageReceived(self._open(header, body))
+        if state is State.ESTABLISHED:  # (DATA is handled by _records' fast path)
             if rtype == RecordType.KEY_UPDATE:
                 self._open(header, body)
                 assert self._recv is not None

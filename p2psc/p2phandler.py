@@ -135,10 +135,18 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             return protocol
 
         task = loop.create_task(loop.create_connection(factory, host, port))
-        await asyncio.sleep(0)  # the connect has started (or failed)
-        if not task.done() and conn.state is State.IDLE:
-            conn.initiate()
-        transport, protocol = await task
+        try:
+            await asyncio.sleep(0)  # the connect has started (or failed)
+            if not task.done() and conn.state is State.IDLE:
+                conn.initiate()
+            transport, protocol = await task
+        except BaseException:
+            # no connection is left without an owner
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled() and task.exception() is None:
+                task.result()[0].abort()
+            raise
         return transport, protocol  # type: ignore[return-value]
 
     async def close(self) -> None:
@@ -183,7 +191,8 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
                                    f"(or no public key in {peers.peer_pubkey_path}), and no "
                                    "find_peer_info_url to look it up")
         record = await self._directory_lookup(peer_id, refresh=refresh)
-        return PeerAddress(record.peer_id, record.host, record.port), record.public_key
+        return (PeerAddress(record.peer_id, record.host, record.port, record.updated_at),
+                record.public_key)
 
     async def _directory_lookup(self, peer_id: str, *, refresh: bool = False) -> Any:
         """Look ``peer_id`` up in the directory (signature checked by the client), apply the
@@ -208,9 +217,15 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
                              allow_key_change=self.settings.allow_key_change):
             raise DirectoryError(f"the directory's key for {peer_id} differs from the one on "
                                  "file; refused (set allow_key_change to accept key changes)")
-        address = PeerAddress(record.peer_id, record.host, record.port)
-        if peers.known_address(peer_id) != address or peers.public_key(peer_id) is None \
-                or not same_public_key(peers.public_key(peer_id), record.public_key):
+        known = peers.known_address(peer_id)
+        if known is not None and known.updated_at is not None \
+                and record.updated_at < known.updated_at:
+            raise DirectoryError(f"the directory's record for {peer_id} is older than the one "
+                                 "on file; refused (a replayed record?)")
+        address = PeerAddress(record.peer_id, record.host, record.port, record.updated_at)
+        on_file = peers.public_key(peer_id)
+        if known != address or known.updated_at != address.updated_at or on_file is None \
+                or not same_public_key(on_file, record.public_key):
             files = peers.files_for(address, record.public_key)
             await asyncio.to_thread(peers.write_files, files)
             peers.add(address, record.public_key, persist=False)

@@ -330,3 +330,14 @@ def test_messages_before_a_forged_record_come_with_the_error() -> None:
         r.receive_data(bytes(stream))
     assert info.value.events == [MessageReceived(b"one"), MessageReceived(b"two")]  # type: ignore[attr-defined]
     assert r.state is State.CLOSED
+
+
+def test_a_udp_init_is_refused_over_tcp() -> None:
+    """An INIT with transport data (UDP's index) is not accepted by a TCP responder, so a
+    captured UDP INIT cannot be replayed against a TCP listener of the same peer."""
+    i, r = make_pair()
+    i._initiator._ext = b"\x00\x00\x00\x01"  # type: ignore[union-attr]
+    i.initiate()
+    with pytest.raises(HandshakeError, match="transport data"):
+        pump(i, r)
+    assert r.data_to_send() == []

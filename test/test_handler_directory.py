@@ -92,6 +92,7 @@ def test_strangers_connect_by_id_through_the_directory(tmp_path: Path, loop_kind
         stored = client_dir.pubkeys / "server.test.pubkey.pem"
         assert keys.same_public_key(keys.load_public_key(stored), server_dir.key.public_key())
         peers = json.loads((client_dir.workdir / "data" / "peers.json").read_text())
+        assert peers["server.test"].pop("updated_at") > 1_700_000_000  # the record's time
         assert peers["server.test"] == {"peer_id": "server.test", "host": "127.0.0.1",
                                         "port": server_port(server)}
         assert (server_dir.pubkeys / "client.test.pubkey.pem").exists()
@@ -264,3 +265,33 @@ def test_invalid_peer_id_is_refused_before_any_lookup(pair: Any) -> None:
             await client.connect_peer("../../etc/passwd")
 
     run(main())
+
+
+def test_an_older_directory_record_is_refused(tmp_path: Path) -> None:
+    """A replayed (older) signed record cannot roll a peer back to a previous address."""
+    server_dir = make_peer(tmp_path, "server.test")
+    client_dir = make_peer(tmp_path, "client.test")
+
+    async def main() -> None:
+        directory = await Directory(tmp_path).start()
+        use_directory(client_dir, directory.url, directory.center)
+        directory.store.put("server.test", keys.public_key_pem(server_dir.key).decode(),
+                            "127.0.0.1", 4444, updated_at=1_700_000_000)
+        client = P2PHandler(workdir=client_dir.workdir)
+        addr, _ = await client._resolve_peer("server.test")
+        assert (addr.port, addr.updated_at) == (4444, 1_700_000_000)
+        on_file = json.loads((client_dir.workdir / "data" / "peers.json").read_text())
+        assert on_file["server.test"]["updated_at"] == 1_700_000_000
+        # the directory now serves an older record (as a replay would)
+        directory.store.put("server.test", keys.public_key_pem(server_dir.key).decode(),
+                            "127.0.0.1", 5555, updated_at=1_600_000_000)
+        with pytest.raises(DirectoryError, match="older"):
+            await client._resolve_peer("server.test", refresh=True)
+        assert client.config.peers.address("server.test").port == 4444
+        await client.close()
+        await directory.stop()
+
+    run(main())
+    # a restarted peer still knows the record's time
+    again = P2PHandler(workdir=client_dir.workdir)
+    assert again.config.peers.address("server.test").updated_at == 1_700_000_000
