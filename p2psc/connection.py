@@ -222,14 +222,18 @@ class Connection:
     def _write_sealed(self, rtype: int, data: bytes | bytearray | memoryview) -> None:
         d = self._send
         assert d is not None
-        n = len(data) + d.cipher.tag_len
-        header = _HEADER.pack(n, rtype)
-        ct = d.cipher.seal(d.seq, data, header)
+        aead = d.aead
+        if aead is not None:  # the AEAD suites, called directly (the per-message hot path)
+            header = _HEADER.pack(len(data) + 16, rtype)
+            ct = aead.encrypt((d.iv ^ d.seq).to_bytes(12, "big"), data, header)
+        else:
+            header = _HEADER.pack(len(data) + d.cipher.tag_len, rtype)
+            ct = d.cipher.seal(d.seq, data, header)  # type: ignore[arg-type]
         d.seq += 1
         out = self._out
         out.append(header)
         out.append(ct)
-        self._out_size += n + HEADER_LEN
+        self._out_size += len(ct) + HEADER_LEN
 
     # -- handshake --------------------------------------------------------------------------
 
@@ -546,18 +550,7 @@ class Connection:
         assert d is not None
         if d.seq >= self._rekey_messages or self._monotonic() - d.since >= self._rekey_time:
             self.update_key()
-        aead = d.aead
-        if aead is not None:
-            header = _HEADER.pack(len(data) + 16, _DATA)
-            ct = aead.encrypt((d.iv ^ d.seq).to_bytes(12, "big"), data, header)
-        else:
-            header = _HEADER.pack(len(data) + d.cipher.tag_len, _DATA)
-            ct = d.cipher.seal(d.seq, data, header)
-        d.seq += 1
-        out = self._out
-        out.append(header)
-        out.append(ct)
-        self._out_size += len(ct) + HEADER_LEN
+        self._write_sealed(_DATA, data)
 
     def update_key(self) -> None:
         """Send KEY_UPDATE and ratchet our sending key forward."""
