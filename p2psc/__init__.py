@@ -5,10 +5,23 @@ Each peer has an id, an RSA private key and the public keys of the peers it know
 See README.md and docs/PROTOCOL.md.
 """
 
-from .p2pexcept import (ChannelNotReady, ConfigError, ConnectionLost, CRCError, DirectoryError,
-                        HandshakeError, HandshakeTimeout, InvalidDataType, MessageTooLarge,
-                        MissRemoteAddr, P2PError, ProtocolError, SignCheckError, StatusError,
-                        UnknownPeerError)
+from .p2pexcept import (
+    ChannelNotReady,
+    ConfigError,
+    ConnectionLost,
+    CRCError,
+    DirectoryError,
+    HandshakeError,
+    HandshakeTimeout,
+    InvalidDataType,
+    MessageTooLarge,
+    MissRemoteAddr,
+    P2PError,
+    ProtocolError,
+    SignCheckError,
+    StatusError,
+    UnknownPeerError,
+)
 
 __version__ = "1.0.0"
 

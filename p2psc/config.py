@@ -20,9 +20,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -75,7 +76,7 @@ class Settings:
     udp_init_burst_per_addr: int = 5       # ... with this burst
 
     @classmethod
-    def from_mapping(cls, conf: Mapping[str, Any], where: str) -> "Settings":
+    def from_mapping(cls, conf: Mapping[str, Any], where: str) -> Settings:
         """Build settings from the keys of ``conf`` that name a setting; check types and ranges."""
         s = cls()
         for f in fields(cls):
@@ -203,7 +204,7 @@ def read_config_file(workdir: str | os.PathLike[str]) -> dict[str, Any]:
         "ProgramPath": os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else ".")),
         "home": str(Path.home()),
     }
-    conf = substitute(raw, namespace, str(path))
+    conf: dict[str, Any] = substitute(raw, namespace, str(path))
     conf["__config_file__"] = str(path)
     return conf
 
@@ -229,7 +230,7 @@ def config_from_appublic() -> dict[str, Any]:
             return [plain(x) for x in v]
         return v
 
-    conf = plain(dict(cfg))
+    conf: dict[str, Any] = plain(dict(cfg))
     holder = cfg.get("__jsonholder__") if isinstance(cfg, dict) else None
     conf["__config_file__"] = str(holder) if holder else "conf/config.json"
     return conf
@@ -247,7 +248,7 @@ class PeerStore:
         self._public_keys = public_keys
 
     @classmethod
-    def load(cls, known_peers_file: Path, peer_pubkey_path: Path) -> "PeerStore":
+    def load(cls, known_peers_file: Path, peer_pubkey_path: Path) -> PeerStore:
         """Read the known peers file and every ``*.pubkey.pem`` in the public key folder."""
         if not peer_pubkey_path.is_dir():
             raise ConfigError(f"{peer_pubkey_path}: peer_pubkey_path is not a folder")

@@ -15,19 +15,34 @@ from __future__ import annotations
 import enum
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .buffers import POOL_MIN, BufferPool
 from .config import Settings
-from .handshake import (MAX_HANDSHAKE_BODY, HandshakeResult, InitiatorHandshake, InitMessage,
-                        ResponderHandshake)
+from .handshake import (
+    MAX_HANDSHAKE_BODY,
+    HandshakeResult,
+    InitiatorHandshake,
+    InitMessage,
+    ResponderHandshake,
+)
 from .keyschedule import next_secret
-from .p2pexcept import (ChannelNotReady, ConnectionLost, CRCError, HandshakeError,
-                        MessageTooLarge, P2PError, ProtocolError, StatusError, UnknownPeerError)
+from .p2pexcept import (
+    ChannelNotReady,
+    ConnectionLost,
+    CRCError,
+    HandshakeError,
+    MessageTooLarge,
+    P2PError,
+    ProtocolError,
+    StatusError,
+    UnknownPeerError,
+)
 from .replay import InitReplayCache
 from .suites import SUITES_BY_NAME, AeadCipher, RecordCipher
 
@@ -356,10 +371,10 @@ class Connection:
                 if self._fill < need:
                     return []
                 record = self._buf
+                assert isinstance(record, bytearray)
                 self._buf, self._fill, self._need = b"", 0, 0
-                with memoryview(record) as whole:
-                    with whole[:need] as view:
-                        events = self._process(view)
+                with memoryview(record) as whole, whole[:need] as view:
+                    events = self._process(view)
                 if need > POOL_MIN and self._pool is not None:
                     self._pool.put(record)
                 return events
@@ -367,9 +382,8 @@ class Connection:
             self._in_scratch = 0
             self._buf, self._fill = b"", 0
             assert self._scratch is not None
-            with memoryview(self._scratch) as scratch:
-                with scratch[:n] as view:
-                    return self._process(view)
+            with memoryview(self._scratch) as scratch, scratch[:n] as view:
+                return self._process(view)
         except P2PError:
             self.state = State.CLOSED
             raise
@@ -467,7 +481,7 @@ class Connection:
             pos = end
             if ev is not None:
                 events.append(ev)
-            state = self.state
+            state: State = self.state  # (changed by the record just handled)
             if state is State.CLOSED:
                 return
             if state is State.AWAIT_PEER_KEY:
@@ -476,10 +490,8 @@ class Connection:
         rest = n - pos
         if rest >= HEADER_LEN:  # an incomplete record: a buffer for the whole of it
             need = HEADER_LEN + _HEADER.unpack_from(view, pos)[0]  # (length checked above)
-            if need > POOL_MIN and self._pool is not None:
-                buf = self._pool.get(need)
-            else:
-                buf = bytearray(need)
+            pooled = need > POOL_MIN and self._pool is not None
+            buf = self._pool.get(need) if pooled else bytearray(need)  # type: ignore[union-attr]
             buf[:rest] = view[pos:]
             self._buf, self._fill, self._need = buf, rest, need
         elif rest:

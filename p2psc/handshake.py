@@ -29,8 +29,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from cryptography.hazmat.primitives import constant_time
 from cryptography.hazmat.primitives.asymmetric import rsa

@@ -136,7 +136,7 @@ def load_private_key(path: PathLike, password: bytes | None = None) -> rsa.RSAPr
             raise ConfigError(f"{path}: cannot decrypt the private key (wrong password?) "
                               "or it is not a PEM private key") from None
         raise ConfigError(f"{path}: not a PEM private key") from None
-    except Exception as exc:  # cryptography raises other types for unsupported formats
+    except Exception as exc:  # noqa: BLE001 - cryptography raises other types for odd formats
         raise ConfigError(f"{path}: cannot load private key: {type(exc).__name__}") from None
     return _check_rsa_private(key, str(path))
 
@@ -147,7 +147,7 @@ def parse_public_key(pem: bytes, where: str = "public key") -> rsa.RSAPublicKey:
         raise ConfigError(f"{where}: too large for a public key")
     try:
         key = serialization.load_pem_public_key(pem)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any parse failure is "not a public key"
         raise ConfigError(f"{where}: not a PEM public key") from None
     return _check_rsa_public(key, where)
 

@@ -11,10 +11,25 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .connection import (Connection, ConnectionClosed, HandshakeComplete, MessageReceived,
-                         PeerKeyNeeded, Role, State)
-from .p2pexcept import (ChannelNotReady, ConnectionLost, HandshakeError, HandshakeTimeout,
-                        InvalidDataType, MessageTooLarge, P2PError, StatusError)
+from .connection import (
+    Connection,
+    ConnectionClosed,
+    HandshakeComplete,
+    MessageReceived,
+    PeerKeyNeeded,
+    Role,
+    State,
+)
+from .p2pexcept import (
+    ChannelNotReady,
+    ConnectionLost,
+    HandshakeError,
+    HandshakeTimeout,
+    InvalidDataType,
+    MessageTooLarge,
+    P2PError,
+    StatusError,
+)
 
 if TYPE_CHECKING:
     from .p2phandler import P2PHandler
@@ -31,7 +46,7 @@ class SecureTransport:
 
     __slots__ = ("_protocol", "_transport")
 
-    def __init__(self, protocol: "TcpP2P", transport: asyncio.Transport):
+    def __init__(self, protocol: TcpP2P, transport: asyncio.Transport):
         self._protocol = protocol
         self._transport = transport
 
@@ -112,7 +127,7 @@ class TcpP2P(asyncio.BufferedProtocol):
         "_tick", "_liveness",
     )
 
-    def __init__(self, handler: "P2PHandler", myid: str, peer_id: str | None = None):
+    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None):
         self.handler = handler
         self.myid = myid
         self.peer_id = peer_id

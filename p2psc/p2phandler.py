@@ -5,19 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .config import (PeerAddress, PeerConfig, Settings, config_from_appublic, load_peer_config,
-                     read_config_file)
-from .channel import ChannelHandlerMixin
 from .buffers import BufferPool
+from .channel import ChannelHandlerMixin
+from .config import (
+    PeerAddress,
+    PeerConfig,
+    Settings,
+    config_from_appublic,
+    load_peer_config,
+    read_config_file,
+)
 from .connection import SCRATCH_SIZE, Connection, Role, State
-from .p2p import TcpP2P
 from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
-from .p2pexcept import (ConfigError, DirectoryError, HandshakeError, P2PError, StatusError,
-                         UnknownPeerError)
+from .p2p import TcpP2P
+from .p2pexcept import ConfigError, DirectoryError, HandshakeError, P2PError, StatusError, UnknownPeerError
 from .replay import InitReplayCache
 from .udp_p2p import UdpHandlerMixin
 
@@ -283,8 +289,9 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
     def _unregister(self, proto: Any) -> None:
         self._protocols.discard(proto)
         self._pending.pop(proto, None)
-        if proto.peer_id is not None and self._peer_conns.get(proto.peer_id) is proto:
-            del self._peer_conns[proto.peer_id]
+        peer_id = proto.peer_id
+        if peer_id is not None and self._peer_conns.get(peer_id) is proto:
+            del self._peer_conns[peer_id]
 
     def _on_handshaked(self, proto: Any) -> None:
         self._pending.pop(proto, None)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol, Union
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
@@ -30,6 +31,8 @@ __all__ = ["Suite", "RecordCipher", "SUITES", "SUITES_BY_NAME", "SUITES_BY_CODE"
            "default_suite_name", "hkdf_expand"]
 
 _SHA256 = hashes.SHA256()
+#: What the ciphers take: any bytes-like object.
+Buffer = Union[bytes, bytearray, memoryview]
 
 
 def hkdf_expand(secret: bytes, label: bytes, length: int) -> bytes:
@@ -42,9 +45,9 @@ class RecordCipher(Protocol):
 
     tag_len: int
 
-    def seal(self, seq: int, plaintext: bytes | memoryview, aad: bytes) -> bytes: ...
+    def seal(self, seq: int, plaintext: Buffer, aad: Buffer) -> bytes: ...
 
-    def open(self, seq: int, ciphertext: bytes | memoryview, aad: bytes) -> bytes: ...
+    def open(self, seq: int, ciphertext: Buffer, aad: Buffer) -> bytes: ...
 
 
 class AeadCipher:
@@ -57,10 +60,10 @@ class AeadCipher:
         self.iv = int.from_bytes(hkdf_expand(secret, b"iv", 12), "big")
         self.tag_len = 16
 
-    def seal(self, seq: int, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+    def seal(self, seq: int, plaintext: Buffer, aad: Buffer) -> bytes:
         return self.aead.encrypt((self.iv ^ seq).to_bytes(12, "big"), plaintext, aad)
 
-    def open(self, seq: int, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
+    def open(self, seq: int, ciphertext: Buffer, aad: Buffer) -> bytes:
         try:
             return self.aead.decrypt((self.iv ^ seq).to_bytes(12, "big"), ciphertext, aad)
         except InvalidTag:
@@ -84,18 +87,18 @@ class Rc4HmacCipher:
         h.update(seq.to_bytes(8, "big"))
         return Cipher(ARC4(h.finalize()), mode=None)
 
-    def _mac(self, seq: int, aad: bytes, ct: bytes | memoryview) -> hmac.HMAC:
+    def _mac(self, seq: int, aad: Buffer, ct: Buffer) -> hmac.HMAC:
         h = hmac.HMAC(self._mac_key, _SHA256)
         h.update(seq.to_bytes(8, "big"))
         h.update(aad)
         h.update(ct)
         return h
 
-    def seal(self, seq: int, plaintext: bytes | memoryview, aad: bytes) -> bytes:
+    def seal(self, seq: int, plaintext: Buffer, aad: Buffer) -> bytes:
         ct = self._keystream_cipher(seq).encryptor().update(plaintext)
         return ct + self._mac(seq, aad, ct).finalize()
 
-    def open(self, seq: int, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
+    def open(self, seq: int, ciphertext: Buffer, aad: Buffer) -> bytes:
         if len(ciphertext) < 32:
             raise CRCError("record failed authentication")
         mv = memoryview(ciphertext)

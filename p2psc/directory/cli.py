@@ -170,8 +170,9 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     Each leaf parser sets ``func``: the caller runs ``args.func(args)`` (or :func:`run`) and gets
     the exit code, 0 or 1; errors are already reported as one line on stderr.
     """
-    p = subparsers.add_parser("directory", help="run and administer the peer directory",
-                              description="Run and administer the p2psc peer directory.")
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "directory", help="run and administer the peer directory",
+        description="Run and administer the p2psc peer directory.")
     sub = p.add_subparsers(dest="directory_command", metavar="COMMAND")
     sub.required = True
 

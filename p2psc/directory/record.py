@@ -133,7 +133,8 @@ def _no_constants(name: str) -> Any:
     raise DirectoryError(f"{name} is not allowed in JSON")
 
 
-def loads_strict(body: bytes | str, limit: int = MAX_RECORD_BODY, what: str = "body") -> dict:
+def loads_strict(body: bytes | str, limit: int = MAX_RECORD_BODY,
+                 what: str = "body") -> dict[str, Any]:
     """Parse a JSON object of at most ``limit`` bytes: no duplicate keys, no NaN/Infinity.
 
     Raises :class:`DirectoryError` on anything else (size checked before parsing).

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 from ..p2pexcept import DirectoryError
 from .record import check_host, check_peer_id, check_port, check_pubkey_pem, check_timestamp
@@ -127,7 +127,7 @@ class DirectoryStore:
             except sqlite3.Error as exc:  # the connection is unusable; report the first error
                 log.error("directory database rollback failed: %s", exc)
 
-    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
