@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import heapq
+import ipaddress
 import itertools
 import logging
 import secrets
@@ -38,8 +39,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from . import keys
 from .config import Settings
 from .handshake import (
+    INIT_LABEL,
     MAX_HANDSHAKE_BODY,
     HandshakeResult,
     InitiatorHandshake,
@@ -94,6 +97,7 @@ MAX_UDP_PAYLOAD = 65507               # the largest IPv4 UDP payload
 _MIN_SEALED = HEADER_LEN + 16         # header + the shortest tag
 _MAX_HANDSHAKE_DGRAM = 5 + MAX_HANDSHAKE_BODY
 _RESP_CACHE_SIZE = 1024
+_FAILED_INIT_CACHE_SIZE = 4096        # INITs refused after their RSA verification, remembered
 _MAX_LOOKUPS = 64                     # INITs waiting for a directory lookup, at most
 _REPLAY_WINDOW = 8192
 
@@ -171,12 +175,34 @@ class TokenBucket:
         return False
 
 
-class InitRateLimiter:
-    """Token buckets on INIT processing: one per source address (IP, port), then one in total.
+def _rate_key(addr: Any) -> Hashable:
+    """The rate-limit key of a source address: its IP address (the port is ignored), for IPv6
+    the /64 prefix (one host or site commonly holds a whole /64). An IPv4-mapped IPv6 address
+    counts as its IPv4 address."""
+    host = addr[0] if isinstance(addr, tuple) and addr else addr
+    if not isinstance(host, str):
+        return host  # type: ignore[no-any-return]
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped
+        return mapped.packed if mapped is not None else ip.packed[:8]
+    return ip.packed
 
-    An address's bucket is asked first, so a flood from one address only drains the total
-    bucket at its own address's rate. The per-address table is bounded (least recently used
-    buckets are dropped; a dropped bucket was full or will be refilled by the total one).
+
+class InitRateLimiter:
+    """Token buckets on INIT processing: one per source IP address (IPv6: per /64), and one in
+    total.
+
+    The IP's bucket is charged first, for every INIT that parses and names a peer we would
+    answer (and for every RESP answered from the cache); it bounds the RSA verifications
+    (cheap public-key operations) one IP can cause, whatever source ports it uses. The total
+    bucket is charged only for INITs whose signature verified, just before the private-key
+    work (sign + decrypt), so an attacker without a key cannot drain it. The per-IP table is
+    bounded (least recently used buckets are dropped; a dropped bucket was full, or is
+    refilled sooner than it would have been).
     """
 
     def __init__(self, rate: float, burst: float, per_addr_rate: float, per_addr_burst: float,
@@ -188,7 +214,7 @@ class InitRateLimiter:
         self._addrs: OrderedDict[Hashable, TokenBucket] = OrderedDict()
 
     def _addr_bucket(self, addr: Any, now: float) -> TokenBucket:
-        key = tuple(addr[:2]) if isinstance(addr, tuple) else addr
+        key = _rate_key(addr)
         b = self._addrs.get(key)
         if b is None:
             b = self._addrs[key] = TokenBucket(self.per_addr_rate, self.per_addr_burst, now)
@@ -199,12 +225,12 @@ class InitRateLimiter:
         return b
 
     def allow_addr(self, addr: Any, now: float) -> bool:
-        """The per-address bucket only (for cheap answers, such as a cached RESP)."""
+        """The bucket of ``addr``'s IP (port ignored; IPv6: its /64)."""
         return self._addr_bucket(addr, now).take(now)
 
-    def allow(self, addr: Any, now: float) -> bool:
-        """Both buckets: for an INIT that will cost RSA work."""
-        return self._addr_bucket(addr, now).take(now) and self.total.take(now)
+    def allow_total(self, now: float) -> bool:
+        """The total bucket: for a verified INIT about to cost private-key work."""
+        return self.total.take(now)
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -330,6 +356,7 @@ class UdpEndpoint:
         self._pending: dict[str, list[bytes]] = {}
         self._pending_bytes: dict[str, int] = {}
         self._resp_cache: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+        self._failed_inits: OrderedDict[bytes, float] = OrderedDict()  # token -> expiry
         self._lookups: dict[bytes, tuple[InitMessage, Any]] = {}
         self._timers: list[tuple[float, int, int, Session]] = []
         self._seq = itertools.count()
@@ -362,9 +389,12 @@ class UdpEndpoint:
             heapq.heappush(timers, (when, next(self._seq), kind, s))
             self.timer_dirty = True
         if len(timers) > 4 * len(self.sessions) + 64:  # drop entries of removed sessions
+            # in place: handle_timer may be popping from this very list (a timer that
+            # reschedules itself); a new list would leave it running due entries from the old
+            # one while the new one keeps copies of them, so they would run twice
             live = self.sessions
-            self._timers = [t for t in timers if live.get(t[3].index) is t[3]]
-            heapq.heapify(self._timers)
+            timers[:] = [t for t in timers if live.get(t[3].index) is t[3]]
+            heapq.heapify(timers)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -480,6 +510,12 @@ class UdpEndpoint:
                     self.out.append((cached[0], addr))
                 return
             del self._resp_cache[token]
+        failed = self._failed_inits.get(token)
+        if failed is not None:
+            if now < failed:
+                log.debug("dropped INIT from %s: the same INIT was refused before", addr)
+                return
+            del self._failed_inits[token]
         if token in self._lookups:
             return
         try:
@@ -493,8 +529,9 @@ class UdpEndpoint:
             log.debug("dropped INIT from %s: %s is not the peer of this socket", addr,
                       init.initiator_id)
             return
-        if not self.limiter.allow(addr, now):
-            log.debug("dropped INIT from %s: rate limited", addr)
+        # the IP's bucket first: it bounds the verifications (and lookups) one IP can cause
+        if not self.limiter.allow_addr(addr, now):
+            log.debug("dropped INIT from %s: rate limited (its IP)", addr)
             return
         if len(self.sessions) >= self.settings.udp_max_sessions:
             log.warning("dropped INIT from %s at %s: %d sessions open (udp_max_sessions)",
@@ -522,13 +559,36 @@ class UdpEndpoint:
             return
         self._accept(init, token, public_key, addr, now)
 
+    def _refused(self, token: bytes, now: float) -> None:
+        """Remember an INIT refused after its verification: the same datagram sent again is
+        dropped without a second RSA operation (until the handshake timeout)."""
+        cache = self._failed_inits
+        cache[token] = now + self.settings.udp_handshake_timeout
+        cache.move_to_end(token)
+        while len(cache) > _FAILED_INIT_CACHE_SIZE:
+            cache.popitem(last=False)
+
     def _accept(self, init: InitMessage, token: bytes, key: rsa.RSAPublicKey, addr: Any,
                 now: float) -> None:
+        # the signature first (a public-key operation): only a verified INIT may take from
+        # the total bucket, so INITs forged without the key cannot drain it
+        try:
+            keys.verify(key, init.signature, INIT_LABEL + init.signed_part,
+                        f"INIT signature of {init.initiator_id}")
+        except P2PError as exc:
+            self._refused(token, now)
+            log.info("refused INIT from %s at %s: %s", init.initiator_id, addr, exc)
+            return
+        if not self.limiter.allow_total(now):
+            log.debug("dropped INIT from %s at %s: rate limited (in total)", init.initiator_id,
+                      addr)
+            return
         idx = self._new_index()
         try:
             resp, result = self._responder.accept(init, key, self._wall(),
                                                   ext=_RESP_EXT.pack(idx))
         except P2PError as exc:
+            self._refused(token, now)
             log.info("refused INIT from %s at %s: %s", init.initiator_id, addr, exc)
             return
         init_idx, flags, replaced = _INIT_EXT.unpack(init.ext)

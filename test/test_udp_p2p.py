@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import make_peer, rsa_key, run
-from p2psc import keys
+from p2psc import keys, udp_session
 from p2psc.config import Settings
 from p2psc.p2pexcept import (ChannelNotReady, HandshakeTimeout, InvalidDataType, MessageTooLarge,
                              MissRemoteAddr)
@@ -280,7 +280,9 @@ def test_rekey_by_time_keeps_the_flow(pair: Any) -> None:
 
 def test_200_concurrent_client_sessions(tmp_path: Path) -> None:
     assert fd_limit_at_least(600)
-    server_dir = make_peer(tmp_path, "server.test")
+    # INITs are rate limited per source IP, and every client here is 127.0.0.1
+    server_dir = make_peer(tmp_path, "server.test", udp_init_rate_per_addr=1000.0,
+                           udp_init_burst_per_addr=1000)
     client_dirs = [make_peer(tmp_path, f"c{i}.test", key_name="client") for i in range(4)]
     for c in client_dirs:
         server_dir.know(c)
@@ -318,8 +320,12 @@ def test_200_concurrent_client_sessions(tmp_path: Path) -> None:
     run(main(), timeout=50)
 
 
-def test_init_flood_from_one_address(pair: Any, tmp_path: Path) -> None:
+def test_init_flood_from_one_address(pair: Any, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     server_dir, client_dir = pair
+    # INITs are rate limited per source IP; on loopback the rogue and the legitimate client
+    # share 127.0.0.1, so here each source port stands for a host of its own
+    monkeypatch.setattr(udp_session, "_rate_key", lambda addr: addr)
     rogue = make_peer(tmp_path, "rogue.test")
     server_dir.know(rogue)
     decrypts = [0]

@@ -13,8 +13,8 @@ from p2psc.config import Settings
 from p2psc.p2pexcept import ChannelNotReady, ConfigError, HandshakeTimeout, MessageTooLarge
 from p2psc.replay import ReplayWindow
 from p2psc.udp_session import (HEADER_LEN, T_DATA, T_FINISHED, T_INIT, T_KEEPALIVE, T_RESP,
-                               HandshakeComplete, HandshakeFailed, PeerClosed, PeerKeyNeeded,
-                               TokenBucket, UdpEndpoint, max_payload_limit)
+                               HandshakeComplete, HandshakeFailed, InitRateLimiter, PeerClosed,
+                               PeerKeyNeeded, TokenBucket, UdpEndpoint, max_payload_limit)
 
 A_ADDR = ("10.0.0.1", 40000)
 B_ADDR = ("10.0.0.2", 10098)
@@ -365,6 +365,55 @@ def test_idle_expiry_and_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     assert got_b == [b"again"]
 
 
+def test_timer_heap_compaction_does_not_duplicate_timers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heap is compacted (entries of removed sessions dropped) from inside handle_timer
+    when a due timer reschedules itself: every live session keeps exactly one timer of each
+    kind across expiries (no entry run twice, no chain doubled)."""
+    from collections import Counter
+
+    from p2psc.udp_session import _K_IDLE
+    net = Net(monkeypatch, udp_session_idle_timeout=60.0)
+    b, s = net.b, Settings(udp_session_idle_timeout=60.0)
+    clients = []
+    for i in range(40):
+        c = UdpEndpoint("a.test", rsa_key("a.test"), s, key_lookup=net.pubs.get,
+                        accept_from="b.test", now=net.now, wall_clock=lambda: WALL + net.now)
+        addr = (f"10.1.0.{i}", 4000)
+        c.connect("b.test", net.pubs["b.test"], B_ADDR, net.now)
+        for _ in range(3):
+            for d, _to in c.datagrams_to_send():
+                b.receive(d, addr, net.now)
+            for d, _to in b.datagrams_to_send():
+                c.receive(d, B_ADDR, net.now)
+        clients.append((c, addr))
+    assert len(b.sessions) == 40
+    live, closed = clients[:3], clients[3:]
+    for c, addr in closed:
+        c.close_all()
+        for d, _to in c.datagrams_to_send():
+            b.receive(d, addr, net.now)
+    assert len(b.sessions) == 3
+
+    def live_entries() -> Counter[tuple[int, int]]:
+        return Counter((t[3].index, t[2]) for t in b._timers
+                       if b.sessions.get(t[3].index) is t[3])
+
+    for _round in range(4):
+        net.now += 30.0
+        for c, addr in live:
+            d, _to = c.send("b.test", b"alive", net.now)  # type: ignore[misc]
+            assert b.receive(d, addr, net.now) == b"alive"
+        b.handle_timer(net.now)
+        net.now += 30.0             # the idle timers fire, and reschedule themselves
+        b.handle_timer(net.now)
+        entries = live_entries()
+        assert len(b.sessions) == 3
+        assert max(entries.values()) == 1, entries
+        assert sum(1 for _idx, kind in entries if kind == _K_IDLE) == 3
+        nxt = b.get_timer()
+        assert nxt is not None and nxt > net.now   # nothing due left behind
+
+
 def test_close(monkeypatch: pytest.MonkeyPatch) -> None:
     net = Net(monkeypatch)
     net.established()
@@ -418,6 +467,72 @@ def test_init_flood_from_one_address_is_rate_limited(monkeypatch: pytest.MonkeyP
     assert net.rsa_private_ops - ops == 2 * 3
     # a legitimate peer from another address still gets through
     net.established()
+
+
+def _forged_init(net: Net) -> bytes:
+    """An INIT from "a.test" to "b.test" signed with the wrong key (its signature is the
+    last field: changing its last bytes needs no key)."""
+    evil = UdpEndpoint("a.test", rsa_key("evil.test"), Settings(), accept_from="b.test",
+                       wall_clock=lambda: WALL + net.now)
+    evil.connect("b.test", net.pubs["b.test"], B_ADDR, net.now)
+    return evil.datagrams_to_send()[0][0]
+
+
+def test_forged_init_flood_from_one_ip_many_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 3: an attacker with no key, knowing only a peer id, floods INITs signed with the
+    wrong key from one IP, a new source port each time. They cost a few RSA verifications (the
+    IP's bucket), no private operation and nothing from the total bucket: a legitimate peer
+    from another IP gets its RESP at once."""
+    net = Net(monkeypatch)
+    base = _forged_init(net)
+    ops, verifies = net.rsa_private_ops, net.rsa_verify_ops
+    t0 = net.now
+    for i in range(1000):                       # 1,000 in one second from 6.6.6.6:1..1000
+        net.now = t0 + i / 1000
+        d = base[:-4] + i.to_bytes(4, "big")
+        assert net.b.receive(d, ("6.6.6.6", i + 1), net.now) is None
+    flood_verifies = net.rsa_verify_ops - verifies
+    s = Settings()
+    assert flood_verifies <= s.udp_init_burst_per_addr + s.udp_init_rate_per_addr * 1.0 + 1
+    assert net.rsa_private_ops == ops
+    assert net.b_out() == [] and net.b.take_events() == []
+    # right after the flood, a legitimate peer from another IP gets its RESP at once
+    net.connect()
+    net.to_b(net.a_out())
+    (resp, addr), = net.b_out()
+    assert resp[0] == T_RESP and addr == A_ADDR
+    assert net.to_a([(resp, addr)]) == []
+    assert [type(e) for e in net.a.take_events()] == [HandshakeComplete]
+    # one signature for INIT, one signature and one decryption for RESP
+    assert net.rsa_private_ops - ops == 3
+
+
+def test_resent_forged_init_costs_one_verification(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(monkeypatch)
+    d = _forged_init(net)
+    ops, verifies = net.rsa_private_ops, net.rsa_verify_ops
+    for i in range(1000):   # the same forged INIT, from 1,000 IPs (no IP's bucket runs dry)
+        assert net.b.receive(d, (f"7.7.{i // 256}.{i % 256}", 1), net.now) is None
+    assert net.rsa_verify_ops - verifies == 1
+    assert net.rsa_private_ops == ops and net.b_out() == []
+    # remembered until the handshake timeout, then verified (and refused) again
+    net.now += Settings().udp_handshake_timeout
+    assert net.b.receive(d, ("7.7.7.7", 1), net.now) is None
+    assert net.rsa_verify_ops - verifies == 2 and net.b_out() == []
+    net.established()
+
+
+def test_init_rate_limit_is_per_ip_and_ipv6_prefix() -> None:
+    lim = InitRateLimiter(1e9, 10 ** 9, 1.0, 1, now=0.0)
+    assert lim.allow_addr(("6.6.6.6", 1), 0.0)
+    assert not lim.allow_addr(("6.6.6.6", 2), 0.0)            # same IP, other port
+    assert not lim.allow_addr(("::ffff:6.6.6.6", 3, 0, 0), 0.0)  # the same IPv4 address
+    assert lim.allow_addr(("6.6.6.7", 1), 0.0)
+    assert lim.allow_addr(("2001:db8::1", 1, 0, 0), 0.0)
+    assert not lim.allow_addr(("2001:db8::ffff:1", 2, 0, 0), 0.0)  # same /64
+    assert not lim.allow_addr(("2001:db8::2%eth0", 2, 0, 3), 0.0)
+    assert lim.allow_addr(("2001:db8:0:1::1", 1, 0, 0), 0.0)       # another /64
+    assert lim.allow_addr("not an address", 0.0)
 
 
 def test_unknown_peer_key_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
