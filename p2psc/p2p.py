@@ -124,7 +124,7 @@ class TcpP2P(asyncio.BufferedProtocol):
         "_loop", "_pending", "_pending_bytes", "_flush_handle", "_timer", "_handshaked",
         "_error", "_closed", "_waiters", "_paused", "_drain_waiters", "_lookup_task",
         "_peername", "_got_data", "_lost", "_closed_waiters", "_last_recv", "_last_send",
-        "_tick", "_liveness",
+        "_tick", "_liveness", "_reading",
     )
 
     def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None):
@@ -155,6 +155,7 @@ class TcpP2P(asyncio.BufferedProtocol):
         self._last_send = 0.0
         self._tick: asyncio.TimerHandle | None = None
         self._liveness = False  # keepalive / idle timeout active
+        self._reading = False  # in the hooks of a read: sends are written when it is handled
 
     # -- hooks for applications ---------------------------------------------------------------
 
@@ -186,12 +187,17 @@ class TcpP2P(asyncio.BufferedProtocol):
         conn = self._conn
         if self._handshaked and conn is not None and not self._closed:
             conn.send(data)
-            if conn._out_size >= FLUSH_THRESHOLD:
-                if self._flush_handle is not None:
-                    self._flush_handle.cancel()
-                self._flush()
-            elif self._flush_handle is None:
+            if self._reading:  # answering a read: written once the read is handled
+                if conn._out_size >= FLUSH_THRESHOLD:
+                    self._write_now()
+                return
+            if self._flush_handle is None:
+                # the first record of this event-loop iteration goes out at once (latency);
+                # the ones that follow in the same iteration are coalesced into one write
+                self._write_now()
                 self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+            elif conn._out_size >= FLUSH_THRESHOLD:
+                self._write_now()
             return
         if self._closed or self._error is not None:
             raise ChannelNotReady("the connection is closed")
@@ -302,9 +308,13 @@ class TcpP2P(asyncio.BufferedProtocol):
             self._fail(exc)
             return
         if events:
-            self._dispatch(events)
-        if conn._out and self._flush_handle is None:
-            self._flush()
+            self._reading = True
+            try:
+                self._dispatch(events)
+            finally:
+                self._reading = False
+        if conn._out:  # what the hooks sent in answer to this read: one write, now
+            self._write_now()
         if conn._derive is not None:
             self._derive_keys(conn)
 
@@ -466,15 +476,21 @@ class TcpP2P(asyncio.BufferedProtocol):
         self._tick = loop.call_later(period, self._on_tick, period)
 
     def _flush(self) -> None:
+        """Write what is queued (also the end-of-iteration callback that coalesces sends)."""
         self._flush_handle = None
+        self._write_now()
+
+    def _write_now(self) -> None:
         conn, raw = self._conn, self._raw
         if conn is None or raw is None:
             return
         size = conn._out_size
         out = conn.data_to_send()
+        if not out:
+            return
         if self._liveness:
             self._last_send = self._loop.time()  # type: ignore[union-attr]
-        if out and not raw.is_closing():
+        if not raw.is_closing():
             if len(out) == 1:
                 raw.write(out[0])
             elif size <= JOIN_LIMIT:
