@@ -232,7 +232,8 @@ def test_open_channel_errors(pair: Any, tmp_path: Any) -> None:
         with pytest.raises(UnknownPeerError):
             await client.open_channel("nobody.test", timeout=5)
         # a listener that accepts but never answers the handshake
-        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        held: list[asyncio.StreamWriter] = []  # (Python 3.13 closes an unreferenced writer)
+        silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
         point_at(client_dir, pair[0], silent.sockets[0].getsockname()[1])
         client = P2PHandler(workdir=client_dir.workdir)
         with pytest.raises(HandshakeTimeout):
