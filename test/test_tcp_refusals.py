@@ -10,51 +10,12 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import PeerDir, TcpProxy, make_peer, point_at, rsa_key, run, server_port
+from attack_util import Client, assert_still_serving, recorder
+from conftest import TcpProxy, make_peer, point_at, rsa_key, run, server_port
 from p2psc.connection import HEADER_LEN, RecordType
-from p2psc.p2p import TcpP2P
 from p2psc.p2pexcept import (ConnectionLost, CRCError, HandshakeError, MessageTooLarge,
                              ProtocolError, SignCheckError, UnknownPeerError)
 from p2psc.p2phandler import P2PHandler
-
-
-class Recorder(TcpP2P):
-    """Server side: records every hook call in the shared ``log`` list."""
-
-    log: list[tuple[str, Any]] = []
-
-    def on_handshaked(self) -> None:
-        self.log.append(("handshaked", self.peer_id))
-
-    def on_recv(self, data: bytes) -> None:
-        self.log.append(("recv", data))
-        self.send(b"recv:" + data)
-
-    def on_closed(self, exc: Exception | None) -> None:
-        self.log.append(("closed", exc))
-
-
-class Client(TcpP2P):
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.received: list[bytes] = []
-        self.closed = asyncio.get_running_loop().create_future()
-        self.got = asyncio.get_running_loop().create_future()
-
-    def on_recv(self, data: bytes) -> None:
-        self.received.append(data)
-        if not self.got.done():
-            self.got.set_result(data)
-
-    def on_closed(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(exc)
-
-
-def recorder() -> type[Recorder]:
-    class R(Recorder):
-        log: list[tuple[str, Any]] = []
-    return R
 
 
 async def wait_for_entry(log: list[tuple[str, Any]], kind: str, timeout: float = 5.0) -> Any:
@@ -65,21 +26,6 @@ async def wait_for_entry(log: list[tuple[str, Any]], kind: str, timeout: float =
                 return v
         await asyncio.sleep(0.01)
     raise AssertionError(f"no {kind!r} in {log}")
-
-
-async def assert_still_serving(server: P2PHandler, server_dir: PeerDir, tmp_path: Any,
-                               name: str = "legit.test") -> None:
-    """A fresh legitimate peer handshakes and gets its echo."""
-    legit = make_peer(tmp_path, name)
-    server.config.peers.add(__import__("p2psc.config", fromlist=["PeerAddress"]).PeerAddress(
-        name, "127.0.0.1", 1), legit.key.public_key(), persist=False)
-    legit.know(server_dir, port=server_port(server))
-    handler = P2PHandler(workdir=legit.workdir)
-    _, proto = await handler.connect_peer(server_dir.peer_id, ProtocolClass=Client)
-    await asyncio.wait_for(proto.wait_handshaked(), 5)
-    proto.send(b"still there?")
-    assert await asyncio.wait_for(proto.got, 5) == b"recv:still there?"
-    await handler.close()
 
 
 def test_peer_with_wrong_private_key_is_refused(pair: Any, tmp_path: Any, loop_kind: str) -> None:
