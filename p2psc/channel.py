@@ -18,6 +18,7 @@ application, so a slow reader slows the sender down instead of growing memory.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import functools
@@ -213,7 +214,24 @@ async def _run_on_channel(on_channel: OnChannel, ch: Channel) -> None:
             log.debug("closing the channel to %s failed", ch.peer_id, exc_info=True)
 
 
-class Channel:
+class _MessageIterator(abc.ABC):
+    """``async for msg in channel``: messages until a clean close; other errors propagate."""
+
+    @abc.abstractmethod
+    async def recv(self) -> bytes:
+        """The next message."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.recv()
+        except ChannelClosed:
+            raise StopAsyncIteration from None
+
+
+class Channel(_MessageIterator):
     """An authenticated, encrypted message channel to one peer, for ``async``/``await`` code.
 
     Made by :meth:`ChannelHandlerMixin.open_channel` or handed to the ``serve`` callback; the
@@ -282,16 +300,6 @@ class Channel:
         CLOSE record, a :class:`~p2psc.ProtocolError` for a forged record, ...).
         """
         return await self.protocol.get()
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        """Iteration ends when the channel is closed cleanly; other errors propagate."""
-        try:
-            return await self.protocol.get()
-        except ChannelClosed:
-            raise StopAsyncIteration from None
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close gracefully: what was sent is flushed, then the authenticated CLOSE record.
@@ -369,7 +377,7 @@ class DatagramChannelProtocol(UdpP2P):
             raise ChannelClosed("the datagram channel is closed")
 
 
-class DatagramChannel:
+class DatagramChannel(_MessageIterator):
     """Authenticated, encrypted datagrams to one peer over UDP, for ``async``/``await`` code.
 
     Datagram semantics: one :meth:`send` arrives as one :meth:`recv` or not at all (never
@@ -413,15 +421,6 @@ class DatagramChannel:
         """The next datagram; cancel-safe. Raises :class:`ChannelClosed` once either side
         closed the channel, or the error that ended it (e.g. the session's idle expiry)."""
         return await self.protocol.get()
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return await self.protocol.get()
-        except ChannelClosed:
-            raise StopAsyncIteration from None
 
     async def close(self) -> None:
         """Send the authenticated CLOSE to the peer and close the socket."""
