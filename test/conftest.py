@@ -218,3 +218,26 @@ class TcpProxy:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+@pytest.fixture
+def decrypts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts RSA-OAEP decryptions (``decrypts[0]``): none may happen for a forged INIT."""
+    calls = [0]
+    real = keys.decrypt
+
+    def counting(key: Any, ct: bytes) -> Any:
+        calls[0] += 1
+        return real(key, ct)
+
+    monkeypatch.setattr(keys, "decrypt", counting)
+    return calls
+
+
+async def dead_port() -> int:
+    """A port on 127.0.0.1 where nothing listens any more."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port: int = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    return port

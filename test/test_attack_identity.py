@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from attack_util import (I_ID, M_ID, R_ID, Client, Clock, RecordHook, assert_still_serving, clone,
+from attack_util import (I_ID, R_ID, Client, Clock, RecordHook, assert_still_serving, clone,
                          closed_entries, feed, initiator, joined, recorder, responder, run_session,
                          settings)
 from conftest import TcpProxy, make_peer, point_at, rsa_key, run, server_port
@@ -24,19 +24,6 @@ from p2psc.p2pexcept import HandshakeError, SignCheckError, UnknownPeerError
 from p2psc.p2phandler import P2PHandler
 from p2psc.replay import InitReplayCache
 from p2psc.suites import SUITES_BY_CODE
-
-
-@pytest.fixture
-def decrypts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls = [0]
-    real = keys.decrypt
-
-    def counting(key: Any, ct: bytes) -> Any:
-        calls[0] += 1
-        return real(key, ct)
-
-    monkeypatch.setattr(keys, "decrypt", counting)
-    return calls
 
 
 def _init_from(my_id: str, key_name: str, *, peer_id: str = R_ID, clock: Clock | None = None,

@@ -9,11 +9,11 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
-from conftest import PeerDir, make_peer, rsa_key, run, server_port
+from conftest import PeerDir, dead_port, make_peer, rsa_key, run, server_port
 from p2psc import keys
 from p2psc.directory import CENTER_PEER_ID, update_address, update_url_for
 from p2psc.directory.server import make_app, start_server
@@ -181,12 +181,9 @@ def test_moved_peer_is_followed_after_a_failed_connect(tmp_path: Path) -> None:
         await server.run_as_server(ProtocolClass=Echo)
         directory.register(client_dir, 1)
         # the client knows server.test at an old address where nothing listens
-        dead = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        dead_port = dead.sockets[0].getsockname()[1]
-        dead.close()
-        await dead.wait_closed()
-        client_dir.know(server_dir, port=dead_port)
-        directory.register(server_dir, dead_port)
+        port_nobody_uses = await dead_port()
+        client_dir.know(server_dir, port=port_nobody_uses)
+        directory.register(server_dir, port_nobody_uses)
         # the server moves itself in the directory with a signed self-service update
         await update_address(update_url_for(directory.url), "server.test", server_dir.key,
                              "127.0.0.1", server_port(server), timeout=2)
@@ -207,11 +204,8 @@ def test_directory_down_is_a_clear_error_and_known_peers_still_work(pair: Any) -
     server_dir, client_dir = pair
 
     async def main() -> None:
-        dead = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        dead_port = dead.sockets[0].getsockname()[1]
-        dead.close()
-        await dead.wait_closed()
-        use_directory(client_dir, f"http://127.0.0.1:{dead_port}/api/get_peer_info",
+        port_nobody_uses = await dead_port()
+        use_directory(client_dir, f"http://127.0.0.1:{port_nobody_uses}/api/get_peer_info",
                       rsa_key("center"))
         server = P2PHandler(workdir=server_dir.workdir)
         await server.run_as_server(ProtocolClass=Echo)

@@ -48,6 +48,18 @@ class Collector(TcpP2P):
             self.closed.set_result(exc)
 
 
+async def connect_to_echo(server_dir: Any, client_dir: Any, ProtocolClass: Any
+                          ) -> tuple[P2PHandler, P2PHandler, Any]:
+    """An Echo server for ``server_dir`` and a client handler connected to it with
+    ``ProtocolClass``: returns (server handler, client handler, client protocol)."""
+    server = P2PHandler(workdir=server_dir.workdir)
+    await server.run_as_server(ProtocolClass=Echo)
+    point_at(client_dir, server_dir, server_port(server))
+    client = P2PHandler(workdir=client_dir.workdir)
+    _, proto = await client.connect_peer("server.test", ProtocolClass=ProtocolClass)
+    return server, client, proto
+
+
 def _sizes(rng: random.Random, count: int) -> list[int]:
     """Mostly small messages, some large, a few of 1 MiB, and the edge sizes."""
     sizes = [0, 1, 1 << 20]
@@ -70,15 +82,10 @@ def test_echo_1000_random_sizes_byte_exact(pair: Any, loop_kind: str) -> None:
     payloads = [rng.randbytes(n) for n in _sizes(rng, 1000)]
 
     async def main() -> None:
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=Echo)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
-
         class C(Collector):
             expected = len(payloads)
 
-        _, proto = await client.connect_peer("server.test", ProtocolClass=C)
+        server, client, proto = await connect_to_echo(server_dir, client_dir, C)
         await proto.wait_handshaked()
         for p in payloads:
             proto.send(p)
@@ -131,15 +138,10 @@ def test_send_before_handshake_is_queued_and_delivered_in_order(pair: Any) -> No
     server_dir, client_dir = pair
 
     async def main() -> None:
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=Echo)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
-
         class C(Collector):
             expected = 3
 
-        _, proto = await client.connect_peer("server.test", ProtocolClass=C)
+        server, client, proto = await connect_to_echo(server_dir, client_dir, C)
         assert not proto.handshaked
         for m in (b"one", b"two", b"three"):
             proto.send(m)
@@ -156,11 +158,7 @@ def test_pre_handshake_queue_is_bounded(pair: Any) -> None:
     client_dir.update_conf(pending_max_messages=2)
 
     async def main() -> None:
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=Echo)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
-        _, proto = await client.connect_peer("server.test", ProtocolClass=Collector)
+        server, client, proto = await connect_to_echo(server_dir, client_dir, Collector)
         proto.send(b"1")
         proto.send(b"2")
         with pytest.raises(ChannelNotReady):
@@ -176,11 +174,7 @@ def test_send_type_and_size_checks(pair: Any) -> None:
     client_dir.update_conf(max_message_size=1000)
 
     async def main() -> None:
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=Echo)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
-        _, proto = await client.connect_peer("server.test", ProtocolClass=Collector)
+        server, client, proto = await connect_to_echo(server_dir, client_dir, Collector)
         await proto.wait_handshaked()
         with pytest.raises(InvalidDataType):
             proto.send("text is not bytes")  # type: ignore[arg-type]
@@ -214,15 +208,10 @@ def test_key_update_mid_stream(pair: Any, loop_kind: str) -> None:
     msgs = [os.urandom(i) for i in range(60)]
 
     async def main() -> None:
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=Echo)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
-
         class C(Collector):
             expected = len(msgs)
 
-        _, proto = await client.connect_peer("server.test", ProtocolClass=C)
+        server, client, proto = await connect_to_echo(server_dir, client_dir, C)
         for m in msgs:
             proto.send(m)
         await asyncio.wait_for(proto.done, 10)
@@ -302,15 +291,10 @@ def test_transport_wrapper_never_writes_plaintext(pair: Any) -> None:
     server_dir, client_dir = pair
 
     async def main() -> None:
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=Echo)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
-
         class C(Collector):
             expected = 3
 
-        _, proto = await client.connect_peer("server.test", ProtocolClass=C)
+        server, client, proto = await connect_to_echo(server_dir, client_dir, C)
         await proto.wait_handshaked()
         tr = proto.transport
         tr.write(b"one")
