@@ -68,7 +68,7 @@ class Settings:
 def p2psc_default_suite() -> str | None:
     """The suite p2psc picks when none is configured, if the library says."""
     try:
-        from p2psc.suites import default_suite_name
+        from p2psc.config import default_suite_name
 
         return str(default_suite_name())
     except Exception:  # noqa: BLE001 - informational only

@@ -14,26 +14,27 @@ The reference of every key is in docs/CONFIG.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 import os
+import platform
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import keys
+from ._proto.settings import Settings
 from .p2pexcept import ConfigError, UnknownPeerError
-from .suites import SUITES_BY_NAME, default_suite_name
 
 log = logging.getLogger("p2psc.config")
 
-__all__ = ["Settings", "PeerAddress", "PeerConfig", "PeerStore", "read_config_file",
+__all__ = ["Settings", "default_suite_name", "PeerAddress", "PeerConfig", "PeerStore", "read_config_file",
            "substitute", "load_peer_config", "config_from_appublic"]
 
 #: Largest JSON config file read (peers.json with thousands of peers stays far below).
@@ -41,81 +42,25 @@ MAX_JSON_FILE_SIZE = 16 * 1024 * 1024
 _VAR_RE = re.compile(r"\$\[(.*?)\]\$")
 
 
-@dataclass
-class Settings:
-    """Protocol and resource settings; each may be set as a top-level key of conf/config.json."""
+@functools.lru_cache(maxsize=1)
+def _cpu_has_aes() -> bool:
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64") and platform.system() == "Darwin":
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    return "aes" in line.split(":", 1)[-1].split()
+    except OSError:
+        pass
+    return False
 
-    cipher_suite: str = field(default_factory=default_suite_name)
-    enable_rc4: bool = False
-    max_message_size: int = 16 * 1024 * 1024
-    handshake_timeout: float = 10.0
-    timestamp_window: float = 120.0
-    rekey_after_time: float = 600.0
-    rekey_after_messages: int = 1 << 24
-    pending_max_messages: int = 1024
-    pending_max_bytes: int = 16 * 1024 * 1024
-    replay_cache_size: int = 65536
-    idle_timeout: float = 0.0
-    keepalive_interval: float = 0.0
-    #: Accepted connections whose handshake has not completed, at most; when full, the oldest
-    #: is dropped to make room (0: no limit). Bounds what a flood of half-open connections holds.
-    max_pending_handshakes: int = 1024
-    allow_key_change: bool = False
-    directory_timeout: float = 5.0
-    channel_queue_size: int = 64  # messages a Channel buffers before it stops reading
-    # UDP
-    udp_max_payload: int = 1200
-    udp_handshake_retry: float = 1.0
-    udp_handshake_timeout: float = 15.0
-    udp_session_idle_timeout: float = 180.0
-    udp_rekey_grace: float = 10.0
-    udp_max_sessions: int = 10000          # sessions (any state) one UDP socket holds at most
-    udp_init_rate: float = 100.0           # INITs/s that may cost RSA work, in total ...
-    udp_init_burst: int = 200              # ... with this burst
-    udp_init_rate_per_addr: float = 2.0    # INITs/s per source IP (IPv6: per /64) ...
-    udp_init_burst_per_addr: int = 5       # ... with this burst
 
-    @classmethod
-    def from_mapping(cls, conf: Mapping[str, Any], where: str) -> Settings:
-        """Build settings from the keys of ``conf`` that name a setting; check types and ranges."""
-        s = cls()
-        for f in fields(cls):
-            if f.name not in conf:
-                continue
-            value = conf[f.name]
-            default = getattr(s, f.name)
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise ConfigError(f"{where}: {f.name} must be true or false, not {value!r}")
-            elif isinstance(default, (int, float)):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"{where}: {f.name} must be a number, not {value!r}")
-                if isinstance(default, int) and not isinstance(value, int):
-                    raise ConfigError(f"{where}: {f.name} must be a whole number, not {value!r}")
-                try:
-                    finite = math.isfinite(value)
-                except OverflowError:  # an int too large for a float
-                    finite = False
-                if not finite:  # NaN would disable every comparison (e.g. the INIT time window)
-                    raise ConfigError(f"{where}: {f.name} must be a finite number, not {value!r}")
-                if value < 0:
-                    raise ConfigError(f"{where}: {f.name} must not be negative")
-            elif not isinstance(value, str):
-                raise ConfigError(f"{where}: {f.name} must be a string, not {value!r}")
-            setattr(s, f.name, value)
-        if s.cipher_suite not in SUITES_BY_NAME:
-            raise ConfigError(f"{where}: unknown cipher_suite {s.cipher_suite!r}; "
-                              f"choose one of {', '.join(SUITES_BY_NAME)}")
-        if SUITES_BY_NAME[s.cipher_suite].weak and not s.enable_rc4:
-            raise ConfigError(f"{where}: cipher_suite {s.cipher_suite} needs enable_rc4: true "
-                              "(it is weak; see the README)")
-        if not 1 <= s.max_message_size <= (1 << 31):
-            raise ConfigError(f"{where}: max_message_size must be between 1 and 2**31")
-        if s.handshake_timeout <= 0 or s.timestamp_window <= 0:
-            raise ConfigError(f"{where}: handshake_timeout and timestamp_window must be positive")
-        if s.rekey_after_messages < 1 or s.rekey_after_time <= 0:
-            raise ConfigError(f"{where}: rekey_after_messages and rekey_after_time must be positive")
-        return s
+def default_suite_name() -> str:
+    """AES-256-GCM where the CPU has AES instructions (as TLS libraries choose), else
+    ChaCha20-Poly1305."""
+    return "aes-256-gcm" if _cpu_has_aes() else "chacha20-poly1305"
 
 
 @dataclass(frozen=True)
@@ -346,7 +291,7 @@ def load_peer_config(conf: Mapping[str, Any]) -> PeerConfig:
         v = conf.get(k)
         if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
             raise ConfigError(f"{where}: missing or empty {k!r}")
-    settings = Settings.from_mapping(conf, where)
+    settings = Settings.from_mapping({"cipher_suite": default_suite_name(), **conf}, where)
 
     password = conf.get("my_prikey_password")
     if password is None:

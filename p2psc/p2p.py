@@ -1,8 +1,10 @@
 """``TcpP2P``: the asyncio protocol applications subclass for TCP peers.
 
-A thin adapter over the sans-IO :class:`p2psc.connection.Connection`: it feeds received
-bytes in, dispatches events to the hooks, and writes what the connection produces. Records
-sent in one event-loop iteration are coalesced into one socket write.
+A thin adapter over the sans-IO :class:`p2psc._proto.tcp.Connection`: it feeds received
+bytes in (with the loop's time), turns events into hooks, writes what the connection
+produces, and keeps one loop timer on the connection's next deadline (handshake timeout,
+keepalive, idle timeout, rekey). Records sent in one event-loop iteration are coalesced into
+one socket write.
 """
 
 from __future__ import annotations
@@ -11,22 +13,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .connection import (
-    Connection,
-    ConnectionClosed,
-    HandshakeComplete,
-    MessageReceived,
-    PeerKeyNeeded,
-    Role,
-    State,
-)
+from ._aio import AdapterBase
+from ._proto.events import Closed, Event, HandshakeComplete, MessageReceived, PeerKeyNeeded
+from ._proto.tcp import Connection, Role, State
 from .p2pexcept import (
     ChannelNotReady,
     ConnectionLost,
     HandshakeError,
-    HandshakeTimeout,
     InvalidDataType,
-    MessageTooLarge,
     P2PError,
     StatusError,
 )
@@ -56,7 +50,7 @@ class SecureTransport:
 
     def abort(self) -> None:
         """Close at once, without CLOSE (the peer sees a lost connection)."""
-        self._protocol._abort()
+        self._protocol.abort()
 
     def write(self, data: bytes) -> None:
         """Send ``data`` as one encrypted message (same as ``protocol.send``)."""
@@ -106,7 +100,7 @@ FLUSH_THRESHOLD = 64 * 1024
 JOIN_LIMIT = 256 * 1024
 
 
-class TcpP2P(asyncio.BufferedProtocol):
+class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
     """An authenticated, encrypted TCP channel to one peer.
 
     Built by :class:`~p2psc.p2phandler.P2PHandler` as ``ProtocolClass(handler, myid, peer_id)``
@@ -121,13 +115,12 @@ class TcpP2P(asyncio.BufferedProtocol):
     # slots keep an idle connection small; subclasses may still add attributes of their own
     __slots__ = (
         "__weakref__", "handler", "myid", "peer_id", "transport", "_raw", "_conn", "_prepared",
-        "_loop", "_pending", "_pending_bytes", "_flush_handle", "_timer", "_handshaked",
-        "_error", "_closed", "_waiters", "_paused", "_drain_waiters", "_lookup_task",
-        "_peername", "_got_data", "_lost", "_closed_waiters", "_last_recv", "_last_send",
-        "_tick", "_liveness", "_reading",
+        "_flush_handle", "_paused", "_drain_waiters", "_peername", "_got_data", "_lost",
+        "_closed_waiters", "_reading",
     )
 
     def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None):
+        AdapterBase.__init__(self)
         self.handler = handler
         self.myid = myid
         self.peer_id = peer_id
@@ -135,26 +128,13 @@ class TcpP2P(asyncio.BufferedProtocol):
         self._raw: asyncio.Transport | None = None
         self._conn: Connection | None = None
         self._prepared: Connection | None = None  # an initiator's connection made in advance
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[bytes] | None = None  # a list once needed
-        self._pending_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._handshaked = False
-        self._error: P2PError | None = None
-        self._closed = False
-        self._waiters: list[asyncio.Future[None]] | None = None  # a list once needed
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] | None = None  # a list once needed
-        self._lookup_task: asyncio.Task[None] | None = None
         self._peername: Any = None
         self._got_data = False
         self._lost = False
         self._closed_waiters: list[asyncio.Future[Exception | None]] | None = None
-        self._last_recv = 0.0
-        self._last_send = 0.0
-        self._tick: asyncio.TimerHandle | None = None
-        self._liveness = False  # keepalive / idle timeout active
         self._reading = False  # in the hooks of a read: sends are written when it is handled
 
     # -- hooks for applications ---------------------------------------------------------------
@@ -185,49 +165,27 @@ class TcpP2P(asyncio.BufferedProtocol):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidDataType(f"send() takes bytes-like data, not {type(data).__name__}")
         conn = self._conn
-        if self._handshaked and conn is not None and not self._closed:
-            conn.send(data)
-            if self._reading:  # answering a read: written once the read is handled
-                if conn._out_size >= FLUSH_THRESHOLD:
-                    self._write_now()
-                return
-            if self._flush_handle is None:
-                # the first record of this event-loop iteration goes out at once (latency);
-                # the ones that follow in the same iteration are coalesced into one write
-                self._write_now()
-                self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
-            elif conn._out_size >= FLUSH_THRESHOLD:
+        if conn is None or self._closed:
+            raise ChannelNotReady("the connection is closed")
+        conn.send(data)
+        if not self._handshaked:
+            return  # queued by the connection until the handshake completes
+        if self._reading:  # answering a read: written once the read is handled
+            if conn.pending_output >= FLUSH_THRESHOLD:
                 self._write_now()
             return
-        if self._closed or self._error is not None:
-            raise ChannelNotReady("the connection is closed")
-        settings = self.handler.settings
-        if len(data) > settings.max_message_size:
-            raise MessageTooLarge(f"message of {len(data)} bytes is over the "
-                                  f"{settings.max_message_size}-byte limit")
-        if (len(self._pending or ()) >= settings.pending_max_messages
-                or self._pending_bytes + len(data) > settings.pending_max_bytes):
-            raise ChannelNotReady("the handshake has not completed and the pre-handshake queue "
-                                  "is full")
-        if self._pending is None:
-            self._pending = []
-        self._pending.append(bytes(data))
-        self._pending_bytes += len(data)
+        if self._flush_handle is None:
+            # the first record of this event-loop iteration goes out at once (latency);
+            # the ones that follow in the same iteration are coalesced into one write
+            self._write_now()
+            self._flush_handle = self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+        elif conn.pending_output >= FLUSH_THRESHOLD:
+            self._write_now()
 
     async def wait_handshaked(self) -> None:
         """Return when the handshake is done; raise its error if it failed or the connection
         closed first."""
-        if self._handshaked:
-            return
-        if self._error is not None:
-            raise self._error
-        if self._closed:
-            raise HandshakeError("the connection closed before the handshake completed")
-        fut = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(fut)
-        await fut
+        await self._wait_handshaked("the connection closed before the handshake completed")
 
     async def wait_closed(self) -> Exception | None:
         """Wait until the connection has ended; returns what ``on_closed`` got (None for a
@@ -260,8 +218,28 @@ class TcpP2P(asyncio.BufferedProtocol):
         if conn is not None and self._handshaked:
             conn.close()
             self._flush()
-        self._set_closed(None)
+        self._end(None)
         self._raw.close()
+
+    def abort(self) -> None:
+        """Close at once, without CLOSE (the peer sees a lost connection)."""
+        self._end(ConnectionLost("aborted locally"))
+        if self._raw is not None:
+            self._raw.abort()
+
+    def fail(self, exc: P2PError) -> None:
+        """End the connection for ``exc`` (logged; nothing more is sent)."""
+        if self._closed:
+            return
+        log.warning("%s: %s: %s", self._describe(), type(exc).__name__, exc)
+        # the error outlives the connection (wait_handshaked, on_closed): drop the frames of
+        # its traceback and context, which would keep the connection's keys alive
+        exc.__traceback__ = None
+        if exc.__suppress_context__:
+            exc.__context__ = None
+        self._end(exc)
+        if self._raw is not None:
+            self._raw.abort()
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -275,16 +253,15 @@ class TcpP2P(asyncio.BufferedProtocol):
         try:
             conn = self._prepared or handler._new_connection(role, self.peer_id)
         except P2PError as exc:
-            self._fail(exc)
+            self.fail(exc)
             return
         self._conn, self._prepared = conn, None
         handler._register(self)
-        self._timer = self._loop.call_later(handler.settings.handshake_timeout,
-                                            self._on_handshake_timeout)
         if role is Role.INITIATOR:
             if conn.state is State.IDLE:
-                conn.initiate()
+                conn.initiate(self._loop.time())
             self._flush()
+        self._rearm_timer()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         conn = self._conn
@@ -297,33 +274,17 @@ class TcpP2P(asyncio.BufferedProtocol):
         if conn is None or self._closed:
             return
         self._got_data = True
-        if self._liveness:
-            self._last_recv = self._loop.time()  # type: ignore[union-attr]
-        try:
-            events = conn.buffer_updated(nbytes)
-        except P2PError as exc:
-            before = getattr(exc, "events", None)
-            if before:  # authentic messages that came before the bad record
-                self._dispatch(before)
-            self._fail(exc)
-            return
+        events = conn.buffer_updated(nbytes, self._loop.time())  # type: ignore[union-attr]
         if events:
             self._reading = True
             try:
                 self._dispatch(events)
             finally:
                 self._reading = False
-        if conn._out:  # what the hooks sent in answer to this read: one write, now
-            self._write_now()
-        if conn._derive is not None:
-            self._derive_keys(conn)
-
-    def _derive_keys(self, conn: Connection) -> None:
-        """RESP is on its way: decrypt the key material meanwhile."""
-        try:
-            conn.derive_keys()
-        except P2PError as exc:
-            self._fail(exc)
+        if conn.pending_output and not self._closed:
+            self._write_now()  # what the hooks sent in answer to this read: one write, now
+        if conn.needs_key_derivation:
+            conn.derive_keys()  # RESP is on its way: decrypt the key material meanwhile
 
     def data_received(self, data: bytes) -> None:
         """Feed bytes as if read from the socket (the transport itself uses the buffer API)."""
@@ -338,15 +299,20 @@ class TcpP2P(asyncio.BufferedProtocol):
                 self.buffer_updated(k)
 
     def eof_received(self) -> bool:
-        if self._conn is not None:
-            self._dispatch(self._conn.receive_eof())
+        conn = self._conn
+        if conn is None or self._closed:
+            return False
+        for ev in conn.receive_eof(self._loop.time()):  # type: ignore[union-attr]
+            if type(ev) is Closed and ev.error is not None:
+                # a connection that closes before sending anything (a port probe) is routine
+                log.log(logging.WARNING if self._got_data else logging.DEBUG, "%s: %s",
+                        self._describe(), ev.error)
+                self._end(ev.error)
+                if self._raw is not None:
+                    self._raw.close()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._lookup_task is not None:
-            self._lookup_task.cancel()
         if not self._closed:
             if exc is not None:
                 err: P2PError = ConnectionLost(f"connection lost: {exc}")
@@ -354,7 +320,7 @@ class TcpP2P(asyncio.BufferedProtocol):
                 err = ConnectionLost("the connection ended without the peer's CLOSE record")
             else:
                 err = HandshakeError("the connection closed before the handshake completed")
-            self._set_closed(err)
+            self._end(err)
         self._conn = None
         for fut in self._drain_waiters or ():
             if not fut.done():
@@ -380,7 +346,7 @@ class TcpP2P(asyncio.BufferedProtocol):
 
     # -- internals --------------------------------------------------------------------------
 
-    def _dispatch(self, events: list[Any]) -> None:
+    def _dispatch(self, events: list[Event]) -> None:
         on_recv = self.on_recv
         for ev in events:
             if self._closed:
@@ -392,16 +358,18 @@ class TcpP2P(asyncio.BufferedProtocol):
                     log.exception("%s: exception in on_recv", self._describe())
             elif type(ev) is HandshakeComplete:
                 self._on_handshake_complete(ev.peer_id)
-            elif type(ev) is ConnectionClosed:
-                self._set_closed(ev.error)
-                if ev.error is not None:
-                    # a connection that closes before sending anything (a port probe) is routine
-                    level = logging.WARNING if self._got_data else logging.DEBUG
-                    log.log(level, "%s: %s", self._describe(), ev.error)
-                if self._raw is not None:
-                    self._raw.close()
+            elif type(ev) is Closed:
+                self._on_closed_event(ev.error)
             elif type(ev) is PeerKeyNeeded:
-                self._lookup_task = asyncio.ensure_future(self._resolve_peer_key(ev.peer_id))
+                self._start_task(self._resolve_peer_key(ev.peer_id))
+
+    def _on_closed_event(self, error: P2PError | None) -> None:
+        if error is not None:  # a protocol failure or a timeout
+            self.fail(error)
+            return
+        self._end(None)  # the peer's authenticated CLOSE
+        if self._raw is not None:
+            self._raw.close()
 
     async def _resolve_peer_key(self, peer_id: str) -> None:
         try:
@@ -412,68 +380,37 @@ class TcpP2P(asyncio.BufferedProtocol):
         conn = self._conn
         if conn is None or self._closed or conn.state is not State.AWAIT_PEER_KEY:
             return
-        try:
-            events = conn.provide_peer_key(key)
-        except P2PError as exc:
-            before = getattr(exc, "events", None)
-            if before:
-                self._dispatch(before)
-            self._fail(exc)
+        self._dispatch(conn.provide_peer_key(key, self._loop.time()))  # type: ignore[union-attr]
+        if self._closed:
             return
-        self._dispatch(events)
         self._flush()
-        if conn._derive is not None:
-            self._derive_keys(conn)
+        if conn.needs_key_derivation:
+            conn.derive_keys()
 
     def _on_handshake_complete(self, peer_id: str) -> None:
         self.peer_id = peer_id
         self._handshaked = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.handler._on_handshaked(self)
+        self._wake_waiters(None)
         conn = self._conn
         assert conn is not None
-        for data in self._pending or ():
-            conn.send(data)
-        self._pending = None
-        self._pending_bytes = 0
-        self.handler._on_handshaked(self)
-        for fut in self._waiters or ():
-            if not fut.done():
-                fut.set_result(None)
-        self._waiters = None
         log.debug("%s: handshake complete (%s)", self._describe(), conn.suite_name)
-        self._start_liveness_timer()
+        self._cancel_timer()  # the handshake's deadline: now keepalive / idle / rekey
+        self._rearm_timer()
         self._call_hook(self.on_handshaked)
         self._flush()
 
-    def _start_liveness_timer(self) -> None:
-        settings = self.handler.settings
-        periods = [p for p in (settings.keepalive_interval, settings.idle_timeout / 4) if p > 0]
-        if not periods:
-            return
-        loop = self._loop
-        assert loop is not None
-        self._last_recv = self._last_send = loop.time()
-        self._liveness = True
-        self._tick = loop.call_later(min(periods), self._on_tick, min(periods))
+    def _core_timer(self) -> float | None:
+        conn = self._conn
+        return conn.get_timer() if conn is not None else None
 
-    def _on_tick(self, period: float) -> None:
-        """Keepalive and idle timeout: ping when we have been quiet, give up on a silent peer."""
-        self._tick = None
-        conn, loop = self._conn, self._loop
-        if conn is None or loop is None or self._closed:
+    def _on_core_timer(self, now: float) -> None:
+        conn = self._conn
+        if conn is None:
             return
-        settings = self.handler.settings
-        now = loop.time()
-        if settings.idle_timeout > 0 and now - self._last_recv > settings.idle_timeout:
-            self._fail(ConnectionLost(f"nothing received from the peer for "
-                                      f"{settings.idle_timeout:g} s (idle timeout)"))
-            return
-        if settings.keepalive_interval > 0 and now - self._last_send >= settings.keepalive_interval:
-            conn.send_ping()
+        self._dispatch(conn.handle_timer(now))
+        if not self._closed:
             self._flush()
-        self._tick = loop.call_later(period, self._on_tick, period)
 
     def _flush(self) -> None:
         """Write what is queued (also the end-of-iteration callback that coalesces sends)."""
@@ -484,12 +421,10 @@ class TcpP2P(asyncio.BufferedProtocol):
         conn, raw = self._conn, self._raw
         if conn is None or raw is None:
             return
-        size = conn._out_size
+        size = conn.pending_output
         out = conn.data_to_send()
         if not out:
             return
-        if self._liveness:
-            self._last_send = self._loop.time()  # type: ignore[union-attr]
         if not raw.is_closing():
             if len(out) == 1:
                 raw.write(out[0])
@@ -498,57 +433,11 @@ class TcpP2P(asyncio.BufferedProtocol):
             else:  # large records: no copy into one buffer (uvloop writes them with writev)
                 raw.writelines(out)
 
-    def _on_handshake_timeout(self) -> None:
-        self._timer = None
-        if not self._handshaked and not self._closed:
-            self._fail(HandshakeTimeout(
-                f"handshake not completed within {self.handler.settings.handshake_timeout} s"))
-
-    def _fail(self, exc: P2PError) -> None:
-        """A protocol failure: log it, close the connection without sending anything more."""
-        if self._closed:
+    def _end(self, error: P2PError | None) -> None:
+        if not self._set_closed(error, "the connection closed before the handshake completed"):
             return
-        log.warning("%s: %s: %s", self._describe(), type(exc).__name__, exc)
-        # the error outlives the connection (wait_handshaked, on_closed): drop the frames of
-        # its traceback and context, which would keep the connection's keys alive
-        exc.__traceback__ = None
-        if exc.__suppress_context__:
-            exc.__context__ = None
-        self._set_closed(exc)
-        if self._raw is not None:
-            self._raw.abort()
-
-    def _abort(self) -> None:
-        if not self._closed:
-            self._set_closed(ConnectionLost("aborted locally"))
-        if self._raw is not None:
-            self._raw.abort()
-
-    def _set_closed(self, error: P2PError | None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._error = error
         if self._conn is not None and self._conn.state is not State.CLOSED:
-            self._conn.state = State.CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._tick is not None:
-            self._tick.cancel()
-            self._tick = None
-        self._pending = None
-        for fut in self._waiters or ():  # only waiting while the handshake is not complete
-            if not fut.done():
-                fut.set_exception(error or HandshakeError("the connection closed before the "
-                                                          "handshake completed"))
-        self._waiters = None
-
-    def _call_hook(self, hook: Any, *args: Any) -> None:
-        try:
-            hook(*args)
-        except Exception:
-            log.exception("%s: exception in %s", self._describe(), getattr(hook, "__name__", hook))
+            self._conn.abort()
 
     def _describe(self) -> str:
         who = self.peer_id or "unknown peer"

@@ -10,7 +10,10 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .buffers import BufferPool
+from ._aio import wall_offset
+from ._proto.buffers import BufferPool
+from ._proto.replay import InitReplayCache
+from ._proto.tcp import SCRATCH_SIZE, Connection, Role, State
 from .channel import ChannelHandlerMixin
 from .config import (
     PeerAddress,
@@ -20,11 +23,9 @@ from .config import (
     load_peer_config,
     read_config_file,
 )
-from .connection import SCRATCH_SIZE, Connection, Role, State
 from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
 from .p2p import TcpP2P
 from .p2pexcept import ConfigError, DirectoryError, HandshakeError, P2PError, StatusError, UnknownPeerError
-from .replay import InitReplayCache
 from .udp_p2p import UdpHandlerMixin
 
 log = logging.getLogger("p2psc.p2phandler")
@@ -144,7 +145,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
         try:
             await asyncio.sleep(0)  # the connect has started (or failed)
             if not task.done() and conn.state is State.IDLE:
-                conn.initiate()
+                conn.initiate(loop.time())
             transport, protocol = await task
         except BaseException:
             # no connection is left without an owner
@@ -255,16 +256,20 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
 
     def _new_connection(self, role: Role, peer_id: str | None) -> Connection:
         cfg = self.config
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if role is Role.INITIATOR:
             assert peer_id is not None
             key = cfg.peers.public_key(peer_id)
             if key is None:
                 raise UnknownPeerError(f"no public key for {peer_id!r}")
             return Connection(role, cfg.peer_id, cfg.private_key, self.settings,
-                              peer_id=peer_id, peer_public_key=key, scratch=self._scratch_buffer(),
+                              peer_id=peer_id, peer_public_key=key, now=now,
+                              wall_offset=wall_offset(loop), scratch=self._scratch_buffer(),
                               pool=self._buffer_pool)
         return Connection(role, cfg.peer_id, cfg.private_key, self.settings,
                           key_lookup=cfg.peers.public_key, replay_cache=self.replay_cache,
+                          now=now, wall_offset=wall_offset(loop),
                           scratch=self._scratch_buffer(), pool=self._buffer_pool)
 
     def _scratch_buffer(self) -> bytearray:
@@ -281,7 +286,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             while limit and len(self._pending) >= limit:
                 oldest = next(iter(self._pending))
                 del self._pending[oldest]
-                oldest._fail(HandshakeError(
+                oldest.fail(HandshakeError(
                     f"dropped: {limit} handshakes pending (max_pending_handshakes); this one "
                     "was the oldest"))
             self._pending[proto] = None

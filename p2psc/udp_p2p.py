@@ -1,8 +1,9 @@
 """``UdpP2P``: the asyncio datagram protocol applications subclass for UDP peers, and the
 ``P2PHandler`` mixin that runs a UDP server or connects a UDP client.
 
-A thin adapter over the sans-IO :class:`p2psc.udp_session.UdpEndpoint`: datagrams in,
-hooks called, datagrams out, one asyncio timer for the endpoint's next deadline. On the
+A thin adapter over the sans-IO :class:`p2psc._proto.udp.UdpEndpoint`: datagrams in (with
+the loop's time), events turned into hooks, datagrams out, one loop timer on the endpoint's
+next deadline. On the
 stdlib event loop the socket is read with ``recvfrom_into`` a reusable buffer (the stdlib
 transport allocates 256 KiB per datagram and drops most of a burst); uvloop's own path is
 kept. The protocol is described in docs/UDP.md.
@@ -13,19 +14,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._aio import AdapterBase, wall_offset
+from ._proto.events import (
+    Closed,
+    DatagramReceived,
+    Event,
+    HandshakeComplete,
+    HandshakeFailed,
+    PeerKeyNeeded,
+)
+from ._proto.udp import UdpEndpoint
 from .p2pexcept import (
     ChannelNotReady,
-    HandshakeError,
     InvalidDataType,
     MissRemoteAddr,
     P2PError,
     StatusError,
 )
-from .udp_session import HandshakeComplete, HandshakeFailed, PeerClosed, PeerKeyNeeded, UdpEndpoint
 
 if TYPE_CHECKING:
     from .p2phandler import P2PHandler
@@ -37,10 +45,9 @@ __all__ = ["UdpHandlerMixin", "UdpP2P"]
 _READ_BATCH = 256          # datagrams read per wake-up at most (fairness with other work)
 _RECV_BUF = 65536          # larger than any UDP datagram
 _SOCK_BUF = 1 << 20        # socket buffers asked for (the kernel may cap them)
-_monotonic = time.monotonic
 
 
-class UdpP2P(asyncio.DatagramProtocol):
+class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
     """Authenticated, encrypted datagrams with any number of peers on one socket.
 
     Built by the handler as ``ProtocolClass(handler, myid, peer_id=None)``: with a
@@ -56,21 +63,14 @@ class UdpP2P(asyncio.DatagramProtocol):
     """
 
     def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None):
+        AdapterBase.__init__(self)
         self.handler = handler
         self.myid = myid
         self.peer_id = peer_id
         self.transport: asyncio.DatagramTransport | None = None
         self._ep: UdpEndpoint | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None            # set by the handler
         self._target: tuple[Any, Any] | None = None        # client: (address, public key)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
-        self._handshaked = False
-        self._error: P2PError | None = None
-        self._closed = False
-        self._waiters: list[asyncio.Future[None]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self._rbuf: bytearray | None = None
 
     # -- hooks for applications ---------------------------------------------------------------
@@ -109,49 +109,27 @@ class UdpP2P(asyncio.DatagramProtocol):
     def send(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
         """Send one datagram: a client to its peer by default; a server must name ``addr``
         (an authenticated peer's address) or use :meth:`send_to_peer`."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidDataType(f"send() takes bytes-like data, not {type(data).__name__}")
-        ep = self._ep
-        if ep is None or self._closed:
-            raise ChannelNotReady("the UDP endpoint is not open")
+        ep = self._open_endpoint(data)
+        now = self._loop.time()  # type: ignore[union-attr]
         if addr is None or (self.peer_id is not None and self._target is not None
                             and addr == self._target[0]):
             if self.peer_id is None:
                 raise MissRemoteAddr("a server must name the address: send(data, addr) or "
                                      "send_to_peer(peer_id, data)")
-            r = ep.send(self.peer_id, data)
+            r = ep.send(self.peer_id, data, now)
         else:
-            r = ep.send_to_addr(addr, data)
-        if r is not None:
-            self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
-        if ep.out or ep.timer_dirty:
-            self._after()
+            r = ep.send_to_addr(addr, data, now)
+        self._sent(ep, r)
 
     def send_to_peer(self, peer_id: str, data: bytes | bytearray | memoryview) -> None:
         """Send one datagram to ``peer_id`` (its latest authenticated session)."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidDataType(f"send() takes bytes-like data, not {type(data).__name__}")
-        ep = self._ep
-        if ep is None or self._closed:
-            raise ChannelNotReady("the UDP endpoint is not open")
-        r = ep.send(peer_id, data)
-        if r is not None:
-            self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
-        if ep.out or ep.timer_dirty:
-            self._after()
+        ep = self._open_endpoint(data)
+        self._sent(ep, ep.send(peer_id, data, self._loop.time()))  # type: ignore[union-attr]
 
     async def wait_handshaked(self) -> None:
         """Return when the handshake is done (a server: the first one); raise its error if
         it failed (e.g. :class:`HandshakeTimeout` after ``udp_handshake_timeout``)."""
-        if self._handshaked:
-            return
-        if self._error is not None:
-            raise self._error
-        if self._closed:
-            raise HandshakeError("the UDP endpoint closed before the handshake completed")
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        await fut
+        await self._wait_handshaked("the UDP endpoint closed before the handshake completed")
 
     def stop(self) -> None:
         """Send an authenticated CLOSE to every peer and close the socket."""
@@ -161,7 +139,7 @@ class UdpP2P(asyncio.DatagramProtocol):
         if ep is not None and self.transport is not None and not self.transport.is_closing():
             ep.close_all()
             self._flush()
-        self._set_closed(None)
+        self._end(None)
         if self.transport is not None:
             self.transport.close()
 
@@ -173,12 +151,13 @@ class UdpP2P(asyncio.DatagramProtocol):
         self._loop = loop = asyncio.get_running_loop()
         self.transport = transport  # type: ignore[assignment]
         handler = self.handler
-        now = _monotonic()
+        now = loop.time()
         try:
             self._ep = UdpEndpoint(self.myid, handler.private_key, handler.settings,
                                    key_lookup=handler.config.peers.public_key,
                                    replay_cache=handler.replay_cache,
-                                   accept_from=self.peer_id, now=now)
+                                   accept_from=self.peer_id, now=now,
+                                   wall_offset=wall_offset(loop))
         except P2PError as exc:
             self._fail(exc)
             transport.close()
@@ -193,22 +172,15 @@ class UdpP2P(asyncio.DatagramProtocol):
             except P2PError as exc:
                 self._fail(exc)
                 return
-            self._after()
+            self._after([])
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         ep = self._ep
         if ep is None or self._closed:
             return
-        pt = ep.receive(data, addr, _monotonic())
-        if ep.events:
-            self._dispatch()
-        if pt is not None:
-            try:
-                self.on_recv(pt, addr)
-            except Exception:
-                log.exception("%s: exception in on_recv", self.myid)
-        if ep.out or ep.timer_dirty:
-            self._after()
+        self._handle_datagram(ep, data, addr, self._loop.time())  # type: ignore[union-attr]
+        if ep.timer_dirty:
+            self._rearm_timer()
 
     def error_received(self, exc: Exception) -> None:
         log.debug("%s: socket error: %s", self.myid, exc)
@@ -216,10 +188,19 @@ class UdpP2P(asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             log.warning("%s: UDP socket lost: %s", self.myid, exc)
-        self._set_closed(None)
+        self._end(None)
         self.handler._udp_unregister(self)
 
-    # -- the stdlib loop's receive path -------------------------------------------------------
+    # -- receiving ------------------------------------------------------------------------------
+
+    def _handle_datagram(self, ep: UdpEndpoint, data: bytes | memoryview, addr: Any,
+                         now: float) -> None:
+        """One received datagram, from either read path: events, then what is to be sent."""
+        events = ep.receive(data, addr, now)
+        if events:
+            self._dispatch(events)
+        if ep.out:
+            self._flush()
 
     def _install_reader(self) -> None:
         """Replace the stdlib transport's reader (256 KiB allocated per datagram) by ours."""
@@ -232,13 +213,12 @@ class UdpP2P(asyncio.DatagramProtocol):
         loop._add_reader(fd, self._read_ready)  # type: ignore[union-attr]
 
     def _read_ready(self) -> None:
-        ep, sock, buf = self._ep, self._sock, self._rbuf
-        if ep is None or sock is None or buf is None or self._closed:
+        ep, sock, buf, loop = self._ep, self._sock, self._rbuf, self._loop
+        if ep is None or sock is None or buf is None or loop is None or self._closed:
             return
         recv = sock.recvfrom_into
         mv = memoryview(buf)
-        receive = ep.receive
-        now = _monotonic()
+        now = loop.time()
         for _ in range(_READ_BATCH):
             try:
                 n, addr = recv(buf)
@@ -247,34 +227,39 @@ class UdpP2P(asyncio.DatagramProtocol):
             except OSError as exc:
                 self.error_received(exc)
                 break
-            pt = receive(mv[:n], addr, now)
-            if ep.events:
-                self._dispatch()
-            if pt is not None:
-                try:
-                    self.on_recv(pt, addr)
-                except Exception:
-                    log.exception("%s: exception in on_recv", self.myid)
-            if ep.out:
-                self._flush()
+            self._handle_datagram(ep, mv[:n], addr, now)
             if self._closed:
                 return
         if ep.timer_dirty:
-            self._reschedule()
+            self._rearm_timer()
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _after(self) -> None:
+    def _open_endpoint(self, data: object) -> UdpEndpoint:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidDataType(f"send() takes bytes-like data, not {type(data).__name__}")
+        ep = self._ep
+        if ep is None or self._closed:
+            raise ChannelNotReady("the UDP endpoint is not open")
+        return ep
+
+    def _sent(self, ep: UdpEndpoint, r: tuple[bytes, Any] | None) -> None:
+        if r is not None:
+            self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
+        if ep.out or ep.timer_dirty:
+            self._after([])
+
+    def _after(self, events: list[Event]) -> None:
         """After a call into the endpoint: events, datagrams, timer."""
         ep = self._ep
         if ep is None:
             return
-        if ep.events:
-            self._dispatch()
+        if events:
+            self._dispatch(events)
         if ep.out:
             self._flush()
         if ep.timer_dirty:
-            self._reschedule()
+            self._rearm_timer()
 
     def _flush(self) -> None:
         ep, transport = self._ep, self.transport
@@ -287,35 +272,32 @@ class UdpP2P(asyncio.DatagramProtocol):
         for dgram, addr in out:
             sendto(dgram, addr)
 
-    def _reschedule(self) -> None:
+    def _core_timer(self) -> float | None:
+        ep = self._ep
+        return ep.get_timer() if ep is not None else None
+
+    def _on_core_timer(self, now: float) -> None:
         ep, loop = self._ep, self._loop
-        if ep is None or loop is None or self._closed:
+        if ep is None or loop is None:
             return
-        when = ep.get_timer()
-        if when is None or when >= self._timer_at:
-            return  # an earlier (or no) wake-up is already set; a spurious one re-checks
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = loop.call_later(max(0.0, when - _monotonic()), self._on_timer)
+        ep.wall_offset = wall_offset(loop)  # follow wall-clock steps for later INITs
+        events = ep.handle_timer(now)
+        if events:
+            self._dispatch(events)
+        if ep.out:
+            self._flush()
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = float("inf")
-        ep = self._ep
-        if ep is None or self._closed:
-            return
-        ep.handle_timer(_monotonic())
-        self._after()
-
-    def _dispatch(self) -> None:
-        ep = self._ep
-        if ep is None:
-            return
-        for ev in ep.take_events():
+    def _dispatch(self, events: list[Event]) -> None:
+        on_recv = self.on_recv
+        for ev in events:
             if self._closed:
                 return
-            if type(ev) is HandshakeComplete:
+            if type(ev) is DatagramReceived:
+                try:
+                    on_recv(ev.data, ev.addr)
+                except Exception:
+                    log.exception("%s: exception in on_recv", self.myid)
+            elif type(ev) is HandshakeComplete:
                 if ev.rekey:
                     continue
                 if self.peer_id is not None and self._handshaked:
@@ -323,10 +305,7 @@ class UdpP2P(asyncio.DatagramProtocol):
                 first = not self._handshaked
                 self._handshaked = True
                 if first:
-                    for fut in self._waiters:
-                        if not fut.done():
-                            fut.set_result(None)
-                    self._waiters.clear()
+                    self._wake_waiters(None)
                 self._call_hook(self.on_peer_handshaked, ev.peer_id, ev.addr)
             elif type(ev) is HandshakeFailed:
                 if ev.rekey:
@@ -336,12 +315,10 @@ class UdpP2P(asyncio.DatagramProtocol):
                     self._fail(ev.error)
                     if self.transport is not None:
                         self.transport.close()
-            elif type(ev) is PeerClosed:
+            elif type(ev) is Closed:
                 self._call_hook(self.on_peer_closed, ev.peer_id, ev.error)
             elif type(ev) is PeerKeyNeeded:
-                task = asyncio.ensure_future(self._lookup(ev.peer_id, ev.token))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._start_task(self._lookup(ev.peer_id, ev.token))
 
     async def _lookup(self, peer_id: str, token: bytes) -> None:
         try:
@@ -349,42 +326,19 @@ class UdpP2P(asyncio.DatagramProtocol):
         except P2PError as exc:
             log.info("%s: lookup of %s failed: %s", self.myid, peer_id, exc)
             key = None
-        ep = self._ep
-        if ep is None or self._closed:
+        ep, loop = self._ep, self._loop
+        if ep is None or loop is None or self._closed:
             return
-        ep.provide_peer_key(token, key, _monotonic())
-        self._after()
+        self._after(ep.provide_peer_key(token, key, loop.time()))
 
     def _fail(self, exc: P2PError) -> None:
-        self._error = exc
-        for fut in self._waiters:
-            if not fut.done():
-                fut.set_exception(exc)
-        self._waiters.clear()
-        self._set_closed(exc)
+        self._end(exc)
 
-    def _set_closed(self, error: P2PError | None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if error is not None and self._error is None:
-            self._error = error
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for task in list(self._tasks):
-            task.cancel()
-        for fut in self._waiters:
-            if not fut.done():
-                fut.set_exception(self._error or HandshakeError(
-                    "the UDP endpoint closed before the handshake completed"))
-        self._waiters.clear()
+    def _end(self, error: P2PError | None) -> None:
+        self._set_closed(error, "the UDP endpoint closed before the handshake completed")
 
-    def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
-        try:
-            hook(*args)
-        except Exception:
-            log.exception("%s: exception in %s", self.myid, getattr(hook, "__name__", hook))
+    def _describe(self) -> str:
+        return self.myid
 
 
 def _has_private_reader_api(loop: asyncio.AbstractEventLoop) -> bool:

@@ -12,19 +12,20 @@ from typing import Any, Callable, Iterable
 
 from conftest import PeerDir, make_peer, rsa_key, server_port
 from p2psc.config import PeerAddress, Settings
-from p2psc.connection import (HEADER_LEN, Connection, ConnectionClosed, HandshakeComplete,
-                              MessageReceived, PeerKeyNeeded, Role, State)
+from p2psc._proto.events import Closed, HandshakeComplete, MessageReceived, PeerKeyNeeded
+from p2psc._proto.tcp import HEADER_LEN, Connection, Role, State
 from p2psc.p2p import TcpP2P
 from p2psc.p2pexcept import P2PError
 from p2psc.p2phandler import P2PHandler
-from p2psc.replay import InitReplayCache
+from p2psc._proto.replay import InitReplayCache
 
 I_ID, R_ID, M_ID = "alice.test", "bob.test", "mallory.test"
 SUITE_NAMES = ("aes-256-gcm", "chacha20-poly1305", "rc4-hmac-sha256")
 
 
 class Clock:
-    """A settable wall clock for ``Connection(clock=...)``."""
+    """A settable clock: a connection made with it takes ``now`` from it (the wall clock too:
+    ``wall_offset`` is 0)."""
 
     def __init__(self, now: float = 1_700_000_000.0):
         self.now = now
@@ -52,14 +53,15 @@ def responder(s: Settings, cache: InitReplayCache, clock: Clock | None = None,
               key_name: str = "bob") -> Connection:
     table = key_table() if known is None else known
     return Connection(Role.RESPONDER, my_id, rsa_key(key_name), s, key_lookup=table.get,
-                      replay_cache=cache, clock=clock or Clock())
+                      replay_cache=cache, now=(clock or Clock()).now)
 
 
 def initiator(s: Settings, clock: Clock | None = None, *, my_id: str = I_ID,
               key_name: str = "alice", peer_id: str = R_ID, peer_key_name: str = "bob"
               ) -> Connection:
     return Connection(Role.INITIATOR, my_id, rsa_key(key_name), s, peer_id=peer_id,
-                      peer_public_key=rsa_key(peer_key_name).public_key(), clock=clock or Clock())
+                      peer_public_key=rsa_key(peer_key_name).public_key(),
+                      now=(clock or Clock()).now)
 
 
 @dataclass
@@ -155,23 +157,34 @@ class Outcome:
         if self.error is not None:
             return self.error
         for e in self.events:
-            if isinstance(e, ConnectionClosed):
+            if isinstance(e, Closed):
                 return e.error
         return None
 
 
+def expect(events: list[Any]) -> list[Any]:
+    """``events``, or the error of a final ``Closed`` raised (for ``pytest.raises``)."""
+    if events and isinstance(events[-1], Closed) and events[-1].error is not None:
+        raise events[-1].error
+    return events
+
+
+def _split_error(events: list[Any]) -> tuple[list[Any], P2PError | None]:
+    """The events before a final ``Closed`` carrying an error, and that error."""
+    if events and isinstance(events[-1], Closed) and events[-1].error is not None:
+        return events[:-1], events[-1].error
+    return events, None
+
+
 def feed(conn: Connection, data: bytes, *, eof: bool = True,
          refuse_unknown: bool = True) -> Outcome:
-    """Give ``data`` then (with ``eof``) the end of the stream to ``conn``; any exception other
-    than a :class:`P2PError` propagates (and fails the test)."""
-    events: list[Any] = []
-    error: P2PError | None = None
-    try:
-        events += conn.receive_data(data)
-        if refuse_unknown and any(isinstance(e, PeerKeyNeeded) for e in events):
-            events += conn.provide_peer_key(None)
-    except P2PError as exc:
-        error = exc
+    """Give ``data`` then (with ``eof``) the end of the stream to ``conn``. ``error`` is the
+    error a protocol failure closed it with (the core never raises for bad input: any
+    exception propagates and fails the test)."""
+    events, error = _split_error(conn.receive_data(data))
+    if error is None and refuse_unknown and any(isinstance(e, PeerKeyNeeded) for e in events):
+        more, error = _split_error(conn.provide_peer_key(None))
+        events += more
     wrote = joined(conn)
     if error is None:
         conn.derive_keys()  # as the adapter does once RESP is written (a no-op otherwise)

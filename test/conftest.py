@@ -224,13 +224,14 @@ class TcpProxy:
 def decrypts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts RSA-OAEP decryptions (``decrypts[0]``): none may happen for a forged INIT."""
     calls = [0]
-    real = keys.decrypt
+    from p2psc._proto import rsakeys  # every RSA operation of the protocol goes through it
+    real = rsakeys.decrypt
 
     def counting(key: Any, ct: bytes) -> Any:
         calls[0] += 1
         return real(key, ct)
 
-    monkeypatch.setattr(keys, "decrypt", counting)
+    monkeypatch.setattr(rsakeys, "decrypt", counting)
     return calls
 
 

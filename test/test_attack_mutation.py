@@ -21,7 +21,7 @@ from attack_util import (I_ID, R_ID, SUITE_NAMES, Client, Recorder, RecordHook,
                          bit_flips, clone, closed_entries, feed, recorder, responder, run_session,
                          wait_until)
 from conftest import TcpProxy, point_at, run, server_port
-from p2psc.connection import HEADER_LEN, HandshakeComplete, MessageReceived
+from p2psc._proto.tcp import HEADER_LEN, HandshakeComplete, MessageReceived
 from p2psc.p2pexcept import ConnectionLost, HandshakeError, P2PError
 from p2psc.p2phandler import P2PHandler
 

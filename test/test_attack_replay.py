@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from attack_util import (I_ID, R_ID, Client, Clock, RecordHook, assert_still_serving, clone,
+from attack_util import (I_ID, R_ID, Client, Clock, RecordHook, assert_still_serving, clone, expect,
                          closed_entries, feed, initiator, joined, recorder, responder, run_session,
                          settings, split_records)
 from conftest import TcpProxy, point_at, rsa_key, run, server_port
-from p2psc.connection import HandshakeComplete, MessageReceived
+from p2psc._proto.tcp import HandshakeComplete, MessageReceived
 from p2psc.p2pexcept import (CRCError, HandshakeError, ProtocolError)
 from p2psc.p2phandler import P2PHandler
-from p2psc.replay import InitReplayCache
+from p2psc._proto.replay import InitReplayCache
 
 # -- INIT replay -------------------------------------------------------------------------------
 
@@ -200,7 +200,8 @@ def test_records_reordered_or_duplicated_are_refused_sans_io() -> None:
         err = None
         for k in order:  # one record per read: what is delivered before the bad one is exact
             try:
-                got += [e.data for e in r.receive_data(d[k]) if isinstance(e, MessageReceived)]
+                got += [e.data for e in expect(r.receive_data(d[k]))
+                        if isinstance(e, MessageReceived)]
             except CRCError as exc:
                 err = exc
                 break

@@ -15,17 +15,17 @@ from typing import Any
 
 import pytest
 
-from attack_util import (Client, assert_still_serving, clone, feed, initiator, joined, recorder,
+from attack_util import (Client, assert_still_serving, clone, expect, feed, initiator, joined, recorder,
                          responder, run_session, settings, wait_until)
 from conftest import make_peer, point_at, run, server_port
 from p2psc.config import Settings
-from p2psc.connection import HEADER_LEN, State
-from p2psc.handshake import MAX_HANDSHAKE_BODY
+from p2psc._proto.tcp import HEADER_LEN, State
+from p2psc._proto.handshake import MAX_HANDSHAKE_BODY
 from p2psc.p2p import TcpP2P
 from p2psc.p2pexcept import (ConfigError, HandshakeError, HandshakeTimeout, MessageTooLarge,
                              ProtocolError)
 from p2psc.p2phandler import P2PHandler
-from p2psc.replay import InitReplayCache
+from p2psc._proto.replay import InitReplayCache
 
 HUGE = struct.pack(">IB", 0xFFFFFFFF, 0x10)
 
@@ -68,7 +68,7 @@ def test_buffering_is_bounded_by_the_limits() -> None:
             conn.receive_data(bytes(999))
             assert conn.buffered_bytes <= HEADER_LEN + limit
         with pytest.raises((ProtocolError, MessageTooLarge)):
-            make().receive_data(struct.pack(">IB", limit + 1, rtype))
+            expect(make().receive_data(struct.pack(">IB", limit + 1, rtype)))
 
 
 def test_await_peer_key_buffer_is_bounded() -> None:
@@ -81,7 +81,7 @@ def test_await_peer_key_buffer_is_bounded() -> None:
     assert r.state is State.AWAIT_PEER_KEY
     with pytest.raises(ProtocolError, match="too much data"):
         for _ in range(100):
-            r.receive_data(bytes(4096))
+            expect(r.receive_data(bytes(4096)))
     assert r.buffered_bytes <= MAX_HANDSHAKE_BODY + 64 * 1024 + 4096
 
 
@@ -99,9 +99,10 @@ def test_slowloris_handshake_is_dropped_at_the_handshake_timeout(pair: Any, tmp_
         await server.run_as_server(ProtocolClass=R)
         port = server_port(server)
         # a genuine INIT from the client to the server, captured sans-IO
-        from p2psc.connection import Connection, Role
+        from p2psc._proto.tcp import Connection, Role
         c = Connection(Role.INITIATOR, "client.test", client_dir.key, server.settings,
-                       peer_id="server.test", peer_public_key=server_dir.key.public_key())
+                       peer_id="server.test", peer_public_key=server_dir.key.public_key(),
+                       now=time.time())  # (wall_offset 0: now is the wall clock)
         c.initiate()
         init = joined(c)
         loop = asyncio.get_running_loop()
@@ -261,11 +262,11 @@ def test_init_flood_unknown_forged_and_replayed(pair: Any, tmp_path: Any,
         await server.run_as_server(ProtocolClass=R)
         port = server_port(server)
         s = server.settings
-        from p2psc.connection import Connection, Role
+        from p2psc._proto.tcp import Connection, Role
 
         def init_from(my_id: str, key: Any) -> bytes:
             c = Connection(Role.INITIATOR, my_id, key, s, peer_id="server.test",
-                           peer_public_key=server_dir.key.public_key())
+                           peer_public_key=server_dir.key.public_key(), now=time.time())
             c.initiate()
             return joined(c)
 

@@ -15,13 +15,14 @@ import pytest
 
 from attack_util import (Client, RecordHook, clone, feed, recorder, run_session, wait_until)
 from conftest import TcpProxy, make_peer, point_at, rsa_key, run, server_port
-from p2psc import handshake, keys
+from p2psc import keys
+from p2psc._proto import handshake
 from p2psc.config import load_peer_config, read_config_file
-from p2psc.connection import HEADER_LEN, Connection, _Direction
-from p2psc.keyschedule import TrafficSecrets
+from p2psc._proto.tcp import HEADER_LEN, Connection, _Direction
+from p2psc._proto.keyschedule import TrafficSecrets
 from p2psc.p2pexcept import ConfigError, CRCError
 from p2psc.p2phandler import P2PHandler
-from p2psc.suites import AeadCipher, Rc4HmacCipher
+from p2psc._proto.suites import AeadCipher, Rc4HmacCipher
 
 
 def _secret_needles(key: Any) -> list[str]:

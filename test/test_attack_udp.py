@@ -12,10 +12,12 @@ import pytest
 
 from attack_util import bit_flips
 from conftest import rsa_key
-from p2psc import keys
+from p2psc._proto import rsakeys as keys
+from p2psc._proto.events import HandshakeComplete
+from udp_util import Endpoint
 from p2psc.config import Settings
 
-udp = pytest.importorskip("p2psc.udp_session")
+udp = pytest.importorskip("p2psc._proto.udp")
 
 A_ADDR, B_ADDR = ("127.0.0.1", 40001), ("127.0.0.1", 40002)
 WALL = 1_700_000_000.0
@@ -26,9 +28,9 @@ def _endpoints() -> tuple[Any, Any]:
                  udp_init_burst_per_addr=10 ** 9)
     ka, kb = rsa_key("a.test"), rsa_key("b.test")
     pubs = {"a.test": ka.public_key(), "b.test": kb.public_key()}
-    a = udp.UdpEndpoint("a.test", ka, s, key_lookup=pubs.get, accept_from="b.test", now=100.0,
-                        wall_clock=lambda: WALL)
-    b = udp.UdpEndpoint("b.test", kb, s, key_lookup=pubs.get, now=100.0, wall_clock=lambda: WALL)
+    a = Endpoint("a.test", ka, s, key_lookup=pubs.get, accept_from="b.test", now=100.0,
+                        wall_offset=WALL - 100.0)
+    b = Endpoint("b.test", kb, s, key_lookup=pubs.get, now=100.0, wall_offset=WALL - 100.0)
     return a, b
 
 
@@ -45,7 +47,7 @@ def _hostile(ep: Any, datagrams: Any, addr: Any) -> int:
         assert ep.receive(m, addr, 100.0) is None
         n += 1
     evs = ep.take_events()
-    assert not any(isinstance(e, udp.HandshakeComplete) for e in evs), evs
+    assert not any(isinstance(e, HandshakeComplete) for e in evs), evs
     return n
 
 
@@ -71,7 +73,7 @@ def test_udp_every_bit_flip_and_truncation(monkeypatch: pytest.MonkeyPatch) -> N
     total += _hostile(a, _mutations(resp), B_ADDR)
     assert a.datagrams_to_send() == []
     assert a.receive(resp, B_ADDR, 100.0) is None
-    assert [type(e) for e in a.take_events()] == [udp.HandshakeComplete]
+    assert [type(e) for e in a.take_events()] == [HandshakeComplete]
     fin = [d for d, _ in a.datagrams_to_send()]
     assert fin
     # FINISHED: forgeries do not confirm the responder's session
@@ -79,7 +81,7 @@ def test_udp_every_bit_flip_and_truncation(monkeypatch: pytest.MonkeyPatch) -> N
         total += _hostile(b, _mutations(f), A_ADDR)
     for f in fin:
         b.receive(f, A_ADDR, 100.0)
-    assert [type(e) for e in b.take_events()] == [udp.HandshakeComplete]
+    assert [type(e) for e in b.take_events()] == [HandshakeComplete]
     # DATA both ways
     sent = a.send("b.test", b"attack at dawn", 100.0)
     assert sent is not None
@@ -103,5 +105,5 @@ def test_udp_arbitrary_datagrams_never_raise() -> None:
         n = rng.choice([0, 1, 2, 5, 16, 40, 100, 600, 1200, 1500])
         d = bytes([k % 256]) + rng.randbytes(n)
         assert b.receive(d, ("127.0.0.1", 50000 + k % 100), 100.0) is None
-    assert not any(isinstance(e, udp.HandshakeComplete) for e in b.take_events())
+    assert not any(isinstance(e, HandshakeComplete) for e in b.take_events())
     assert len(b.sessions) == 0

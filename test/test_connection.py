@@ -8,42 +8,44 @@ from typing import Any
 import pytest
 
 from conftest import rsa_key
-from p2psc import handshake as hs
+from p2psc._proto import handshake as hs
 from p2psc.config import Settings
-from p2psc.connection import (HEADER_LEN, Connection, ConnectionClosed, HandshakeComplete,
-                              MessageReceived, PeerKeyNeeded, RecordType, Role, State)
+from p2psc._proto.events import Closed, Event, HandshakeComplete, MessageReceived, PeerKeyNeeded
+from p2psc._proto.tcp import HEADER_LEN, Connection, RecordType, Role, State
 from p2psc.p2pexcept import (ChannelNotReady, ConnectionLost, CRCError, HandshakeError,
                              MessageTooLarge, ProtocolError, SignCheckError, UnknownPeerError)
-from p2psc.replay import InitReplayCache
+from p2psc._proto.replay import InitReplayCache
 
 NOW = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self, t: float = NOW) -> None:
-        self.t = t
+def expect(events: list[Event]) -> list[Event]:
+    """The events, or the error of a final ``Closed`` raised (for ``pytest.raises``)."""
+    if events and isinstance(events[-1], Closed) and events[-1].error is not None:
+        raise events[-1].error
+    return events
 
-    def __call__(self) -> float:
-        return self.t
+
+def rx(conn: Connection, data: bytes, now: float | None = None) -> list[Event]:
+    return expect(conn.receive_data(data, now))
 
 
 def make_pair(*, settings_i: Settings | None = None, settings_r: Settings | None = None,
               i_key: Any = None, r_key_on_file: Any = None, i_key_on_file: Any = None,
-              responder_id: str = "r.test", clock: Clock | None = None,
+              responder_id: str = "r.test", now: float = NOW,
               cache: InitReplayCache | None = None) -> tuple[Connection, Connection]:
-    clock = clock or Clock()
     known = {"i.test": (i_key_on_file or rsa_key("i")).public_key()}
     init = Connection(Role.INITIATOR, "i.test", i_key or rsa_key("i"), settings_i or Settings(),
                       peer_id=responder_id,
-                      peer_public_key=(r_key_on_file or rsa_key("r")).public_key(), clock=clock)
+                      peer_public_key=(r_key_on_file or rsa_key("r")).public_key(), now=now)
     resp = Connection(Role.RESPONDER, "r.test", rsa_key("r"), settings_r or Settings(),
-                      key_lookup=known.get, replay_cache=cache, clock=clock)
+                      key_lookup=known.get, replay_cache=cache, now=now)
     return init, resp
 
 
-def pump(src: Connection, dst: Connection) -> list[Any]:
+def pump(src: Connection, dst: Connection, now: float | None = None) -> list[Any]:
     data = b"".join(src.data_to_send())
-    return dst.receive_data(data) if data else []
+    return rx(dst, data, now) if data else []
 
 
 def handshake(i: Connection, r: Connection) -> None:
@@ -74,7 +76,7 @@ def test_records_split_and_coalesced_arbitrarily() -> None:
     stream = b"".join(i.data_to_send())
     got: list[Any] = []
     for k in range(0, len(stream), 7):  # 7-byte pieces: headers and bodies split everywhere
-        got += r.receive_data(stream[k:k + 7])
+        got += rx(r, stream[k:k + 7])
     assert got == [MessageReceived(m) for m in msgs]
 
 
@@ -88,21 +90,37 @@ def test_initiator_may_send_right_after_resp_in_the_same_flight() -> None:
     assert pump(i, r) == [HandshakeComplete("i.test"), MessageReceived(b"early")]
 
 
-def test_send_before_handshake_raises_channel_not_ready() -> None:
-    i, _ = make_pair()
-    with pytest.raises(ChannelNotReady):
-        i.send(b"too early")
+def test_send_before_handshake_is_queued_then_sealed_in_order() -> None:
+    i, r = make_pair(settings_i=Settings(pending_max_messages=2))
+    i.send(b"early 1")
+    i.send(b"early 2")
+    with pytest.raises(ChannelNotReady, match="queue is full"):
+        i.send(b"early 3")
+    i.initiate()
+    pump(i, r)
+    assert pump(r, i) == [HandshakeComplete("r.test")]
+    # FINISHED, then the queued messages, in one flight
+    assert pump(i, r) == [HandshakeComplete("i.test"), MessageReceived(b"early 1"),
+                          MessageReceived(b"early 2")]
+
+
+def test_send_after_close_raises_channel_not_ready() -> None:
+    i, r = make_pair()
+    handshake(i, r)
+    i.close()
+    with pytest.raises(ChannelNotReady, match="closed"):
+        i.send(b"too late")
 
 
 def test_close_record_is_a_clean_end_and_eof_without_it_is_a_loss() -> None:
     i, r = make_pair()
     handshake(i, r)
     i.close()
-    assert pump(i, r) == [ConnectionClosed(None)]
+    assert pump(i, r) == [Closed(None)]
     i2, r2 = make_pair()
     handshake(i2, r2)
     [ev] = r2.receive_eof()
-    assert isinstance(ev, ConnectionClosed) and isinstance(ev.error, ConnectionLost)
+    assert isinstance(ev, Closed) and isinstance(ev.error, ConnectionLost)
 
 
 def test_key_update_ratchets_each_direction() -> None:
@@ -113,7 +131,7 @@ def test_key_update_ratchets_each_direction() -> None:
         i.send(b"m%d" % n)
     stream = b"".join(i.data_to_send())
     assert stream.count(bytes([RecordType.KEY_UPDATE])) >= 1
-    assert r.receive_data(stream) == [MessageReceived(b"m%d" % n) for n in range(10)]
+    assert rx(r, stream) == [MessageReceived(b"m%d" % n) for n in range(10)]
     assert i._send.secret != before  # type: ignore[union-attr]
     assert r._recv.secret == i._send.secret  # type: ignore[union-attr]
 
@@ -138,7 +156,7 @@ def test_unknown_initiator_asks_for_its_key_and_none_refuses() -> None:
     assert pump(i, r) == [PeerKeyNeeded("i.test")]
     assert r.state is State.AWAIT_PEER_KEY
     with pytest.raises(UnknownPeerError):
-        r.provide_peer_key(None)
+        expect(r.provide_peer_key(None))
     assert r.data_to_send() == []
 
 
@@ -165,12 +183,10 @@ def test_bad_signature_is_refused_before_any_decryption(monkeypatch: Any) -> Non
 
 def test_stale_and_future_timestamps_are_refused() -> None:
     for skew in (-121.0, 121.0):
-        clock = Clock()
-        i, r = make_pair(clock=clock)
+        i, r = make_pair()
         i.initiate()
-        clock.t = NOW + skew
         with pytest.raises(HandshakeError, match="stale timestamp"):
-            pump(i, r)
+            pump(i, r, now=NOW + skew)
 
 
 def test_replayed_init_is_refused_by_the_shared_cache() -> None:
@@ -178,11 +194,11 @@ def test_replayed_init_is_refused_by_the_shared_cache() -> None:
     i, r = make_pair(cache=cache)
     i.initiate()
     init = b"".join(i.data_to_send())
-    r.receive_data(init)
+    rx(r, init)
     assert r.state is State.SENT_RESP
     _, r2 = make_pair(cache=cache)
     with pytest.raises(HandshakeError, match="replayed INIT"):
-        r2.receive_data(init)
+        rx(r2, init)
 
 
 def test_resp_signed_by_the_wrong_key_is_refused() -> None:
@@ -212,7 +228,7 @@ def test_responder_keys_may_be_derived_before_finished_arrives() -> None:
     i.initiate()
     pump(i, r)
     r.derive_keys()  # what the adapter does right after writing RESP
-    assert r._derive is None
+    assert not r.needs_key_derivation
     assert pump(r, i) == [HandshakeComplete("r.test")]
     assert pump(i, r) == [HandshakeComplete("i.test")]
 
@@ -224,7 +240,7 @@ def test_resp_with_another_suite_is_a_downgrade_and_refused() -> None:
     resp = bytearray(b"".join(r.data_to_send()))
     resp[HEADER_LEN + 1] = 2  # the suite byte of RESP: chacha20-poly1305
     with pytest.raises(HandshakeError, match="another cipher suite"):
-        i.receive_data(bytes(resp))
+        rx(i, bytes(resp))
 
 
 def test_rc4_suite_needs_both_sides_to_enable_it() -> None:
@@ -248,7 +264,7 @@ def test_bad_finished_is_refused() -> None:
     fin = bytearray(b"".join(i.data_to_send()))
     fin[-1] ^= 1
     with pytest.raises(HandshakeError, match="FINISHED"):
-        r.receive_data(bytes(fin))
+        rx(r, bytes(fin))
 
 
 def test_reflected_init_and_records_are_refused() -> None:
@@ -256,13 +272,13 @@ def test_reflected_init_and_records_are_refused() -> None:
     i.initiate()
     init = b"".join(i.data_to_send())
     with pytest.raises(ProtocolError):
-        i.receive_data(init)  # an initiator never accepts an INIT
+        rx(i, init)  # an initiator never accepts an INIT
     i, r = make_pair()
     handshake(i, r)
     i.send(b"to r")
     record = b"".join(i.data_to_send())
     with pytest.raises(CRCError):
-        i.receive_data(record)  # our own record reflected: the other direction's key
+        rx(i, record)  # our own record reflected: the other direction's key
 
 
 def test_replayed_and_reordered_records_are_refused() -> None:
@@ -272,9 +288,9 @@ def test_replayed_and_reordered_records_are_refused() -> None:
     one = b"".join(i.data_to_send())
     i.send(b"two")
     two = b"".join(i.data_to_send())
-    assert r.receive_data(one) == [MessageReceived(b"one")]
+    assert rx(r, one) == [MessageReceived(b"one")]
     with pytest.raises(CRCError):
-        r.receive_data(one)
+        rx(r, one)
     i2, r2 = make_pair()
     handshake(i2, r2)
     i2.send(b"a")
@@ -282,18 +298,18 @@ def test_replayed_and_reordered_records_are_refused() -> None:
     i2.send(b"b")
     b = b"".join(i2.data_to_send())
     with pytest.raises(CRCError):
-        r2.receive_data(b + a)
+        rx(r2, b + a)
     assert two  # (the second record of the first session is never delivered)
 
 
 def test_length_limits_are_checked_from_the_header_alone() -> None:
     _, r = make_pair()
     with pytest.raises(ProtocolError, match="too large"):
-        r.receive_data(struct.pack(">IB", hs.MAX_HANDSHAKE_BODY + 1, RecordType.INIT))
+        rx(r, struct.pack(">IB", hs.MAX_HANDSHAKE_BODY + 1, RecordType.INIT))
     i, r = make_pair(settings_r=Settings(max_message_size=100))
     handshake(i, r)
     with pytest.raises(MessageTooLarge):
-        r.receive_data(struct.pack(">IB", 2**32 - 1, RecordType.DATA))
+        rx(r, struct.pack(">IB", 2**32 - 1, RecordType.DATA))
     with pytest.raises(MessageTooLarge):
         i.send(b"x" * (16 * 1024 * 1024 + 1))
 
@@ -301,7 +317,7 @@ def test_length_limits_are_checked_from_the_header_alone() -> None:
 def test_data_before_the_handshake_is_a_protocol_error() -> None:
     _, r = make_pair()
     with pytest.raises(ProtocolError, match="unexpected record type"):
-        r.receive_data(struct.pack(">IB", 3, RecordType.DATA) + b"abc")
+        rx(r, struct.pack(">IB", 3, RecordType.DATA) + b"abc")
 
 
 def test_parsers_refuse_truncated_and_trailing_bytes() -> None:
@@ -316,9 +332,9 @@ def test_parsers_refuse_truncated_and_trailing_bytes() -> None:
         hs.parse_init(body + b"\0")
 
 
-def test_messages_before_a_forged_record_come_with_the_error() -> None:
-    """Authentic records that precede a forged one in the same read are not lost: the error
-    carries them (``exc.events``), so delivery does not depend on how reads are split."""
+def test_messages_before_a_forged_record_come_before_the_error() -> None:
+    """Authentic records that precede a forged one in the same read are not lost: they come
+    before the final ``Closed``, so delivery does not depend on how reads are split."""
     i, r = make_pair()
     handshake(i, r)
     i.send(b"one")
@@ -326,10 +342,11 @@ def test_messages_before_a_forged_record_come_with_the_error() -> None:
     i.send(b"three")
     stream = bytearray(b"".join(i.data_to_send()))
     stream[-1] ^= 1  # the last record is forged
-    with pytest.raises(CRCError) as info:
-        r.receive_data(bytes(stream))
-    assert info.value.events == [MessageReceived(b"one"), MessageReceived(b"two")]  # type: ignore[attr-defined]
-    assert r.state is State.CLOSED
+    events = r.receive_data(bytes(stream))
+    assert events[:2] == [MessageReceived(b"one"), MessageReceived(b"two")]
+    assert len(events) == 3 and isinstance(events[2], Closed)
+    assert type(events[2].error) is CRCError
+    assert r.state is State.CLOSED and r.data_to_send() == []
 
 
 def test_a_udp_init_is_refused_over_tcp() -> None:

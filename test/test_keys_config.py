@@ -17,7 +17,7 @@ from p2psc import keys
 from p2psc.config import Settings, load_peer_config, read_config_file, substitute
 from p2psc.p2pexcept import ConfigError, SignCheckError
 from p2psc.p2phandler import P2PHandler
-from p2psc.replay import InitReplayCache
+from p2psc._proto.replay import InitReplayCache
 
 
 def test_sign_verify_encrypt_decrypt_roundtrip() -> None:

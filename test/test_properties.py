@@ -60,12 +60,12 @@ import struct  # noqa: E402
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
 
 from attack_util import Clock, clone, run_session  # noqa: E402
-from p2psc.connection import (HEADER_LEN, Connection, HandshakeComplete,  # noqa: E402
+from p2psc._proto.tcp import (HEADER_LEN, Connection, HandshakeComplete,  # noqa: E402
                               MessageReceived, Role)
-from p2psc.handshake import MAX_HANDSHAKE_BODY, InitMessage, RespMessage  # noqa: E402
-from p2psc.handshake import parse_init, parse_resp  # noqa: E402
+from p2psc._proto.handshake import MAX_HANDSHAKE_BODY, InitMessage, RespMessage  # noqa: E402
+from p2psc._proto.handshake import parse_init, parse_resp  # noqa: E402
 from p2psc.p2pexcept import P2PError  # noqa: E402
-from p2psc.replay import InitReplayCache  # noqa: E402
+from p2psc._proto.replay import InitReplayCache  # noqa: E402
 
 CI = hsettings(max_examples=150, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -125,7 +125,7 @@ def check_connection_stream(target: str, data: bytes, cuts: list[int]) -> None:
     conn = {"responder idle": lambda: Connection(
                 Role.RESPONDER, "bob.test", rsa_key("bob"), sess.s,
                 key_lookup={"alice.test": rsa_key("alice").public_key()}.get,
-                replay_cache=InitReplayCache(), clock=sess.clock),
+                replay_cache=InitReplayCache(), now=sess.clock.now),
             "initiator sent INIT": lambda: clone(sess.i_sent_init),
             "responder sent RESP": lambda: clone(sess.r_sent_resp),
             "responder established": lambda: clone(sess.r),

@@ -12,7 +12,7 @@ import pytest
 
 from attack_util import Client, assert_still_serving, recorder
 from conftest import TcpProxy, make_peer, point_at, rsa_key, run, server_port
-from p2psc.connection import HEADER_LEN, RecordType
+from p2psc._proto.tcp import HEADER_LEN, RecordType
 from p2psc.p2pexcept import (ConnectionLost, CRCError, HandshakeError, MessageTooLarge,
                              ProtocolError, SignCheckError, UnknownPeerError)
 from p2psc.p2phandler import P2PHandler

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 
 from conftest import make_peer, rsa_key, run
-from p2psc import keys, udp_session
+from p2psc import keys
+from p2psc._proto import ratelimit, rsakeys
 from p2psc.config import Settings
 from p2psc.p2pexcept import (ChannelNotReady, HandshakeTimeout, InvalidDataType, MessageTooLarge,
                              MissRemoteAddr)
 from p2psc.p2phandler import P2PHandler
-from p2psc.udp_session import T_DATA, T_INIT, UdpEndpoint
+from p2psc._proto.udp import T_DATA, T_INIT, UdpEndpoint
 from udp_util import Collector, Echo, UdpRelay, fd_limit_at_least, raw_socket, udp_port
 
 FAST = {"udp_handshake_retry": 0.2, "udp_handshake_timeout": 3.0}
@@ -325,11 +326,11 @@ def test_init_flood_from_one_address(pair: Any, tmp_path: Path,
     server_dir, client_dir = pair
     # INITs are rate limited per source IP; on loopback the rogue and the legitimate client
     # share 127.0.0.1, so here each source port stands for a host of its own
-    monkeypatch.setattr(udp_session, "_rate_key", lambda addr: addr)
+    monkeypatch.setattr(ratelimit, "rate_key", lambda addr: addr)
     rogue = make_peer(tmp_path, "rogue.test")
     server_dir.know(rogue)
     decrypts = [0]
-    orig = keys.decrypt
+    orig = rsakeys.decrypt
 
     def counting(*a: Any, **kw: Any) -> Any:
         decrypts[0] += 1
@@ -360,7 +361,7 @@ def test_init_flood_from_one_address(pair: Any, tmp_path: Path,
                     sent[0] += 1
                 await asyncio.sleep(0.002)
 
-        keys.decrypt = counting  # type: ignore[assignment]
+        rsakeys.decrypt = counting  # type: ignore[assignment]
         try:
             task = asyncio.ensure_future(flood())
             await asyncio.sleep(0.3)
@@ -373,7 +374,7 @@ def test_init_flood_from_one_address(pair: Any, tmp_path: Path,
             stop.set()
             await task
         finally:
-            keys.decrypt = orig  # type: ignore[assignment]
+            rsakeys.decrypt = orig  # type: ignore[assignment]
         assert cproto.received == [b"recv:through the flood"]
         assert sent[0] > 1000, sent
         # the rogue address got its burst and its rate, no more (+1: the legit client)

@@ -8,13 +8,14 @@ from typing import Any, Callable
 import pytest
 
 from conftest import rsa_key
-from p2psc import keys
+from p2psc._proto import rsakeys as keys
 from p2psc.config import Settings
 from p2psc.p2pexcept import ChannelNotReady, ConfigError, HandshakeTimeout, MessageTooLarge
-from p2psc.replay import ReplayWindow
-from p2psc.udp_session import (HEADER_LEN, T_DATA, T_FINISHED, T_INIT, T_KEEPALIVE, T_RESP,
-                               HandshakeComplete, HandshakeFailed, InitRateLimiter, PeerClosed,
-                               PeerKeyNeeded, TokenBucket, UdpEndpoint, max_payload_limit)
+from p2psc._proto.replay import ReplayWindow
+from p2psc._proto.events import Closed, HandshakeComplete, HandshakeFailed, PeerKeyNeeded
+from p2psc._proto.ratelimit import InitRateLimiter, TokenBucket
+from p2psc._proto.udp import HEADER_LEN, T_DATA, T_FINISHED, T_INIT, T_KEEPALIVE, T_RESP, max_payload_limit
+from udp_util import Endpoint as UdpEndpoint
 
 A_ADDR = ("10.0.0.1", 40000)
 B_ADDR = ("10.0.0.2", 10098)
@@ -30,10 +31,9 @@ class Net:
         s = Settings(**settings)
         ka, kb = rsa_key("a.test"), rsa_key("b.test")
         pubs = {"a.test": ka.public_key(), "b.test": kb.public_key()}
-        wall = lambda: WALL + self.now  # noqa: E731
         self.a = UdpEndpoint("a.test", ka, s, key_lookup=pubs.get, accept_from="b.test",
-                             now=self.now, wall_clock=wall)
-        self.b = UdpEndpoint("b.test", kb, s, key_lookup=pubs.get, now=self.now, wall_clock=wall)
+                             now=self.now, wall_offset=WALL)
+        self.b = UdpEndpoint("b.test", kb, s, key_lookup=pubs.get, now=self.now, wall_offset=WALL)
         self.pubs = pubs
         self.rsa_private_ops = 0
         self.rsa_verify_ops = 0
@@ -117,7 +117,7 @@ def test_handshake_and_data_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
     d = send_a(net, b"hello")
     assert d[0] == T_DATA and len(d) == HEADER_LEN + 5 + 16
     assert net.to_b([d]) == [b"hello"]
-    r = net.b.send_to_addr(A_ADDR, b"recv:hello")
+    r = net.b.send_to_addr(A_ADDR, b"recv:hello", net.now)
     assert net.to_a([r]) == [b"recv:hello"]
     # one RSA signature for INIT, one decryption and one signature for RESP
     assert net.rsa_private_ops == 3
@@ -139,12 +139,12 @@ def test_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     net = Net(monkeypatch)
     net.established()
     with pytest.raises(MessageTooLarge):
-        net.a.send("b.test", bytes(1201))
+        net.a.send("b.test", bytes(1201), net.now)
     send_a(net, bytes(1200))
     with pytest.raises(ChannelNotReady):
-        net.b.send("nobody.test", b"x")
+        net.b.send("nobody.test", b"x", net.now)
     with pytest.raises(ChannelNotReady):
-        net.b.send_to_addr(("10.9.9.9", 1), b"x")
+        net.b.send_to_addr(("10.9.9.9", 1), b"x", net.now)
     with pytest.raises(ConfigError):
         UdpEndpoint("a.test", rsa_key("a.test"), Settings(udp_max_payload=max_payload_limit() + 1))
 
@@ -354,10 +354,10 @@ def test_idle_expiry_and_reconnect(monkeypatch: pytest.MonkeyPatch) -> None:
     net.tick(30.0)
     net.to_b([send_a(net, b"keep")])
     net.tick(40.0)   # b heard from a 40 s ago: alive; a heard nothing for 70 s: expired
-    assert [type(e) for e in net.a.take_events()] == [PeerClosed]
+    assert [type(e) for e in net.a.take_events()] == [Closed]
     assert net.b.take_events() == [] and len(net.b.sessions) == 1
     net.tick(30.0)
-    assert [type(e) for e in net.b.take_events()] == [PeerClosed]
+    assert [type(e) for e in net.b.take_events()] == [Closed]
     assert net.a.sessions == {} and net.b.sessions == {}
     # the client knows where its peer is: a send starts a new handshake
     assert net.a.send("b.test", b"again", net.now) is None
@@ -371,13 +371,13 @@ def test_timer_heap_compaction_does_not_duplicate_timers(monkeypatch: pytest.Mon
     kind across expiries (no entry run twice, no chain doubled)."""
     from collections import Counter
 
-    from p2psc.udp_session import _K_IDLE
+    from p2psc._proto.udp import _K_IDLE
     net = Net(monkeypatch, udp_session_idle_timeout=60.0)
     b, s = net.b, Settings(udp_session_idle_timeout=60.0)
     clients = []
     for i in range(40):
         c = UdpEndpoint("a.test", rsa_key("a.test"), s, key_lookup=net.pubs.get,
-                        accept_from="b.test", now=net.now, wall_clock=lambda: WALL + net.now)
+                        accept_from="b.test", now=net.now, wall_offset=WALL)
         addr = (f"10.1.0.{i}", 4000)
         c.connect("b.test", net.pubs["b.test"], B_ADDR, net.now)
         for _ in range(3):
@@ -419,7 +419,7 @@ def test_close(monkeypatch: pytest.MonkeyPatch) -> None:
     net.established()
     net.a.close_all()
     net.to_b(net.a_out())
-    assert net.b.take_events() == [PeerClosed("a.test", A_ADDR, None)]
+    assert net.b.take_events() == [Closed(None, "a.test", A_ADDR)]
     assert net.b.sessions == {}
 
 
@@ -456,7 +456,7 @@ def test_init_flood_from_one_address_is_rate_limited(monkeypatch: pytest.MonkeyP
     inits = []
     for _ in range(20):
         ep = UdpEndpoint("a.test", rsa_key("a.test"), Settings(), accept_from="b.test",
-                         wall_clock=lambda: WALL + net.now)
+                         wall_offset=WALL)
         ep.connect("b.test", net.pubs["b.test"], B_ADDR, net.now)
         inits.append(ep.datagrams_to_send()[0][0])
     ops = net.rsa_private_ops
@@ -473,7 +473,7 @@ def _forged_init(net: Net) -> bytes:
     """An INIT from "a.test" to "b.test" signed with the wrong key (its signature is the
     last field: changing its last bytes needs no key)."""
     evil = UdpEndpoint("a.test", rsa_key("evil.test"), Settings(), accept_from="b.test",
-                       wall_clock=lambda: WALL + net.now)
+                       wall_offset=WALL)
     evil.connect("b.test", net.pubs["b.test"], B_ADDR, net.now)
     return evil.datagrams_to_send()[0][0]
 
@@ -558,9 +558,9 @@ def test_unknown_peer_key_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_client_socket_accepts_init_only_from_its_peer(monkeypatch: pytest.MonkeyPatch) -> None:
     net = Net(monkeypatch)
-    other = UdpEndpoint("b.test", rsa_key("b.test"), Settings(), wall_clock=lambda: WALL + net.now)
+    other = UdpEndpoint("b.test", rsa_key("b.test"), Settings(), wall_offset=WALL)
     # an INIT to a.test from c.test (unknown to a, and not its peer)
-    c = UdpEndpoint("c.test", rsa_key("c.test"), Settings(), wall_clock=lambda: WALL + net.now)
+    c = UdpEndpoint("c.test", rsa_key("c.test"), Settings(), wall_offset=WALL)
     c.connect("a.test", rsa_key("a.test").public_key(), A_ADDR, net.now)
     ops = net.rsa_private_ops
     net.a.receive(c.datagrams_to_send()[0][0], ("10.0.0.3", 1), net.now)

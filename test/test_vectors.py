@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from p2psc.keyschedule import derive_traffic_secrets, finished_mac, next_secret
-from p2psc.suites import SUITES_BY_NAME
+from p2psc._proto.keyschedule import derive_traffic_secrets, finished_mac, next_secret
+from p2psc._proto.suites import SUITES_BY_NAME
 
 V = json.loads((Path(__file__).parent / "vectors" / "keyschedule.json").read_text())
 H = bytes.fromhex

@@ -197,3 +197,37 @@ def fd_limit_at_least(n: int) -> bool:
 
 __all__ = ["Echo", "Collector", "UdpRelay", "udp_port", "raw_socket", "fd_limit_at_least",
            "socket"]
+
+
+class Endpoint:
+    """A sans-IO :class:`p2psc._proto.udp.UdpEndpoint` for the tests that drive it by hand:
+    ``receive`` gives the payload of an authenticated datagram (or None), and the other events
+    the inputs return are kept for :meth:`take_events`."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        from p2psc._proto.udp import UdpEndpoint
+        self.ep = UdpEndpoint(*args, **kw)
+        self.kept: list[Any] = []
+
+    def receive(self, data: Any, addr: Any, now: float) -> bytes | None:
+        from p2psc._proto.events import DatagramReceived
+        payload = None
+        for ev in self.ep.receive(data, addr, now):
+            if isinstance(ev, DatagramReceived):
+                payload = ev.data
+            else:
+                self.kept.append(ev)
+        return payload
+
+    def handle_timer(self, now: float) -> None:
+        self.kept += self.ep.handle_timer(now)
+
+    def provide_peer_key(self, token: bytes, key: Any, now: float) -> None:
+        self.kept += self.ep.provide_peer_key(token, key, now)
+
+    def take_events(self) -> list[Any]:
+        kept, self.kept = self.kept, []
+        return kept
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ep, name)

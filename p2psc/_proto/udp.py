@@ -3,10 +3,12 @@ handshake retransmission, rekeying, idle expiry and INIT rate limits.
 
 :class:`UdpEndpoint` is everything one UDP socket needs, with no socket and no asyncio: feed
 it datagrams (:meth:`UdpEndpoint.receive`), take the datagrams it wants sent
-(:meth:`UdpEndpoint.datagrams_to_send`) and its events (:meth:`UdpEndpoint.take_events`),
-and call :meth:`UdpEndpoint.handle_timer` when :meth:`UdpEndpoint.get_timer` says (as
-aioquic's ``get_timer``/``handle_timer``). Time is passed in (``now``, monotonic seconds).
-The protocol is specified in docs/UDP.md.
+(:meth:`UdpEndpoint.datagrams_to_send`), and call :meth:`UdpEndpoint.handle_timer` when
+:meth:`UdpEndpoint.get_timer` says (as aioquic's ``get_timer``/``handle_timer``). Every input
+returns the events it completed (:mod:`p2psc._proto.events`: an authenticated datagram is a
+:class:`~p2psc._proto.events.DatagramReceived`); bad input is dropped with a debug log line,
+never raised. Time is passed in: ``now`` is monotonic seconds, ``now + wall_offset`` the
+wall-clock time that INIT timestamps use. The protocol is specified in docs/UDP.md.
 
 Datagrams (integers big-endian)::
 
@@ -18,7 +20,7 @@ Datagrams (integers big-endian)::
     CLOSE     u8 0x06 | u32 receiver index | u64 counter | AEAD(empty)
 
 The AEAD's associated data is the 13-byte header; its nonce is the direction's IV XOR the
-counter (see :mod:`p2psc.suites`).
+counter (see :mod:`p2psc._proto.suites`).
 """
 
 from __future__ import annotations
@@ -26,31 +28,16 @@ from __future__ import annotations
 import enum
 import hashlib
 import heapq
-import ipaddress
 import itertools
 import logging
-import secrets
 import struct
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from . import keys
-from .config import Settings
-from .handshake import (
-    INIT_LABEL,
-    MAX_HANDSHAKE_BODY,
-    HandshakeResult,
-    InitiatorHandshake,
-    InitMessage,
-    ResponderHandshake,
-)
-from .p2pexcept import (
+from ..p2pexcept import (
     ChannelNotReady,
     ConfigError,
     ConnectionLost,
@@ -61,8 +48,28 @@ from .p2pexcept import (
     P2PError,
     ProtocolError,
 )
+from .events import (
+    Closed,
+    DatagramReceived,
+    Event,
+    HandshakeComplete,
+    HandshakeFailed,
+    PeerKeyNeeded,
+)
+from .handshake import (
+    MAX_HANDSHAKE_BODY,
+    SYSTEM_RANDOMNESS,
+    HandshakeResult,
+    InitiatorHandshake,
+    InitMessage,
+    Randomness,
+    ResponderHandshake,
+    Role,
+)
+from .ratelimit import InitRateLimiter
 from .replay import InitReplayCache, ReplayWindow
-from .suites import SUITES_BY_NAME, AeadCipher, RecordCipher
+from .settings import Settings
+from .suites import SUITES_BY_NAME, RecordCipher
 
 __all__ = [
     "HEADER_LEN",
@@ -73,14 +80,8 @@ __all__ = [
     "T_INIT",
     "T_KEEPALIVE",
     "T_RESP",
-    "Event",
-    "HandshakeComplete",
-    "HandshakeFailed",
-    "InitRateLimiter",
-    "PeerClosed",
-    "PeerKeyNeeded",
     "Session",
-    "TokenBucket",
+    "State",
     "UdpEndpoint",
     "max_payload_limit",
 ]
@@ -108,138 +109,7 @@ def max_payload_limit(tag_len: int = 32) -> int:
     return MAX_UDP_PAYLOAD - HEADER_LEN - tag_len
 
 
-# -- events ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HandshakeComplete:
-    """A session is established. ``rekey`` is True when it replaces a session with the same
-    peer (a rekey: applications need not hear of it)."""
-
-    peer_id: str
-    addr: Any
-    rekey: bool
-
-
-@dataclass(frozen=True)
-class HandshakeFailed:
-    """A handshake we initiated failed (timeout; ``error`` says why)."""
-
-    peer_id: str
-    error: P2PError
-    rekey: bool
-
-
-@dataclass(frozen=True)
-class PeerKeyNeeded:
-    """An INIT came from a peer whose public key is unknown: answer with
-    :meth:`UdpEndpoint.provide_peer_key` (``token``, the key or None)."""
-
-    peer_id: str
-    token: bytes
-
-
-@dataclass(frozen=True)
-class PeerClosed:
-    """A session ended: ``error`` None for the peer's authenticated CLOSE, else why
-    (idle expiry)."""
-
-    peer_id: str
-    addr: Any
-    error: P2PError | None
-
-
-Event = HandshakeComplete | HandshakeFailed | PeerKeyNeeded | PeerClosed
-
-
-# -- rate limits ------------------------------------------------------------------------------
-
-
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float, now: float):
-        self.rate = rate
-        self.burst = max(1.0, float(burst))
-        self.tokens = self.burst
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
-        self.stamp = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
-            return True
-        self.tokens = tokens
-        return False
-
-
-def _rate_key(addr: Any) -> Hashable:
-    """The rate-limit key of a source address: its IP address (the port is ignored), for IPv6
-    the /64 prefix (one host or site commonly holds a whole /64). An IPv4-mapped IPv6 address
-    counts as its IPv4 address."""
-    host = addr[0] if isinstance(addr, tuple) and addr else addr
-    if not isinstance(host, str):
-        return host  # type: ignore[no-any-return]
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped
-        return mapped.packed if mapped is not None else ip.packed[:8]
-    return ip.packed
-
-
-class InitRateLimiter:
-    """Token buckets on INIT processing: one per source IP address (IPv6: per /64), and one in
-    total.
-
-    The IP's bucket is charged first, for every INIT that parses and names a peer we would
-    answer (and for every RESP answered from the cache); it bounds the RSA verifications
-    (cheap public-key operations) one IP can cause, whatever source ports it uses. The total
-    bucket is charged only for INITs whose signature verified, just before the private-key
-    work (sign + decrypt), so an attacker without a key cannot drain it. The per-IP table is
-    bounded (least recently used buckets are dropped; a dropped bucket was full, or is
-    refilled sooner than it would have been).
-    """
-
-    def __init__(self, rate: float, burst: float, per_addr_rate: float, per_addr_burst: float,
-                 now: float, max_addrs: int = 4096):
-        self.total = TokenBucket(rate, burst, now)
-        self.per_addr_rate = per_addr_rate
-        self.per_addr_burst = per_addr_burst
-        self.max_addrs = max_addrs
-        self._addrs: OrderedDict[Hashable, TokenBucket] = OrderedDict()
-
-    def _addr_bucket(self, addr: Any, now: float) -> TokenBucket:
-        key = _rate_key(addr)
-        b = self._addrs.get(key)
-        if b is None:
-            b = self._addrs[key] = TokenBucket(self.per_addr_rate, self.per_addr_burst, now)
-            if len(self._addrs) > self.max_addrs:
-                self._addrs.popitem(last=False)
-        else:
-            self._addrs.move_to_end(key)
-        return b
-
-    def allow_addr(self, addr: Any, now: float) -> bool:
-        """The bucket of ``addr``'s IP (port ignored; IPv6: its /64)."""
-        return self._addr_bucket(addr, now).take(now)
-
-    def allow_total(self, now: float) -> bool:
-        """The total bucket: for a verified INIT about to cost private-key work."""
-        return self.total.take(now)
-
-
 # -- sessions ---------------------------------------------------------------------------------
-
-
-class Role(enum.Enum):
-    INITIATOR = "initiator"
-    RESPONDER = "responder"
 
 
 class State(enum.Enum):
@@ -327,25 +197,24 @@ class UdpEndpoint:
     def __init__(self, my_id: str, private_key: rsa.RSAPrivateKey, settings: Settings, *,
                  key_lookup: Callable[[str], rsa.RSAPublicKey | None] | None = None,
                  replay_cache: InitReplayCache | None = None,
-                 accept_from: str | None = None, now: float = 0.0,
-                 wall_clock: Callable[[], float] = time.time):
+                 accept_from: str | None = None, now: float = 0.0, wall_offset: float = 0.0,
+                 randomness: Randomness = SYSTEM_RANDOMNESS):
         self.my_id = my_id
         self.settings = settings
         self._private_key = private_key
         self._key_lookup = key_lookup or (lambda _pid: None)
         self._accept_from = accept_from
-        self._wall = wall_clock
+        #: wall-clock time minus monotonic time (INIT timestamps); an adapter may refresh it
+        self.wall_offset = wall_offset
+        self._rand = randomness
         self._suite = SUITES_BY_NAME[settings.cipher_suite]
         limit = max_payload_limit()
         if not 0 < settings.udp_max_payload <= limit:
             raise ConfigError(f"udp_max_payload must be between 1 and {limit} bytes "
                               f"(one UDP datagram), not {settings.udp_max_payload}")
         self.max_payload = settings.udp_max_payload
-        if replay_cache is None:
-            replay_cache = InitReplayCache(settings.replay_cache_size, settings.timestamp_window)
-        self._responder = ResponderHandshake(my_id, private_key, replay_cache=replay_cache,
-                                             timestamp_window=settings.timestamp_window,
-                                             enable_rc4=settings.enable_rc4)
+        self._responder = ResponderHandshake.from_settings(my_id, private_key, settings,
+                                                           replay_cache, randomness=randomness)
         self.limiter = InitRateLimiter(settings.udp_init_rate, settings.udp_init_burst,
                                        settings.udp_init_rate_per_addr,
                                        settings.udp_init_burst_per_addr, now)
@@ -361,15 +230,15 @@ class UdpEndpoint:
         self._lookups: dict[bytes, tuple[InitMessage, Any]] = {}
         self._timers: list[tuple[float, int, int, Session]] = []
         self._seq = itertools.count()
-        self.events: list[Event] = []
+        self._events: list[Event] = []
         self.out: list[tuple[bytes, Any]] = []
         self.timer_dirty = False
         self._rekey_messages = settings.rekey_after_messages
 
     # -- outputs ----------------------------------------------------------------------------
 
-    def take_events(self) -> list[Event]:
-        ev, self.events = self.events, []
+    def _take_events(self) -> list[Event]:
+        ev, self._events = self._events, []
         return ev
 
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
@@ -401,7 +270,7 @@ class UdpEndpoint:
 
     def _new_index(self) -> int:
         while True:
-            idx = secrets.randbits(32)
+            idx = int.from_bytes(self._rand.random(4), "big")
             if idx and idx not in self.sessions:
                 return idx
 
@@ -437,7 +306,8 @@ class UdpEndpoint:
 
     def connect(self, peer_id: str, public_key: rsa.RSAPublicKey, addr: Any, now: float) -> None:
         """Start a handshake with ``peer_id`` at ``addr`` (queues INIT; costs one RSA
-        signature). Sends to the peer queue until it completes."""
+        signature). Sends to the peer queue until it completes. Raises
+        :class:`ChannelNotReady` when ``udp_max_sessions`` sessions are open."""
         self.known[peer_id] = (public_key, addr)
         if peer_id not in self.handshaking:
             self._initiate(peer_id, public_key, addr, now, None)
@@ -453,10 +323,10 @@ class UdpEndpoint:
         else:
             ext = _INIT_EXT.pack(idx, 0, 0)
         hs = InitiatorHandshake(self.my_id, self._private_key, peer_id, public_key, self._suite,
-                                ext=ext)
+                                ext=ext, randomness=self._rand)
         s = Session(idx, peer_id, public_key, Role.INITIATOR, addr, now)
         s.handshake = hs
-        s.init_dgram = bytes([T_INIT]) + hs.build_init(self._wall())
+        s.init_dgram = bytes([T_INIT]) + hs.build_init(now + self.wall_offset)
         s.replaces = replaces
         self.sessions[idx] = s
         if replaces is None:
@@ -544,21 +414,22 @@ class UdpEndpoint:
                 log.debug("dropped INIT from %s: too many key lookups pending", addr)
                 return
             self._lookups[token] = (init, addr)
-            self.events.append(PeerKeyNeeded(init.initiator_id, token))
+            self._events.append(PeerKeyNeeded(init.initiator_id, token))
             return
         self._accept(init, token, key, addr, now)
 
     def provide_peer_key(self, token: bytes, public_key: rsa.RSAPublicKey | None,
-                         now: float) -> None:
+                         now: float) -> list[Event]:
         """Resume the INIT held for :class:`PeerKeyNeeded` (None refuses it)."""
         item = self._lookups.pop(token, None)
         if item is None:
-            return
+            return []
         init, addr = item
         if public_key is None:
             log.info("refused INIT from %s: unknown peer %r", addr, init.initiator_id)
-            return
+            return []
         self._accept(init, token, public_key, addr, now)
+        return self._take_events()
 
     def _refused(self, token: bytes, now: float) -> None:
         """Remember an INIT refused after its verification: the same datagram sent again is
@@ -571,11 +442,10 @@ class UdpEndpoint:
 
     def _accept(self, init: InitMessage, token: bytes, key: rsa.RSAPublicKey, addr: Any,
                 now: float) -> None:
-        # the signature first (a public-key operation): only a verified INIT may take from
-        # the total bucket, so INITs forged without the key cannot drain it
+        # the signature first (the one RSA public-key operation of an INIT): only a verified
+        # INIT may take from the total bucket, so INITs forged without the key cannot drain it
         try:
-            keys.verify(key, init.signature, INIT_LABEL + init.signed_part,
-                        f"INIT signature of {init.initiator_id}")
+            verified = self._responder.verify(init, key)
         except P2PError as exc:
             self._refused(token, now)
             log.info("refused INIT from %s at %s: %s", init.initiator_id, addr, exc)
@@ -586,8 +456,9 @@ class UdpEndpoint:
             return
         idx = self._new_index()
         try:
-            resp, result = self._responder.accept(init, key, self._wall(),
-                                                  ext=_RESP_EXT.pack(idx))
+            resp, derive_keys = self._responder.respond(verified, now + self.wall_offset,
+                                                        ext=_RESP_EXT.pack(idx))
+            result = derive_keys()
         except P2PError as exc:
             self._refused(token, now)
             log.info("refused INIT from %s at %s: %s", init.initiator_id, addr, exc)
@@ -638,7 +509,7 @@ class UdpEndpoint:
         # the responder rekeys by time only if the initiator did not
         factor = 1.0 if s.role is Role.INITIATOR else 1.1
         self._schedule(now + settings.rekey_after_time * factor, _K_REKEY, s)
-        self.events.append(HandshakeComplete(peer, s.addr, rekey))
+        self._events.append(HandshakeComplete(peer, s.addr, rekey))
         log.debug("session %08x with %s at %s established%s", s.index, peer, s.addr,
                   " (rekey)" if rekey else "")
         pending = self._pending.pop(peer, None)
@@ -667,43 +538,42 @@ class UdpEndpoint:
 
     # -- receiving --------------------------------------------------------------------------
 
-    def receive(self, data: bytes | memoryview, addr: Any, now: float) -> bytes | None:
-        """Process one datagram; returns the payload of an authenticated DATA datagram, else
-        None. Other results are in :attr:`events` and :attr:`out`. Never raises for bad
-        input: it is dropped with a debug log line. ``data`` is not kept (a reused receive
-        buffer may be passed)."""
+    def receive(self, data: bytes | memoryview, addr: Any, now: float) -> list[Event]:
+        """Process one datagram; returns the events it completed (an authenticated DATA
+        datagram is a :class:`DatagramReceived` naming its session's peer). Never raises for
+        bad input: it is dropped with a debug log line. ``data`` is not kept (a reused
+        receive buffer may be passed)."""
         if len(data) >= _MIN_SEALED and data[0] == T_DATA:
             _, idx, ctr = _HDR.unpack_from(data)
             s = self.sessions.get(idx)
-            if s is not None:
-                cipher = s.recv_cipher
-                window = s.window
-                if cipher is not None and (ctr > window._top or window.check(ctr)):
-                    try:
-                        if type(cipher) is AeadCipher:  # the AEAD suites, called directly
-                            pt = cipher.aead.decrypt((cipher.iv ^ ctr).to_bytes(12, "big"),
-                                                     data[HEADER_LEN:], data[:HEADER_LEN])
-                        else:
-                            pt = cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
-                    except (CRCError, InvalidTag):
-                        log.debug("dropped datagram from %s: failed authentication", addr)
-                        return None
-                    window.mark(ctr)
-                    s.last_recv = now
-                    if not s.confirmed:
-                        self._first_auth(s, now)
-                    if addr != s.addr:
-                        self._roam(s, addr)
-                    return pt
+            if s is None:
+                log.debug("dropped DATA from %s: unknown index %08x", addr, idx)
+                return []
+            cipher = s.recv_cipher
+            window = s.window
+            if cipher is None or not window.check(ctr):
                 log.debug("dropped DATA from %s: replayed, too old or no keys (%d)", addr, ctr)
-                return None
-            log.debug("dropped DATA from %s: unknown index %08x", addr, idx)
-            return None
-        try:
-            self._receive_other(data, addr, now)
-        except P2PError as exc:  # pragma: no cover - every path catches its own
-            log.debug("dropped datagram from %s: %s", addr, exc)
-        return None
+                return []
+            try:
+                pt = cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
+            except CRCError:
+                log.debug("dropped datagram from %s: failed authentication", addr)
+                return []
+            window.mark(ctr)
+            s.last_recv = now
+            if not s.confirmed:
+                self._first_auth(s, now)
+            if addr != s.addr:
+                self._roam(s, addr)
+            received = DatagramReceived(pt, s.peer_id, addr)
+            events = self._events
+            if not events:  # (the common case: one new list)
+                return [received]
+            self._events = []
+            events.append(received)
+            return events
+        self._receive_other(data, addr, now)
+        return self._take_events()
 
     def _receive_other(self, data: bytes | memoryview, addr: Any, now: float) -> None:
         n = len(data)
@@ -733,7 +603,7 @@ class UdpEndpoint:
             log.debug("dropped control datagram from %s: unknown index or replayed", addr)
             return
         try:
-            pt = s.recv_cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])  # type: ignore[arg-type]
+            pt = s.recv_cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
         except CRCError:
             log.debug("dropped datagram from %s: failed authentication", addr)
             return
@@ -760,7 +630,7 @@ class UdpEndpoint:
             self._remove(s)
             log.debug("%s at %s closed session %08x", s.peer_id, addr, s.index)
             if was_latest:
-                self.events.append(PeerClosed(s.peer_id, addr, None))
+                self._events.append(Closed(None, s.peer_id, addr))
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -772,11 +642,13 @@ class UdpEndpoint:
         return header + s.send_cipher.seal(ctr, payload, header)  # type: ignore[arg-type]
 
     def send(self, peer_id: str, data: bytes | bytearray | memoryview,
-             now: float | None = None) -> tuple[bytes, Any] | None:
-        """Seal ``data`` for ``peer_id``'s latest session: returns ``(datagram, address)``,
-        or None when it was queued until a handshake completes (one is started if we know
-        where the peer is). Raises :class:`MessageTooLarge`, or :class:`ChannelNotReady` when
-        there is no session and no handshake, or the queue is full."""
+             now: float) -> tuple[bytes, Any] | None:
+        """Seal ``data`` for ``peer_id``'s latest session: returns ``(datagram, address)``
+        (the per-datagram path: no list), or None when it was queued until a handshake
+        completes (one is started if we know where the peer is; its INIT is in
+        :meth:`datagrams_to_send`). Raises :class:`MessageTooLarge`, or
+        :class:`ChannelNotReady` when there is no session and no handshake, or the queue is
+        full."""
         if len(data) > self.max_payload:
             raise MessageTooLarge(f"payload of {len(data)} bytes is over the "
                                   f"{self.max_payload}-byte datagram limit (udp_max_payload)")
@@ -786,17 +658,10 @@ class UdpEndpoint:
             return None
         if s.needs_rekey or s.send_ctr >= self._rekey_messages:
             self._maybe_rekey(s, now)
-        ctr = s.send_ctr
-        s.send_ctr = ctr + 1
-        header = _HDR.pack(T_DATA, s.remote_index, ctr)
-        cipher = s.send_cipher
-        if type(cipher) is AeadCipher:  # the AEAD suites, called directly (the hot path)
-            return header + cipher.aead.encrypt((cipher.iv ^ ctr).to_bytes(12, "big"), data,
-                                                header), s.addr
-        return header + cipher.seal(ctr, data, header), s.addr  # type: ignore[union-attr]
+        return self._seal(s, T_DATA, data), s.addr
 
     def send_to_addr(self, addr: Any, data: bytes | bytearray | memoryview,
-                     now: float | None = None) -> tuple[bytes, Any]:
+                     now: float) -> tuple[bytes, Any]:
         """Seal ``data`` for the session of the peer at ``addr`` (raises
         :class:`ChannelNotReady` if there is none)."""
         if len(data) > self.max_payload:
@@ -809,14 +674,12 @@ class UdpEndpoint:
             self._maybe_rekey(s, now)
         return self._seal(s, T_DATA, data), s.addr
 
-    def _queue(self, peer_id: str, data: bytes | bytearray | memoryview,
-               now: float | None) -> None:
+    def _queue(self, peer_id: str, data: bytes | bytearray | memoryview, now: float) -> None:
         if peer_id not in self.handshaking:
             known = self.known.get(peer_id)
             if known is None:
                 raise ChannelNotReady(f"no session with {peer_id}")
-            self._initiate(peer_id, known[0], known[1],
-                           time.monotonic() if now is None else now, None)
+            self._initiate(peer_id, known[0], known[1], now, None)
         settings = self.settings
         q = self._pending.setdefault(peer_id, [])
         nbytes = self._pending_bytes.get(peer_id, 0) + len(data)
@@ -826,12 +689,11 @@ class UdpEndpoint:
         q.append(bytes(data))
         self._pending_bytes[peer_id] = nbytes
 
-    def _maybe_rekey(self, s: Session, now: float | None) -> None:
+    def _maybe_rekey(self, s: Session, now: float) -> None:
         if s.rekeying is not None or s.retired or s.state is not State.ESTABLISHED:
             return
         try:
-            self._initiate(s.peer_id, s.peer_key, s.addr,
-                           time.monotonic() if now is None else now, s)
+            self._initiate(s.peer_id, s.peer_key, s.addr, now, s)
         except P2PError as exc:
             log.warning("rekey with %s not started: %s", s.peer_id, exc)
         s.needs_rekey = False
@@ -861,9 +723,9 @@ class UdpEndpoint:
 
     # -- timers -----------------------------------------------------------------------------
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: float) -> list[Event]:
         """Run every timer due at ``now``: INIT and FINISHED retransmission, handshake
-        timeouts, rekey deadlines, grace periods and idle expiry."""
+        timeouts, rekey deadlines, grace periods and idle expiry. Returns the events."""
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, kind, s = heapq.heappop(timers)
@@ -891,6 +753,7 @@ class UdpEndpoint:
                 log.debug("session %08x with %s: grace period over", s.index, s.peer_id)
                 self._remove(s)
         self.timer_dirty = True
+        return self._take_events()
 
     def _timer_init(self, s: Session, now: float) -> None:
         if s.state is not State.SENT_INIT:
@@ -912,7 +775,7 @@ class UdpEndpoint:
             else:
                 self._pending.pop(s.peer_id, None)
                 self._pending_bytes.pop(s.peer_id, None)
-            self.events.append(HandshakeFailed(s.peer_id, err, rekey))
+            self._events.append(HandshakeFailed(s.peer_id, err, rekey))
             return
         s.tries += 1
         self.out.append((s.init_dgram, s.addr))
@@ -937,4 +800,4 @@ class UdpEndpoint:
         self._remove(s)
         log.debug("session %08x with %s expired", s.index, s.peer_id)
         if was_latest:
-            self.events.append(PeerClosed(s.peer_id, addr, err))
+            self._events.append(Closed(err, s.peer_id, addr))

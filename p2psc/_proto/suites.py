@@ -14,7 +14,6 @@ or opens one record given its 64-bit sequence number and its header (the associa
 from __future__ import annotations
 
 import functools
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, Union
@@ -25,10 +24,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from .p2pexcept import CRCError
+from ..p2pexcept import CRCError
 
 __all__ = ["Suite", "RecordCipher", "SUITES", "SUITES_BY_NAME", "SUITES_BY_CODE",
-           "default_suite_name", "hkdf_expand"]
+           "hkdf_expand"]
 
 _SHA256 = hashes.SHA256()
 #: What the ciphers take: any bytes-like object.
@@ -128,24 +127,3 @@ SUITES = (
 )
 SUITES_BY_NAME = {s.name: s for s in SUITES}
 SUITES_BY_CODE = {s.code: s for s in SUITES}
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_has_aes() -> bool:
-    machine = platform.machine().lower()
-    if machine in ("arm64", "aarch64") and platform.system() == "Darwin":
-        return True
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith(("flags", "features")):
-                    return "aes" in line.split(":", 1)[-1].split()
-    except OSError:
-        pass
-    return False
-
-
-def default_suite_name() -> str:
-    """AES-256-GCM where the CPU has AES instructions (as TLS libraries choose), else
-    ChaCha20-Poly1305."""
-    return "aes-256-gcm" if _cpu_has_aes() else "chacha20-poly1305"

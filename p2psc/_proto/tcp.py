@@ -1,53 +1,64 @@
-"""The TCP connection, sans-IO: framing, the handshake state machine and the record layer.
+"""The TCP connection, sans-IO: framing, the handshake state machine, the record layer and
+the connection's timers.
 
-Bytes in (:meth:`Connection.receive_data`), events out; bytes to write are collected and
-taken with :meth:`Connection.data_to_send`. No sockets, no asyncio, no clock of its own
-(``clock`` and ``monotonic`` are passed in).
+Bytes in (:meth:`Connection.receive_data`, or :meth:`Connection.get_buffer` then
+:meth:`Connection.buffer_updated`), events out; bytes to write are taken with
+:meth:`Connection.data_to_send`; :meth:`Connection.get_timer` says when
+:meth:`Connection.handle_timer` must run next. Time is passed in: ``now`` is monotonic
+seconds, and ``now + wall_offset`` the wall-clock time that INIT timestamps use. Receiving
+never raises: a protocol failure is a final :class:`~p2psc._proto.events.Closed` event, after
+the events that were good. Local misuse (``send`` of a message over the limit, ``initiate``
+twice) raises a :class:`~p2psc.p2pexcept.UsageError`.
 
 Every record is ``u32 length || u8 type || body`` with ``length`` = the body's size; the
 length is checked against the limit before anything is buffered. After the handshake every
 record is AEAD-sealed with the header as associated data and an implicit 64-bit sequence
 number per direction; one that fails to open closes the connection.
+
+States::
+
+    initiator: IDLE -initiate()-> SENT_INIT -RESP-> ESTABLISHED -CLOSE/close()/EOF/error-> CLOSED
+    responder: IDLE -INIT-> [AWAIT_PEER_KEY -provide_peer_key()->] SENT_RESP -FINISHED-> ESTABLISHED
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Union
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .buffers import POOL_MIN, BufferPool
-from .config import Settings
-from .handshake import (
-    MAX_HANDSHAKE_BODY,
-    HandshakeResult,
-    InitiatorHandshake,
-    InitMessage,
-    ResponderHandshake,
-)
-from .keyschedule import next_secret
-from .p2pexcept import (
+from ..p2pexcept import (
     ChannelNotReady,
     ConnectionLost,
     CRCError,
     HandshakeError,
+    HandshakeTimeout,
     MessageTooLarge,
     P2PError,
     ProtocolError,
     StatusError,
-    UnknownPeerError,
 )
+from .buffers import POOL_MIN, BufferPool
+from .events import Closed, Event, HandshakeComplete, MessageReceived, PeerKeyNeeded
+from .handshake import (
+    MAX_HANDSHAKE_BODY,
+    SYSTEM_RANDOMNESS,
+    HandshakeResult,
+    InitiatorHandshake,
+    InitMessage,
+    Randomness,
+    ResponderHandshake,
+    Role,
+)
+from .keyschedule import next_secret
 from .replay import InitReplayCache
-from .suites import SUITES_BY_NAME, AeadCipher, RecordCipher
+from .settings import Settings
+from .suites import SUITES_BY_NAME, RecordCipher
 
-__all__ = ["Role", "State", "RecordType", "Connection", "HandshakeComplete", "MessageReceived",
-           "PeerKeyNeeded", "ConnectionClosed", "Event", "HEADER_LEN"]
+__all__ = ["Role", "State", "RecordType", "Connection", "HEADER_LEN", "SCRATCH_SIZE",
+           "MAX_HELD_WHILE_AWAITING_KEY"]
 
 _HEADER = struct.Struct(">IB")
 HEADER_LEN = _HEADER.size
@@ -68,11 +79,6 @@ class RecordType(enum.IntEnum):
     PING = 0x13
 
 
-class Role(enum.Enum):
-    INITIATOR = "initiator"
-    RESPONDER = "responder"
-
-
 class State(enum.Enum):
     IDLE = "idle"
     SENT_INIT = "sent INIT"
@@ -82,39 +88,8 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True)
-class HandshakeComplete:
-    """The handshake completed: the peer is authenticated."""
-
-    peer_id: str
-
-
-@dataclass(slots=True)
-class MessageReceived:
-    """One authenticated, decrypted application message."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class PeerKeyNeeded:
-    """An INIT came from a peer whose public key is not known; answer with
-    :meth:`Connection.provide_peer_key` (the key, or None to refuse)."""
-
-    peer_id: str
-
-
-@dataclass(frozen=True)
-class ConnectionClosed:
-    """The connection ended: ``error`` is None for the peer's authenticated CLOSE."""
-
-    error: P2PError | None
-
-
-Event = Union[HandshakeComplete, MessageReceived, PeerKeyNeeded, ConnectionClosed]
-
 _DATA = RecordType.DATA
-_CLOSE_BODY = b""
+_INF = float("inf")
 
 
 def _no_lookup(_peer_id: str) -> None:
@@ -124,7 +99,7 @@ def _no_lookup(_peer_id: str) -> None:
 class _Direction:
     """One direction's record cipher, sequence number and secret (for key updates)."""
 
-    __slots__ = ("suite", "secret", "cipher", "aead", "iv", "seq", "since")
+    __slots__ = ("suite", "secret", "cipher", "seal", "open", "seq", "since")
 
     def __init__(self, result: HandshakeResult, secret: bytes, now: float):
         self.suite = result.suite
@@ -135,9 +110,8 @@ class _Direction:
 
     def _set_cipher(self, cipher: RecordCipher) -> None:
         self.cipher = cipher
-        # the AEAD suites' fast path (the record layer calls the AEAD directly)
-        self.aead = cipher.aead if isinstance(cipher, AeadCipher) else None
-        self.iv = cipher.iv if isinstance(cipher, AeadCipher) else 0
+        self.seal = cipher.seal  # bound once: the per-record path makes no attribute lookups
+        self.open = cipher.open
 
     def ratchet(self, now: float) -> None:
         self.secret = next_secret(self.secret)
@@ -147,29 +121,34 @@ class _Direction:
 
 
 class Connection:
-    """One TCP connection's protocol state, either role."""
+    """One TCP connection's protocol state, either role.
+
+    ``now`` is the monotonic time of construction (the handshake timeout runs from it);
+    ``wall_offset`` turns monotonic into wall-clock time for INIT timestamps.
+    """
 
     __slots__ = (
-        "role", "my_id", "settings", "peer_id", "state", "_clock", "_monotonic", "_key_lookup",
+        "role", "my_id", "settings", "peer_id", "state", "_now", "_wall_offset", "_key_lookup",
         "_out", "_out_size", "_buf", "_fill", "_need", "_held", "_pool", "_scratch",
         "_in_scratch", "_send", "_recv", "_result", "_suite_name", "_pending_init", "_derive",
-        "_max_data_body", "_rekey_messages", "_rekey_time", "_initiator", "_responder",
+        "_max_data_body", "_rekey_messages", "_initiator", "_responder", "_queue",
+        "_queue_bytes", "_deadline", "_tick_at", "_tick_period", "_last_recv", "_last_send",
+        "_sent", "_rekey_at", "_rekey_due",
     )
 
     def __init__(self, role: Role, my_id: str, private_key: rsa.RSAPrivateKey, settings: Settings,
                  *, peer_id: str | None = None, peer_public_key: rsa.RSAPublicKey | None = None,
                  key_lookup: Callable[[str], rsa.RSAPublicKey | None] | None = None,
-                 replay_cache: InitReplayCache | None = None,
-                 clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 scratch: bytearray | None = None, pool: BufferPool | None = None):
+                 replay_cache: InitReplayCache | None = None, now: float = 0.0,
+                 wall_offset: float = 0.0, scratch: bytearray | None = None,
+                 pool: BufferPool | None = None, randomness: Randomness = SYSTEM_RANDOMNESS):
         self.role = role
         self.my_id = my_id
         self.settings = settings
         self.peer_id = peer_id
         self.state = State.IDLE
-        self._clock = clock
-        self._monotonic = monotonic
+        self._now = now
+        self._wall_offset = wall_offset
         self._key_lookup = key_lookup or _no_lookup
         self._out: list[bytes] = []
         self._out_size = 0
@@ -190,21 +169,28 @@ class Connection:
         self._derive: Callable[[], HandshakeResult] | None = None
         self._max_data_body = settings.max_message_size + 32  # + the largest tag
         self._rekey_messages = settings.rekey_after_messages
-        self._rekey_time = settings.rekey_after_time
+        self._queue: list[bytes] | None = None  # messages sent before the handshake completed
+        self._queue_bytes = 0
+        # timers (monotonic seconds; inf: not set)
+        self._deadline = now + settings.handshake_timeout  # the handshake's
+        self._tick_at = _INF    # keepalive / idle check
+        self._tick_period = 0.0
+        self._last_recv = now
+        self._last_send = now
+        self._sent = False      # a record was written since the last tick
+        self._rekey_at = _INF   # rekey_after_time of the sending direction
+        self._rekey_due = False
         if role is Role.INITIATOR:
             if peer_id is None or peer_public_key is None:
                 raise StatusError("an initiator needs the peer's id and public key")
             self._initiator: InitiatorHandshake | None = InitiatorHandshake(
-                my_id, private_key, peer_id, peer_public_key, SUITES_BY_NAME[settings.cipher_suite])
+                my_id, private_key, peer_id, peer_public_key,
+                SUITES_BY_NAME[settings.cipher_suite], randomness=randomness)
             self._responder: ResponderHandshake | None = None
         else:
             self._initiator = None
-            if replay_cache is None:  # (not `or`: an empty cache is falsy)
-                replay_cache = InitReplayCache(settings.replay_cache_size,
-                                               settings.timestamp_window)
-            self._responder = ResponderHandshake(
-                my_id, private_key, replay_cache=replay_cache,
-                timestamp_window=settings.timestamp_window, enable_rc4=settings.enable_rc4)
+            self._responder = ResponderHandshake.from_settings(my_id, private_key, settings,
+                                                               replay_cache, randomness=randomness)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -215,6 +201,17 @@ class Connection:
     @property
     def suite_name(self) -> str | None:
         return self._suite_name
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and held: an incomplete record, or what waits for a peer key."""
+        return self._fill + len(self._held)
+
+    @property
+    def needs_key_derivation(self) -> bool:
+        """True once RESP is queued and the key material not yet decrypted: call
+        :meth:`derive_keys` after writing RESP, so the decryption overlaps RESP's trip."""
+        return self._derive is not None
 
     # -- output -----------------------------------------------------------------------------
 
@@ -237,72 +234,115 @@ class Connection:
     def _write_sealed(self, rtype: int, data: bytes | bytearray | memoryview) -> None:
         d = self._send
         assert d is not None
-        aead = d.aead
-        if aead is not None:  # the AEAD suites, called directly (the per-message hot path)
-            header = _HEADER.pack(len(data) + 16, rtype)
-            ct = aead.encrypt((d.iv ^ d.seq).to_bytes(12, "big"), data, header)
-        else:
-            header = _HEADER.pack(len(data) + d.cipher.tag_len, rtype)
-            ct = d.cipher.seal(d.seq, data, header)  # type: ignore[arg-type]
+        header = _HEADER.pack(len(data) + d.suite.tag_len, rtype)
+        ct = d.seal(d.seq, data, header)
         d.seq += 1
         out = self._out
         out.append(header)
         out.append(ct)
         self._out_size += len(ct) + HEADER_LEN
+        self._sent = True
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next be called (monotonic seconds), or None."""
+        if self.state is State.CLOSED:
+            return None
+        if self.state is not State.ESTABLISHED:
+            return self._deadline
+        when = min(self._tick_at, self._rekey_at)
+        return None if when == _INF else when
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Run what is due at ``now``: the handshake timeout, the idle timeout and keepalive
+        (a PING when nothing was sent for ``keepalive_interval``), the rekey deadline (the
+        next message is sent under a new key). Returns the events (a :class:`Closed` on a
+        timeout); write :meth:`data_to_send` afterwards."""
+        self._now = now
+        state = self.state
+        if state is State.CLOSED:
+            return []
+        settings = self.settings
+        if state is not State.ESTABLISHED:
+            if now >= self._deadline:
+                return self._fail(HandshakeTimeout(
+                    f"handshake not completed within {settings.handshake_timeout:g} s"))
+            return []
+        if now >= self._rekey_at:
+            self._rekey_at = _INF
+            self._rekey_due = True
+        if now >= self._tick_at:
+            if self._sent:
+                self._last_send = now
+                self._sent = False
+            idle = settings.idle_timeout
+            if idle > 0 and now - self._last_recv > idle:
+                return self._fail(ConnectionLost(f"nothing received from the peer for "
+                                                 f"{idle:g} s (idle timeout)"))
+            keepalive = settings.keepalive_interval
+            if keepalive > 0 and now - self._last_send >= keepalive:
+                self._write_sealed(RecordType.PING, b"")
+                self._last_send = now
+                self._sent = False
+            self._tick_at = now + self._tick_period
+        return []
 
     # -- handshake --------------------------------------------------------------------------
 
-    def initiate(self) -> None:
-        """Start the handshake (initiator): queue INIT."""
+    def initiate(self, now: float | None = None) -> None:
+        """Start the handshake (initiator): queue INIT (one RSA signature)."""
         if self.role is not Role.INITIATOR or self.state is not State.IDLE:
             raise StatusError("initiate() is for a new initiator connection")
+        if now is not None:
+            self._now = now
         assert self._initiator is not None
-        self._write_plain(RecordType.INIT, self._initiator.build_init(self._clock()))
+        self._write_plain(RecordType.INIT,
+                          self._initiator.build_init(self._now + self._wall_offset))
         self.state = State.SENT_INIT
 
-    def provide_peer_key(self, public_key: rsa.RSAPublicKey | None) -> list[Event]:
-        """Resume an INIT held for :class:`PeerKeyNeeded`; None refuses (UnknownPeerError)."""
+    def provide_peer_key(self, public_key: rsa.RSAPublicKey | None,
+                         now: float | None = None) -> list[Event]:
+        """Resume an INIT held for :class:`PeerKeyNeeded` (None refuses it: the connection
+        closes with :class:`UnknownPeerError`); returns the events of the records that
+        arrived meanwhile."""
         if self.state is not State.AWAIT_PEER_KEY or self._pending_init is None:
             raise StatusError("no INIT is waiting for a peer key")
+        if now is not None:
+            self._now = now
         init, self._pending_init = self._pending_init, None
         events: list[Event] = []
         try:
             self._accept_init(init, public_key)
-            # records that arrived while we waited
             held, self._held = bytes(self._held), b""
             if held:
                 with memoryview(held) as view:
-                    events.extend(self._process(view))
-        except P2PError:
-            self.state = State.CLOSED
-            raise
+                    self._records(view, events)
+        except P2PError as exc:
+            events += self._fail(exc)
         return events
 
     def _accept_init(self, init: InitMessage, public_key: rsa.RSAPublicKey | None) -> None:
-        assert self._responder is not None
-        if public_key is None:
-            raise UnknownPeerError(f"INIT from unknown peer {init.initiator_id!r}")
-        resp, self._derive = self._responder.respond(init, public_key, self._clock())
+        responder = self._responder
+        assert responder is not None
+        verified = responder.verify(init, public_key)
+        resp, self._derive = responder.respond(verified, self._now + self._wall_offset)
         self.peer_id = init.initiator_id
         self._write_plain(RecordType.RESP, resp)
         self.state = State.SENT_RESP
 
     def derive_keys(self) -> None:
-        """Responder: decrypt the key material and derive the keys, if not done yet.
-
-        RESP does not depend on them, so an adapter calls this right after writing RESP and
-        the RSA decryption overlaps RESP's trip; otherwise it happens when FINISHED arrives.
-        """
+        """Responder: decrypt the key material and derive the keys, if not done yet
+        (otherwise it happens when FINISHED arrives)."""
         derive, self._derive = self._derive, None
         if derive is None:
             return
         result = derive()
         self._result = result
-        now = self._monotonic()
-        self._send = _Direction(result, result.secrets.r2i, now)
-        self._recv = _Direction(result, result.secrets.i2r, now)
+        self._send = _Direction(result, result.secrets.r2i, self._now)
+        self._recv = _Direction(result, result.secrets.i2r, self._now)
 
-    def _on_init(self, body: bytes) -> list[Event]:
+    def _on_init(self, body: bytes) -> Event | None:
         assert self._responder is not None
         init = self._responder.parse(body)
         if init.ext:  # UDP's INITs carry an index there: one is not replayable over TCP
@@ -311,29 +351,63 @@ class Connection:
         if key is None:
             self._pending_init = init
             self.state = State.AWAIT_PEER_KEY
-            return [PeerKeyNeeded(init.initiator_id)]
+            return PeerKeyNeeded(init.initiator_id)
         self._accept_init(init, key)
-        return []
+        return None
 
-    def _on_resp(self, body: bytes) -> list[Event]:
+    def _on_resp(self, body: bytes) -> Event:
         assert self._initiator is not None
         result = self._initiator.receive_resp(body)
         if result.peer_ext:
             raise HandshakeError("RESP with transport data (a UDP RESP?) on a TCP connection")
-        now = self._monotonic()
+        now = self._now
         self._send = _Direction(result, result.secrets.i2r, now)
         self._recv = _Direction(result, result.secrets.r2i, now)
         self._write_sealed(RecordType.FINISHED, result.finished_mac())
-        self._established(result)
-        return [HandshakeComplete(result.peer_id)]
+        return self._established(result)
 
-    def _established(self, result: HandshakeResult) -> None:
-        """Keep only what the record layer needs: the handshake's state and secrets go."""
+    def _established(self, result: HandshakeResult) -> Event:
+        """Keep only what the record layer needs: the handshake's state and secrets go. The
+        messages queued before the handshake are sealed now, in order."""
         self.state = State.ESTABLISHED
         self._suite_name = result.suite.name
         self._initiator = self._responder = None
         self._result = None
         self._key_lookup = _no_lookup
+        settings = self.settings
+        now = self._now
+        self._rekey_at = now + settings.rekey_after_time
+        periods = [p for p in (settings.keepalive_interval, settings.idle_timeout / 4) if p > 0]
+        if periods:
+            self._tick_period = min(periods)
+            self._tick_at = now + self._tick_period
+            self._last_recv = self._last_send = now
+        queue, self._queue = self._queue, None
+        self._queue_bytes = 0
+        for data in queue or ():
+            self.send(data)
+        return HandshakeComplete(result.peer_id)
+
+    def _fail(self, exc: P2PError) -> list[Event]:
+        """A protocol failure or timeout: closed, nothing more is written."""
+        self._closed()
+        self._out = []
+        self._out_size = 0
+        # the error outlives the connection: drop the frames of its traceback and context,
+        # which would keep the connection's keys alive
+        exc.__traceback__ = None
+        if exc.__suppress_context__:
+            exc.__context__ = None
+        return [Closed(exc)]
+
+    def _closed(self) -> None:
+        self.state = State.CLOSED
+        self._send = self._recv = None
+        self._result = None
+        self._derive = None
+        self._queue = None
+        self._initiator = self._responder = None
+        self._held = b""
 
     # -- input ------------------------------------------------------------------------------
 
@@ -353,28 +427,26 @@ class Connection:
         self._in_scratch = n
         return memoryview(scratch)[n:]
 
-    def buffer_updated(self, nbytes: int) -> list[Event]:
+    def buffer_updated(self, nbytes: int, now: float | None = None) -> list[Event]:
         """``nbytes`` were written into the buffer of the last :meth:`get_buffer`; returns the
-        events they complete.
-
-        Raises a :class:`P2PError` subclass when the peer breaks the protocol; the
-        connection is then closed and must be dropped. The events completed before the
-        error (messages that authenticated, in order) are in the exception's ``events``:
-        deliver them before reporting the error.
-        """
+        events they complete. Never raises: when the peer breaks the protocol the last event
+        is :class:`Closed` with the error (the events before it authenticated, in order)."""
         if self.state is State.CLOSED:
             return []
+        if now is not None:
+            self._now = self._last_recv = now
+        events: list[Event] = []
         try:
             need = self._need
             if need:  # filling one record's own buffer
                 self._fill += nbytes
                 if self._fill < need:
-                    return []
+                    return events
                 record = self._buf
                 assert isinstance(record, bytearray)
                 self._buf, self._fill, self._need = b"", 0, 0
                 with memoryview(record) as whole, whole[:need] as view:
-                    events = self._process(view)
+                    self._records(view, events)
                 if need > POOL_MIN and self._pool is not None:
                     self._pool.put(record)
                 return events
@@ -383,12 +455,13 @@ class Connection:
             self._buf, self._fill = b"", 0
             assert self._scratch is not None
             with memoryview(self._scratch) as scratch, scratch[:n] as view:
-                return self._process(view)
-        except P2PError:
-            self.state = State.CLOSED
-            raise
+                self._records(view, events)
+        except P2PError as exc:
+            events += self._fail(exc)
+        return events
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview,
+                     now: float | None = None) -> list[Event]:
         """Feed received bytes; returns the events they complete (see :meth:`buffer_updated`)."""
         events: list[Event] = []
         with memoryview(data) as mv:
@@ -399,29 +472,21 @@ class Connection:
                 buf[:k] = mv[pos:pos + k]
                 buf.release()
                 pos += k
-                try:
-                    events += self.buffer_updated(k)
-                except P2PError as exc:
-                    exc.events = events + getattr(exc, "events", [])  # type: ignore[attr-defined]
-                    raise
+                events += self.buffer_updated(k, now)
         return events
 
-    @property
-    def buffered_bytes(self) -> int:
-        """Bytes received and held: an incomplete record, or what waits for a peer key."""
-        return self._fill + len(self._held)
-
-    def receive_eof(self) -> list[Event]:
+    def receive_eof(self, now: float | None = None) -> list[Event]:
         """The peer closed its side: a clean end only after its CLOSE record."""
         if self.state is State.CLOSED:
             return []
+        if now is not None:
+            self._now = now
         was = self.state
-        self.state = State.CLOSED
         if was is State.ESTABLISHED:
-            return [ConnectionClosed(ConnectionLost("the connection ended without the peer's "
-                                                    "CLOSE record (truncated or lost)"))]
-        return [ConnectionClosed(HandshakeError(f"the peer closed the connection during the "
-                                                f"handshake ({was.value})"))]
+            return self._fail(ConnectionLost("the connection ended without the peer's CLOSE "
+                                             "record (truncated or lost)"))
+        return self._fail(HandshakeError(f"the peer closed the connection during the "
+                                         f"handshake ({was.value})"))
 
     def _check_length(self, body_len: int) -> None:
         if self.state is State.ESTABLISHED:
@@ -431,21 +496,9 @@ class Connection:
         elif body_len > MAX_HANDSHAKE_BODY:
             raise ProtocolError(f"handshake record of {body_len} bytes is too large")
 
-    def _process(self, view: memoryview) -> list[Event]:
-        """Handle every complete record in ``view``; keep what is left for the next read.
-
-        On an error, the events completed before it (authentic messages that came first) are
-        attached to the exception as ``events``.
-        """
-        events: list[Event] = []
-        try:
-            self._records(view, events)
-        except P2PError as exc:
-            exc.events = events  # type: ignore[attr-defined]
-            raise
-        return events
-
     def _records(self, view: memoryview, events: list[Event]) -> None:
+        """Handle every complete record in ``view`` (events appended to ``events``); keep
+        what is left for the next read. Raises on a protocol failure."""
         if self.state is State.AWAIT_PEER_KEY:
             self._hold(view)
             return
@@ -464,15 +517,7 @@ class Connection:
                 # the fast path: one application message
                 d = self._recv
                 assert d is not None
-                aead = d.aead
-                if aead is not None:
-                    try:
-                        pt = aead.decrypt((d.iv ^ d.seq).to_bytes(12, "big"),
-                                          view[pos + HEADER_LEN:end], view[pos:pos + HEADER_LEN])
-                    except InvalidTag:
-                        raise CRCError("record failed authentication") from None
-                else:
-                    pt = d.cipher.open(d.seq, view[pos + HEADER_LEN:end], view[pos:pos + HEADER_LEN])
+                pt = d.open(d.seq, view[pos + HEADER_LEN:end], view[pos:pos + HEADER_LEN])
                 d.seq += 1
                 append(MessageReceived(pt))
                 pos = end
@@ -480,7 +525,7 @@ class Connection:
             ev = self._on_record(rtype, view[pos:pos + HEADER_LEN], view[pos + HEADER_LEN:end])
             pos = end
             if ev is not None:
-                events.append(ev)
+                append(ev)
             state: State = self.state  # (changed by the record just handled)
             if state is State.CLOSED:
                 return
@@ -489,7 +534,7 @@ class Connection:
                 return
         rest = n - pos
         if rest >= HEADER_LEN:  # an incomplete record: a buffer for the whole of it
-            need = HEADER_LEN + _HEADER.unpack_from(view, pos)[0]  # (length checked above)
+            need = HEADER_LEN + unpack(view, pos)[0]  # (length checked above)
             pooled = need > POOL_MIN and self._pool is not None
             buf = self._pool.get(need) if pooled else bytearray(need)  # type: ignore[union-attr]
             buf[:rest] = view[pos:]
@@ -509,7 +554,7 @@ class Connection:
     def _open(self, header: memoryview, body: memoryview) -> bytes:
         d = self._recv
         assert d is not None
-        pt = d.cipher.open(d.seq, body, header)
+        pt = d.open(d.seq, body, header)
         d.seq += 1
         return pt
 
@@ -519,21 +564,20 @@ class Connection:
             if rtype == RecordType.KEY_UPDATE:
                 self._open(header, body)
                 assert self._recv is not None
-                self._recv.ratchet(self._monotonic())
+                self._recv.ratchet(self._now)
                 return None
             if rtype == RecordType.CLOSE:
                 self._open(header, body)
-                self.state = State.CLOSED
-                return ConnectionClosed(None)
+                self._closed()
+                return Closed(None)
             if rtype == RecordType.PING:
                 self._open(header, body)
                 return None
             raise ProtocolError(f"unexpected record type {rtype:#x} after the handshake")
         if state is State.IDLE and self.role is Role.RESPONDER and rtype == RecordType.INIT:
-            evs = self._on_init(bytes(body))
-            return evs[0] if evs else None
+            return self._on_init(bytes(body))
         if state is State.SENT_INIT and rtype == RecordType.RESP:
-            return self._on_resp(bytes(body))[0]
+            return self._on_resp(bytes(body))
         if state is State.SENT_RESP and rtype == RecordType.FINISHED:
             self.derive_keys()
             result = self._result
@@ -543,26 +587,44 @@ class Connection:
             except CRCError:
                 raise HandshakeError("FINISHED failed authentication") from None
             result.check_finished(mac)
-            self._established(result)
-            return HandshakeComplete(result.peer_id)
+            return self._established(result)
         raise ProtocolError(f"unexpected record type {rtype:#x} in state {state.value}")
 
     # -- application data -------------------------------------------------------------------
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Seal one application message (sent as exactly one record)."""
+        """Seal one application message (sent as exactly one record). Before the handshake
+        completes it is queued (``pending_max_messages`` / ``pending_max_bytes``) and sealed,
+        in order, when it completes. Raises :class:`MessageTooLarge` over
+        ``max_message_size``, :class:`ChannelNotReady` when closed or the queue is full."""
         if self.state is not State.ESTABLISHED:
-            if self.state is State.CLOSED:
-                raise ChannelNotReady("the connection is closed")
-            raise ChannelNotReady("the handshake has not completed")
+            self._enqueue(data)
+            return
         if len(data) > self.settings.max_message_size:
             raise MessageTooLarge(f"message of {len(data)} bytes is over the "
                                   f"{self.settings.max_message_size}-byte limit")
         d = self._send
         assert d is not None
-        if d.seq >= self._rekey_messages or self._monotonic() - d.since >= self._rekey_time:
+        if self._rekey_due or d.seq >= self._rekey_messages:
             self.update_key()
         self._write_sealed(_DATA, data)
+
+    def _enqueue(self, data: bytes | bytearray | memoryview) -> None:
+        if self.state is State.CLOSED:
+            raise ChannelNotReady("the connection is closed")
+        settings = self.settings
+        if len(data) > settings.max_message_size:
+            raise MessageTooLarge(f"message of {len(data)} bytes is over the "
+                                  f"{settings.max_message_size}-byte limit")
+        queue = self._queue
+        if (len(queue or ()) >= settings.pending_max_messages
+                or self._queue_bytes + len(data) > settings.pending_max_bytes):
+            raise ChannelNotReady("the handshake has not completed and the pre-handshake queue "
+                                  "is full")
+        if queue is None:
+            queue = self._queue = []
+        queue.append(bytes(data))
+        self._queue_bytes += len(data)
 
     def update_key(self) -> None:
         """Send KEY_UPDATE and ratchet our sending key forward."""
@@ -570,7 +632,9 @@ class Connection:
             raise StatusError("key update before the handshake completed")
         assert self._send is not None
         self._write_sealed(RecordType.KEY_UPDATE, b"")
-        self._send.ratchet(self._monotonic())
+        self._send.ratchet(self._now)
+        self._rekey_due = False
+        self._rekey_at = self._now + self.settings.rekey_after_time
 
     def send_ping(self) -> None:
         """An authenticated keepalive record (ignored by the receiver)."""
@@ -580,8 +644,11 @@ class Connection:
     def close(self) -> None:
         """Queue the authenticated CLOSE record (when established) and close."""
         if self.state is State.ESTABLISHED:
-            self._write_sealed(RecordType.CLOSE, _CLOSE_BODY)
-        self.state = State.CLOSED
-        self._send = self._recv = None
-        self._result = None
-        self._derive = None
+            self._write_sealed(RecordType.CLOSE, b"")
+        self._closed()
+
+    def abort(self) -> None:
+        """Close at once: nothing more is written (what is queued is dropped)."""
+        self._closed()
+        self._out = []
+        self._out_size = 0

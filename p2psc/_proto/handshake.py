@@ -1,7 +1,9 @@
 """The handshake, sans-IO: INIT and RESP messages, their checks, and the key schedule inputs.
 
-This module knows nothing of records, sockets or datagrams: TCP (:mod:`p2psc.connection`)
-and UDP (:mod:`p2psc.udp_session`) carry the message bodies built here. The wire format is
+This module knows nothing of records, sockets or datagrams: TCP (:mod:`p2psc._proto.tcp`)
+and UDP (:mod:`p2psc._proto.udp`) carry the message bodies built here. Both transports run
+the responder's checks through the same two steps, :meth:`ResponderHandshake.verify` (the
+signature: one RSA public-key operation) and :meth:`ResponderHandshake.respond`. The wire format is
 specified in docs/PROTOCOL.md.
 
 INIT body (initiator I to responder R)::
@@ -26,6 +28,7 @@ The transcript hash that keys are bound to is SHA-256(INIT body || RESP body).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import struct
@@ -36,15 +39,16 @@ from cryptography.hazmat.primitives import constant_time
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from . import keys
+from ..p2pexcept import ConfigError, HandshakeError, ProtocolError, UnknownPeerError
+from . import rsakeys as keys
 from .keyschedule import TrafficSecrets, derive_traffic_secrets, finished_mac
-from .p2pexcept import ConfigError, HandshakeError, ProtocolError, UnknownPeerError
 from .replay import InitReplayCache
+from .settings import Settings
 from .suites import SUITES_BY_CODE, Suite
 
-__all__ = ["PROTOCOL_VERSION", "InitMessage", "RespMessage", "HandshakeResult",
-           "InitiatorHandshake", "ResponderHandshake", "parse_init", "parse_resp",
-           "MAX_HANDSHAKE_BODY"]
+__all__ = ["PROTOCOL_VERSION", "Role", "Randomness", "InitMessage", "VerifiedInit",
+           "RespMessage", "HandshakeResult", "InitiatorHandshake", "ResponderHandshake",
+           "parse_init", "parse_resp", "MAX_HANDSHAKE_BODY"]
 
 PROTOCOL_VERSION = 1
 INIT_LABEL = b"p2psc v1 INIT by initiator\x00"
@@ -55,6 +59,35 @@ MAX_RSA_BYTES = keys.MAX_RSA_BITS // 8
 MAX_EXT_LEN = 64
 #: No INIT or RESP body is larger than this (8192-bit keys, longest ids, full ext).
 MAX_HANDSHAKE_BODY = 2 + 8 + NONCE_LEN + 32 + 2 * 129 + 2 + MAX_EXT_LEN + 2 * (2 + MAX_RSA_BYTES)
+
+
+class Role(enum.Enum):
+    """Which side of a handshake (and so of a TCP connection or UDP session) we are."""
+
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+
+class Randomness:
+    """Where a handshake's randomness comes from: nonces, key material, ephemeral X25519
+    keys (:meth:`random`), and the randomised RSA operations (RSA-PSS's salt, RSA-OAEP's
+    seed). The default draws from ``os.urandom`` and OpenSSL; tests inject a recorded one to
+    replay a complete handshake byte for byte (test/test_vectors.py)."""
+
+    def random(self, n: int) -> bytes:
+        """``n`` random bytes."""
+        return os.urandom(n)
+
+    def sign(self, key: rsa.RSAPrivateKey, data: bytes) -> bytes:
+        """RSA-PSS-SHA256 signature (random salt)."""
+        return keys.sign(key, data)
+
+    def encrypt(self, key: rsa.RSAPublicKey, data: bytes) -> bytes:
+        """RSA-OAEP-SHA256 encryption (random seed)."""
+        return keys.encrypt(key, data)
+
+
+SYSTEM_RANDOMNESS = Randomness()
 
 
 class _Reader:
@@ -123,6 +156,14 @@ class InitMessage:
     signature: bytes
     signed_part: bytes
     body: bytes
+
+
+@dataclass(frozen=True)
+class VerifiedInit:
+    """An INIT whose signature verified with the initiator's public key (made only by
+    :meth:`ResponderHandshake.verify`; :meth:`ResponderHandshake.respond` takes nothing else)."""
+
+    init: InitMessage
 
 
 @dataclass(frozen=True)
@@ -209,8 +250,10 @@ class InitiatorHandshake:
     """The initiator's side: builds INIT, then checks RESP and derives the keys."""
 
     def __init__(self, my_id: str, private_key: rsa.RSAPrivateKey, peer_id: str,
-                 peer_public_key: rsa.RSAPublicKey, suite: Suite, *, ext: bytes = b""):
+                 peer_public_key: rsa.RSAPublicKey, suite: Suite, *, ext: bytes = b"",
+                 randomness: Randomness = SYSTEM_RANDOMNESS):
         self.my_id = my_id
+        self._rand = randomness
         self.peer_id = peer_id
         self._private_key = private_key
         self._peer_public_key = peer_public_key
@@ -222,23 +265,24 @@ class InitiatorHandshake:
 
     def build_init(self, now: float) -> bytes:
         """The INIT body (signs with our private key: about one RSA private operation)."""
-        self._eph = X25519PrivateKey.generate()
-        self._key_material = os.urandom(KEY_MATERIAL_LEN)
-        self._nonce = os.urandom(NONCE_LEN)
+        rand = self._rand
+        self._eph = X25519PrivateKey.from_private_bytes(rand.random(32))
+        self._key_material = rand.random(KEY_MATERIAL_LEN)
+        self._nonce = rand.random(NONCE_LEN)
         signed = b"".join([
             struct.pack(">BBQ", PROTOCOL_VERSION, self.suite.code, int(now * 1000)),
             self._nonce, self._eph.public_key().public_bytes_raw(),
             _encode_var8(self.my_id.encode()), _encode_var8(self.peer_id.encode()),
             _encode_var16(self._ext),
-            _encode_var16(keys.encrypt(self._peer_public_key, self._key_material)),
+            _encode_var16(rand.encrypt(self._peer_public_key, self._key_material)),
         ])
-        self._init = signed + _encode_var16(keys.sign(self._private_key, INIT_LABEL + signed))
+        self._init = signed + _encode_var16(rand.sign(self._private_key, INIT_LABEL + signed))
         return self._init
 
     def receive_resp(self, body: bytes) -> HandshakeResult:
         """Check RESP (signature by the expected peer, same suite) and derive the keys."""
         if self._init is None or self._eph is None:
-            raise HandshakeError("RESP before INIT")
+            raise HandshakeError("RESP before INIT, or a second RESP")
         resp = parse_resp(body)
         if resp.version != PROTOCOL_VERSION:
             raise HandshakeError(f"peer answered with protocol version {resp.version}")
@@ -256,15 +300,34 @@ class InitiatorHandshake:
 
 
 class ResponderHandshake:
-    """The responder's side: checks INIT in the order the protocol requires, builds RESP."""
+    """The responder's side: checks INIT in the order the protocol requires, builds RESP.
+
+    1. :meth:`parse`: well-formed, our version, addressed to us (before any key lookup);
+    2. :meth:`verify`: the initiator's signature (one RSA public-key operation);
+    3. :meth:`respond`: fresh timestamp, acceptable suite, not a replay; then RESP.
+    """
 
     def __init__(self, my_id: str, private_key: rsa.RSAPrivateKey, *, replay_cache: InitReplayCache,
-                 timestamp_window: float = 120.0, enable_rc4: bool = False):
+                 timestamp_window: float = 120.0, enable_rc4: bool = False,
+                 randomness: Randomness = SYSTEM_RANDOMNESS):
         self.my_id = my_id
         self._private_key = private_key
         self._replay_cache = replay_cache
         self._window = timestamp_window
         self._enable_rc4 = enable_rc4
+        self._rand = randomness
+
+    @classmethod
+    def from_settings(cls, my_id: str, private_key: rsa.RSAPrivateKey, settings: Settings,
+                      replay_cache: InitReplayCache | None = None, *,
+                      randomness: Randomness = SYSTEM_RANDOMNESS) -> ResponderHandshake:
+        """A responder with the settings' window and suites, sharing ``replay_cache`` (a
+        fresh one sized by the settings when None)."""
+        if replay_cache is None:  # (not `or`: an empty cache is falsy)
+            replay_cache = InitReplayCache(settings.replay_cache_size, settings.timestamp_window)
+        return cls(my_id, private_key, replay_cache=replay_cache,
+                   timestamp_window=settings.timestamp_window, enable_rc4=settings.enable_rc4,
+                   randomness=randomness)
 
     def parse(self, body: bytes) -> InitMessage:
         """Step 1: parse, and check the INIT is for us (before any key lookup)."""
@@ -275,26 +338,27 @@ class ResponderHandshake:
             raise HandshakeError(f"INIT is addressed to {init.responder_id!r}, not to us")
         return init
 
-    def accept(self, init: InitMessage, peer_public_key: rsa.RSAPublicKey | None, now: float,
-               *, ext: bytes = b"") -> tuple[bytes, HandshakeResult]:
-        """Steps 2-5 and the keys at once: see :meth:`respond`."""
-        resp, derive_keys = self.respond(init, peer_public_key, now, ext=ext)
-        return resp, derive_keys()
+    @staticmethod
+    def verify(init: InitMessage, peer_public_key: rsa.RSAPublicKey | None) -> VerifiedInit:
+        """Step 2: the initiator is known and its signature verifies (raises
+        :class:`UnknownPeerError` / :class:`SignCheckError`)."""
+        if peer_public_key is None:
+            raise UnknownPeerError(f"INIT from unknown peer {init.initiator_id!r}")
+        keys.verify(peer_public_key, init.signature, INIT_LABEL + init.signed_part,
+                    f"INIT signature of {init.initiator_id}")
+        return VerifiedInit(init)
 
-    def respond(self, init: InitMessage, peer_public_key: rsa.RSAPublicKey | None, now: float,
-                *, ext: bytes = b"") -> tuple[bytes, Callable[[], HandshakeResult]]:
-        """Steps 2-5: the initiator is known, its signature verifies, the INIT is fresh and
-        new. Returns the RESP body, and a function that decrypts the key material and derives
-        the keys, so the caller can send RESP first and decrypt while it travels.
+    def respond(self, verified: VerifiedInit, now: float, *, ext: bytes = b""
+                ) -> tuple[bytes, Callable[[], HandshakeResult]]:
+        """Step 3: the INIT is fresh (``now``: wall-clock seconds) and new, its suite one we
+        accept. Returns the RESP body, and a function that decrypts the key material and
+        derives the keys, so the caller can send RESP first and decrypt while it travels.
 
         A key material that does not decrypt is replaced by random bytes (implicit rejection,
         as TLS does for RSA key transport): the handshake then fails at FINISHED, exactly as
         with a wrong key, so the outcome of the decryption is never observable on its own.
         """
-        if peer_public_key is None:
-            raise UnknownPeerError(f"INIT from unknown peer {init.initiator_id!r}")
-        keys.verify(peer_public_key, init.signature, INIT_LABEL + init.signed_part,
-                    f"INIT signature of {init.initiator_id}")
+        init = verified.init
         if abs(now * 1000 - init.timestamp_ms) > self._window * 1000:
             raise HandshakeError(f"INIT from {init.initiator_id} has a stale timestamp "
                                  f"({(now * 1000 - init.timestamp_ms) / 1000:+.0f} s)")
@@ -305,12 +369,13 @@ class ResponderHandshake:
         replay_key = init.initiator_id.encode() + b"\x00" + init.nonce
         if not self._replay_cache.check_and_add(replay_key, init.timestamp_ms / 1000, now):
             raise HandshakeError(f"replayed INIT from {init.initiator_id}")
-        eph = X25519PrivateKey.generate()
+        rand = self._rand
+        eph = X25519PrivateKey.from_private_bytes(rand.random(32))
         shared = _x25519(eph, init.ephemeral)
-        nonce = os.urandom(NONCE_LEN)
+        nonce = rand.random(NONCE_LEN)
         signed = b"".join([bytes([PROTOCOL_VERSION, suite.code]), nonce,
                            eph.public_key().public_bytes_raw(), _encode_var16(ext)])
-        sig = keys.sign(self._private_key,
+        sig = rand.sign(self._private_key,
                         RESP_LABEL + hashlib.sha256(init.body + signed).digest())
         resp = signed + _encode_var16(sig)
         private_key = self._private_key
@@ -318,7 +383,7 @@ class ResponderHandshake:
         def derive_keys() -> HandshakeResult:
             key_material = keys.decrypt(private_key, init.encrypted_key_material)
             if key_material is None or len(key_material) != KEY_MATERIAL_LEN:
-                key_material = os.urandom(KEY_MATERIAL_LEN)  # implicit rejection
+                key_material = rand.random(KEY_MATERIAL_LEN)  # implicit rejection
             th = hashlib.sha256(init.body + resp).digest()
             secrets = derive_traffic_secrets(key_material, shared, init.nonce, nonce,
                                              suite.code, th)
