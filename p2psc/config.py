@@ -27,7 +27,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from . import keys
+from . import keys, validators
 from .p2pexcept import ConfigError, UnknownPeerError
 from .suites import SUITES_BY_NAME, default_suite_name
 
@@ -137,21 +137,20 @@ class PeerAddress:
 
 
 def _parse_address(obj: Any, where: str, expected_id: str | None = None) -> PeerAddress:
+    """A ``{"peer_id", "host", "port"[, "updated_at"]}`` record (the own record of xconfig, or
+    an entry of the known peers file), checked with :mod:`p2psc.validators`."""
     if not isinstance(obj, Mapping):
         raise ConfigError(f"{where}: expected an object with peer_id, host and port")
     peer_id = obj.get("peer_id", expected_id)
     try:
-        keys.validate_peer_id(peer_id)
+        validators.check_peer_id(peer_id)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if expected_id is not None and peer_id != expected_id:
         raise ConfigError(f"{where}: entry {expected_id!r} has peer_id {peer_id!r}")
-    host = obj.get("host")
-    port = obj.get("port")
-    if not isinstance(host, str) or not host or len(host) > 255:
-        raise ConfigError(f"{where}: peer {peer_id}: host must be a non-empty string")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"{where}: peer {peer_id}: port must be a whole number 0-65535")
+    host = validators.check_host(obj.get("host"), f"{where}: peer {peer_id}: host")
+    # port 0: listen on a free port (own record), or a peer that never listens (known peers)
+    port = validators.check_port(obj.get("port"), f"{where}: peer {peer_id}: port", allow_zero=True)
     updated_at = obj.get("updated_at")
     if updated_at is not None and (isinstance(updated_at, bool) or not isinstance(updated_at, int)):
         raise ConfigError(f"{where}: peer {peer_id}: updated_at must be a whole number")

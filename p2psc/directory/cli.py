@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import keys
 from ..p2pexcept import P2PError
+from ..validators import check_host, port_arg
 from .record import CENTER_PEER_ID
 
 __all__ = ["add_directory_parser", "main", "run"]
@@ -73,6 +74,7 @@ def _cmd_init_center(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
+    check_host(args.host, "--host")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     key = keys.load_private_key(_key_path(args), _password())
     store = _open_store(args)
@@ -154,16 +156,6 @@ def _peer_password() -> bytes | None:
     return pw.encode("utf-8") if pw else None
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} out of range 0..65535")
-    return value
-
-
 def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``directory`` command and its subcommands to an argparse ``subparsers`` object.
 
@@ -196,7 +188,7 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="run the directory web server")
     state_args(sp, key=True)
     sp.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
-    sp.add_argument("--port", type=_port, default=9999, help="listen port (default: 9999)")
+    sp.add_argument("--port", type=port_arg, default=9999, help="listen port (default: 9999)")
     sp.add_argument("--max-skew", type=int, default=120, metavar="SECONDS",
                     help="clock difference accepted on updates (default: 120)")
     sp.set_defaults(func=_guarded(_cmd_serve))
@@ -205,7 +197,7 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("peer_id", metavar="PEER_ID")
     sp.add_argument("--pubkey", required=True, metavar="FILE", help="the peer's PEM public key")
     sp.add_argument("--host", required=True)
-    sp.add_argument("--port", required=True, type=_port)
+    sp.add_argument("--port", required=True, type=port_arg)
     state_args(sp)
     sp.set_defaults(func=_guarded(_cmd_add))
 
@@ -233,7 +225,7 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--prikey", required=True, metavar="FILE",
                     help="your private key (passphrase from $P2PSC_PRIKEY_PASSWORD if any)")
     sp.add_argument("--host", required=True)
-    sp.add_argument("--port", required=True, type=_port)
+    sp.add_argument("--port", required=True, type=port_arg)
     sp.add_argument("--timeout", type=float, default=5.0)
     sp.set_defaults(func=_guarded(_cmd_update))
     return p
