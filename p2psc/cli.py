@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from . import __version__, keys
-from .config import PeerAddress, PeerStore, read_config_file
+from .config import PeerAddress, PeerStore, known_peers_json, read_config_file, write_peer_files
 from .p2pexcept import ConfigError, P2PError
 from .validators import check_host, check_peer_id, port_arg
 
@@ -292,7 +292,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     keys.atomic_write(wd / "data" / "config.json", (json.dumps(own, indent=2) + "\n").encode())
     peers_file = wd / "data" / "peers.json"
     if not peers_file.exists():
-        keys.atomic_write(peers_file, b"{}\n")
+        write_peer_files([(peers_file, known_peers_json({}))])
     print(f"created peer {args.peer_id} in {wd} ({args.host}:{args.port})")
     print(f"fingerprint: {keys.fingerprint(key)}")
     if passphrase:

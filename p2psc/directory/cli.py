@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import keys
+from ..config import write_peer_files
 from ..p2pexcept import P2PError
 from ..validators import check_host, port_arg
 from .record import CENTER_PEER_ID
@@ -65,7 +66,7 @@ def _cmd_init_center(args: argparse.Namespace) -> int:
     key_path.parent.mkdir(parents=True, exist_ok=True)
     key = keys.generate_private_key(args.bits)
     keys.write_private_key(key_path, key, _password())  # mode 0600, refuses to overwrite
-    keys.atomic_write(pub_path, keys.public_key_pem(key), 0o644)
+    write_peer_files([(pub_path, keys.public_key_pem(key))])
     print(f"center private key: {key_path}")
     print(f"center public key:  {pub_path}  ({keys.fingerprint(key)})")
     print(f"copy {pub_path.name} into every peer's peer_pubkey_path")
