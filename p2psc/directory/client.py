@@ -1,7 +1,9 @@
-"""The directory client: signed lookups, self-service updates, a merging lookup cache, and
-:func:`save_peer`, which stores a looked-up peer into the key folder and the known peers file.
+"""The directory client: signed lookups, self-service updates, a merging lookup cache, the
+key-change policy, and :func:`save_peer`, which stores a looked-up peer into the key folder
+and the known peers file (through :mod:`p2psc.config`, their one reader and writer).
 
-Typical use by :class:`P2PHandler` (``find_peer_info_url`` set)::
+:class:`P2PHandler` (``find_peer_info_url`` set) uses :class:`DirectoryLookup` and
+:func:`accept_record` with its in-memory peer store. Code without a handler can do::
 
     center = keys.load_public_key(Path(peer_pubkey_path) / "p2psc_center.pubkey.pem")
     lookup = DirectoryLookup(find_peer_info_url, center, timeout=5.0, negative_ttl=30.0)
@@ -10,7 +12,7 @@ Typical use by :class:`P2PHandler` (``find_peer_info_url`` set)::
                                  allow_key_change=config_allows_it)
     if not ok: refuse the peer (its key changed, or the record is older than the one on file)
     ...
-    await lookup.close()                         # when the handler shuts down
+    await lookup.close()                         # when done
 
 Every failure is a :class:`DirectoryError` (a 404 is :class:`PeerNotInDirectory`, also an
 :class:`UnknownPeerError`; a bad signature is :class:`DirectorySignatureError`, also a
