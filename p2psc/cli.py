@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from . import __version__, keys
-from .config import PeerAddress, PeerStore, read_config_file
+from .config import PeerAddress, PeerStore, known_peers_json, read_config_file, write_peer_files
 from .p2pexcept import ConfigError, P2PError
+from .validators import check_host, check_peer_id, port_arg
 
 log = logging.getLogger("p2psc.cli")
 
@@ -61,16 +62,6 @@ class CliError(Exception):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} out of range 0..65535")
-    return value
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -267,7 +258,8 @@ async def _open(handler: Any, peer_id: str, timeout: float) -> Any:
 
 def cmd_init(args: argparse.Namespace) -> int:
     wd = Path(args.dir if args.dir is not None else args.workdir)
-    keys.validate_peer_id(args.peer_id)
+    check_peer_id(args.peer_id)
+    check_host(args.host, "--host")
     key_path = wd / "data" / "private_key.pem"
     conf_path = wd / "conf" / "config.json"
     for p in (key_path, conf_path):
@@ -300,7 +292,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     keys.atomic_write(wd / "data" / "config.json", (json.dumps(own, indent=2) + "\n").encode())
     peers_file = wd / "data" / "peers.json"
     if not peers_file.exists():
-        keys.atomic_write(peers_file, b"{}\n")
+        write_peer_files([(peers_file, known_peers_json({}))])
     print(f"created peer {args.peer_id} in {wd} ({args.host}:{args.port})")
     print(f"fingerprint: {keys.fingerprint(key)}")
     if passphrase:
@@ -328,7 +320,8 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_add_peer(args: argparse.Namespace) -> int:
-    keys.validate_peer_id(args.peer_id)
+    check_peer_id(args.peer_id)
+    check_host(args.host, "--host")
     conf, store = _peer_store(args)
     if args.pubkey == "-":
         pem, where = sys.stdin.buffer.read(keys.MAX_KEY_FILE_SIZE + 1), "stdin"
@@ -479,6 +472,8 @@ async def _listen(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    if args.host is not None:
+        check_host(args.host, "--host")
     return _run(_listen(args), args)
 
 
@@ -731,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-id", required=True, metavar="ID", help="this peer's id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on and to give "
                    "to peers (default: 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=10098, help="port (default: 10098)")
+    p.add_argument("--port", type=port_arg, default=10098, help="port (default: 10098)")
     p.add_argument("--bits", type=int, default=3072, help="RSA key size (default: 3072)")
     p.add_argument("--passphrase", action="store_true",
                    help=f"encrypt the private key (asked on the terminal, or ${PASSWORD_ENV})")
@@ -754,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pubkey", required=True, metavar="FILE",
                    help="the peer's PEM public key ('-' for stdin)")
     p.add_argument("--host", required=True)
-    p.add_argument("--port", required=True, type=_port)
+    p.add_argument("--port", required=True, type=port_arg)
     p.add_argument("--replace", action="store_true",
                    help="accept a key different from the one on file")
     p.set_defaults(func=cmd_add_peer)
@@ -772,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="exit after the first channel ends (exit code 1 if it was lost)")
     p.add_argument("--host", default=None, help="override the listen address")
-    p.add_argument("--port", type=_port, default=None, help="override the listen port")
+    p.add_argument("--port", type=port_arg, default=None, help="override the listen port")
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("send", parents=[common], help="send a file or stdin to a peer",

@@ -9,6 +9,8 @@ A peer folder (the original layout)::
     data/pubkeys/test2.com.pubkey.pem
 
 Every mistake is reported as a :class:`ConfigError` naming the file and what is wrong.
+This module is the only reader and writer of the known peers file and of the
+``<peer_id>.pubkey.pem`` files (see :func:`read_known_peers` and :func:`peer_files`).
 The reference of every key is in docs/CONFIG.md.
 """
 
@@ -28,14 +30,16 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from . import keys
+from . import keys, validators
 from ._proto.settings import Settings
 from .p2pexcept import ConfigError, UnknownPeerError
 
 log = logging.getLogger("p2psc.config")
 
-__all__ = ["Settings", "default_suite_name", "PeerAddress", "PeerConfig", "PeerStore", "read_config_file",
-           "substitute", "load_peer_config", "config_from_appublic"]
+__all__ = ["Settings", "default_suite_name", "PeerAddress", "PeerConfig", "PeerStore",
+           "read_config_file", "substitute", "load_peer_config", "config_from_appublic",
+           "pubkey_file", "read_public_key", "read_known_peers", "known_peers_json",
+           "peer_files", "write_peer_files"]
 
 #: Largest JSON config file read (peers.json with thousands of peers stays far below).
 MAX_JSON_FILE_SIZE = 16 * 1024 * 1024
@@ -82,21 +86,20 @@ class PeerAddress:
 
 
 def _parse_address(obj: Any, where: str, expected_id: str | None = None) -> PeerAddress:
+    """A ``{"peer_id", "host", "port"[, "updated_at"]}`` record (the own record of xconfig, or
+    an entry of the known peers file), checked with :mod:`p2psc.validators`."""
     if not isinstance(obj, Mapping):
         raise ConfigError(f"{where}: expected an object with peer_id, host and port")
     peer_id = obj.get("peer_id", expected_id)
     try:
-        keys.validate_peer_id(peer_id)
+        validators.check_peer_id(peer_id)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if expected_id is not None and peer_id != expected_id:
         raise ConfigError(f"{where}: entry {expected_id!r} has peer_id {peer_id!r}")
-    host = obj.get("host")
-    port = obj.get("port")
-    if not isinstance(host, str) or not host or len(host) > 255:
-        raise ConfigError(f"{where}: peer {peer_id}: host must be a non-empty string")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"{where}: peer {peer_id}: port must be a whole number 0-65535")
+    host = validators.check_host(obj.get("host"), f"{where}: peer {peer_id}: host")
+    # port 0: listen on a free port (own record), or a peer that never listens (known peers)
+    port = validators.check_port(obj.get("port"), f"{where}: peer {peer_id}: port", allow_zero=True)
     updated_at = obj.get("updated_at")
     if updated_at is not None and (isinstance(updated_at, bool) or not isinstance(updated_at, int)):
         raise ConfigError(f"{where}: peer {peer_id}: updated_at must be a whole number")
@@ -181,6 +184,77 @@ def config_from_appublic() -> dict[str, Any]:
     return conf
 
 
+# -- the known peers file and the public key files -------------------------------------------
+# The only code that reads or writes them: PeerStore (start-up, ``p2psc add-peer``, the
+# handler's directory lookups), p2psc.directory.save_peer and ``p2psc init`` all use these
+# functions, so both files have one format and one set of checks.
+
+def pubkey_file(peer_pubkey_path: Path, peer_id: str) -> Path:
+    """``<peer_pubkey_path>/<peer_id>.pubkey.pem`` (:class:`ConfigError` for an invalid id)."""
+    return Path(peer_pubkey_path) / (validators.check_peer_id(peer_id) + keys.PUBKEY_SUFFIX)
+
+
+def read_public_key(peer_pubkey_path: Path, peer_id: str) -> rsa.RSAPublicKey | None:
+    """The public key on file for ``peer_id``, or None when it has no key file."""
+    path = pubkey_file(peer_pubkey_path, peer_id)
+    if not path.exists():
+        return None
+    return keys.load_public_key(path)
+
+
+def _read_public_keys(peer_pubkey_path: Path) -> dict[str, rsa.RSAPublicKey]:
+    """Every ``<peer_id>.pubkey.pem`` of the folder (files not named by a valid id are skipped)."""
+    public_keys: dict[str, rsa.RSAPublicKey] = {}
+    for path in sorted(peer_pubkey_path.glob("*" + keys.PUBKEY_SUFFIX)):
+        peer_id = path.name[: -len(keys.PUBKEY_SUFFIX)]
+        try:
+            validators.check_peer_id(peer_id)
+        except ConfigError:
+            log.warning("%s: ignored: the file name is not a valid peer id", path)
+            continue
+        public_keys[peer_id] = keys.load_public_key(path)
+    return public_keys
+
+
+def read_known_peers(known_peers_file: Path, *, missing_ok: bool = False) -> dict[str, PeerAddress]:
+    """The known peers file: peer id -> address, every entry checked.
+
+    A missing file is a :class:`ConfigError`, or no peers with ``missing_ok``.
+    """
+    path = Path(known_peers_file)
+    if missing_ok and not path.exists():
+        return {}
+    raw = _read_json(path, "known peers file")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a JSON object of peer id -> record")
+    return {pid: _parse_address(rec, str(path), pid) for pid, rec in raw.items()}
+
+
+def known_peers_json(addresses: Mapping[str, PeerAddress]) -> bytes:
+    """The contents of a known peers file holding ``addresses`` (the one format written)."""
+    table = {pid: a.to_json() for pid, a in addresses.items()}
+    return (json.dumps(table, indent=2, sort_keys=True) + "\n").encode()
+
+
+def peer_files(peer_pubkey_path: Path, known_peers_file: Path, addresses: Mapping[str, PeerAddress],
+               address: PeerAddress, public_key: rsa.RSAPublicKey | None) -> list[tuple[Path, bytes]]:
+    """The files to write so that ``address`` joins (or replaces its entry in) ``addresses``:
+    the peer's public key file (left out when ``public_key`` is None), then the known peers
+    file. ``address`` is checked as the reader will check it; see :func:`write_peer_files`."""
+    _parse_address(address.to_json(), str(known_peers_file), address.peer_id)
+    files: list[tuple[Path, bytes]] = []
+    if public_key is not None:
+        files.append((pubkey_file(peer_pubkey_path, address.peer_id), keys.public_key_pem(public_key)))
+    files.append((Path(known_peers_file), known_peers_json({**addresses, address.peer_id: address})))
+    return files
+
+
+def write_peer_files(files: list[tuple[Path, bytes]]) -> None:
+    """Write files from :func:`peer_files` in order, each atomically, mode 0644 (blocking)."""
+    for path, data in files:
+        keys.atomic_write(path, data, 0o644)
+
+
 class PeerStore:
     """The peers this peer knows: their addresses (``known_peers_file``) and public keys
     (``peer_pubkey_path``), held in memory after start-up so no file is read on the event loop."""
@@ -197,23 +271,12 @@ class PeerStore:
         """Read the known peers file and every ``*.pubkey.pem`` in the public key folder."""
         if not peer_pubkey_path.is_dir():
             raise ConfigError(f"{peer_pubkey_path}: peer_pubkey_path is not a folder")
-        raw = _read_json(known_peers_file, "known peers file")
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{known_peers_file}: must be a JSON object of peer id -> record")
-        addresses = {pid: _parse_address(rec, str(known_peers_file), pid) for pid, rec in raw.items()}
-        public_keys: dict[str, rsa.RSAPublicKey] = {}
-        for path in sorted(peer_pubkey_path.glob("*" + keys.PUBKEY_SUFFIX)):
-            peer_id = path.name[: -len(keys.PUBKEY_SUFFIX)]
-            try:
-                keys.validate_peer_id(peer_id)
-            except ConfigError:
-                log.warning("%s: ignored: the file name is not a valid peer id", path)
-                continue
-            public_keys[peer_id] = keys.load_public_key(path)
+        addresses = read_known_peers(known_peers_file)
+        public_keys = _read_public_keys(peer_pubkey_path)
         for peer_id in addresses:
             if peer_id not in public_keys:
                 raise ConfigError(f"{known_peers_file}: known peer {peer_id} has no public key file "
-                                  f"{peer_pubkey_path / (peer_id + keys.PUBKEY_SUFFIX)}")
+                                  f"{pubkey_file(peer_pubkey_path, peer_id)}")
         return cls(known_peers_file, peer_pubkey_path, addresses, public_keys)
 
     def public_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
@@ -236,27 +299,21 @@ class PeerStore:
 
     def files_for(self, address: PeerAddress, public_key: rsa.RSAPublicKey
                   ) -> list[tuple[Path, bytes]]:
-        """The file contents that record ``address`` and ``public_key`` (see write_files)."""
-        keys.validate_peer_id(address.peer_id)
-        table = {pid: a.to_json() for pid, a in self._addresses.items()}
-        table[address.peer_id] = address.to_json()
-        return [(self.peer_pubkey_path / (address.peer_id + keys.PUBKEY_SUFFIX),
-                 keys.public_key_pem(public_key)),
-                (self.known_peers_file,
-                 (json.dumps(table, indent=2, sort_keys=True) + "\n").encode())]
+        """The file contents that record ``address`` and ``public_key`` (:func:`peer_files`)."""
+        return peer_files(self.peer_pubkey_path, self.known_peers_file, self._addresses,
+                          address, public_key)
 
     @staticmethod
     def write_files(files: list[tuple[Path, bytes]]) -> None:
         """Write files atomically (blocking: the handler runs this in a thread)."""
-        for path, data in files:
-            keys.atomic_write(path, data)
+        write_peer_files(files)
 
     def add(self, address: PeerAddress, public_key: rsa.RSAPublicKey, *, persist: bool = True) -> None:
         """Add or update a known peer in memory and, with ``persist``, on disk (atomic writes).
 
         The caller decides whether a changed public key is acceptable.
         """
-        keys.validate_peer_id(address.peer_id)
+        validators.check_peer_id(address.peer_id)
         if persist:
             self.write_files(self.files_for(address, public_key))
         self._public_keys[address.peer_id] = public_key

@@ -1,15 +1,24 @@
-"""The p2psc peer directory: a signed lookup service for peers' keys and addresses.
+"""The p2psc peer directory: a center-signed lookup service for peers' public keys and
+addresses, its server, and the client a peer uses.
 
-* :mod:`.record` — the record format, its canonical encoding and the center's signature;
-* :mod:`.update` — the self-service address update request;
-* :mod:`.store` — the SQLite store of the server;
-* :mod:`.server` — the aiohttp web app (``make_app``, ``serve``);
-* :mod:`.client` — lookups (``fetch_peer_record``, ``DirectoryLookup``), ``update_address``
-  and ``save_peer`` for the handler;
-* :mod:`.cli` — ``p2psc directory ...`` commands.
+* :mod:`.record` -- the record ``{peer_id, pubkey, host, port, updated_at, sig}``, its canonical
+  encoding, the center's signature (``sign_record``, ``verify_record``) and the field checks
+  (wrappers of :mod:`p2psc.validators` that raise :class:`DirectoryError`);
+* :mod:`.update` -- the self-service address update request a peer signs with its own key;
+* :mod:`.client` -- verified lookups (``fetch_peer_record``, and ``DirectoryLookup``, which
+  merges concurrent lookups and caches failures: what :class:`P2PHandler` uses),
+  ``update_address``, the key-change policy ``accept_record``, and ``save_peer``, which
+  stores a looked-up peer in a peer folder through :mod:`p2psc.config`;
+* :mod:`.store` -- the server's SQLite store of registered peers and seen update nonces;
+* :mod:`.server` -- the aiohttp web app (``make_app``, ``start_server``, ``serve``): lookups,
+  address updates and an HTML listing;
+* :mod:`.cli` -- the ``p2psc directory ...`` commands (init-center, serve, add, remove,
+  list, lookup, update-address).
 
-See docs/DIRECTORY.md. The server side (aiohttp web app, SQLite) is imported lazily: importing
-this package only loads the record format and the client.
+This package re-exports the record, update and client API below. Importing it loads those
+three modules (and so aiohttp, for the client); the store and the server (sqlite3, the web
+app) are only imported by whoever uses them, e.g. ``p2psc directory serve``.
+See docs/DIRECTORY.md.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import keys
+from ..config import write_peer_files
 from ..p2pexcept import P2PError
+from ..validators import check_host, port_arg
 from .record import CENTER_PEER_ID
 
 __all__ = ["add_directory_parser", "main", "run"]
@@ -64,7 +66,7 @@ def _cmd_init_center(args: argparse.Namespace) -> int:
     key_path.parent.mkdir(parents=True, exist_ok=True)
     key = keys.generate_private_key(args.bits)
     keys.write_private_key(key_path, key, _password())  # mode 0600, refuses to overwrite
-    keys.atomic_write(pub_path, keys.public_key_pem(key), 0o644)
+    write_peer_files([(pub_path, keys.public_key_pem(key))])
     print(f"center private key: {key_path}")
     print(f"center public key:  {pub_path}  ({keys.fingerprint(key)})")
     print(f"copy {pub_path.name} into every peer's peer_pubkey_path")
@@ -73,6 +75,7 @@ def _cmd_init_center(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
+    check_host(args.host, "--host")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     key = keys.load_private_key(_key_path(args), _password())
     store = _open_store(args)
@@ -154,16 +157,6 @@ def _peer_password() -> bytes | None:
     return pw.encode("utf-8") if pw else None
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} out of range 0..65535")
-    return value
-
-
 def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``directory`` command and its subcommands to an argparse ``subparsers`` object.
 
@@ -196,7 +189,7 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="run the directory web server")
     state_args(sp, key=True)
     sp.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
-    sp.add_argument("--port", type=_port, default=9999, help="listen port (default: 9999)")
+    sp.add_argument("--port", type=port_arg, default=9999, help="listen port (default: 9999)")
     sp.add_argument("--max-skew", type=int, default=120, metavar="SECONDS",
                     help="clock difference accepted on updates (default: 120)")
     sp.set_defaults(func=_guarded(_cmd_serve))
@@ -205,7 +198,7 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("peer_id", metavar="PEER_ID")
     sp.add_argument("--pubkey", required=True, metavar="FILE", help="the peer's PEM public key")
     sp.add_argument("--host", required=True)
-    sp.add_argument("--port", required=True, type=_port)
+    sp.add_argument("--port", required=True, type=port_arg)
     state_args(sp)
     sp.set_defaults(func=_guarded(_cmd_add))
 
@@ -233,7 +226,7 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--prikey", required=True, metavar="FILE",
                     help="your private key (passphrase from $P2PSC_PRIKEY_PASSWORD if any)")
     sp.add_argument("--host", required=True)
-    sp.add_argument("--port", required=True, type=_port)
+    sp.add_argument("--port", required=True, type=port_arg)
     sp.add_argument("--timeout", type=float, default=5.0)
     sp.set_defaults(func=_guarded(_cmd_update))
     return p

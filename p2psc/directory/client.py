@@ -1,7 +1,9 @@
-"""The directory client: signed lookups, self-service updates, a merging lookup cache, and
-:func:`save_peer`, which stores a looked-up peer into the key folder and the known peers file.
+"""The directory client: signed lookups, self-service updates, a merging lookup cache, the
+key-change policy, and :func:`save_peer`, which stores a looked-up peer into the key folder
+and the known peers file (through :mod:`p2psc.config`, their one reader and writer).
 
-Typical use by :class:`P2PHandler` (``find_peer_info_url`` set)::
+:class:`P2PHandler` (``find_peer_info_url`` set) uses :class:`DirectoryLookup` and
+:func:`accept_record` with its in-memory peer store. Code without a handler can do::
 
     center = keys.load_public_key(Path(peer_pubkey_path) / "p2psc_center.pubkey.pem")
     lookup = DirectoryLookup(find_peer_info_url, center, timeout=5.0, negative_ttl=30.0)
@@ -10,7 +12,7 @@ Typical use by :class:`P2PHandler` (``find_peer_info_url`` set)::
                                  allow_key_change=config_allows_it)
     if not ok: refuse the peer (its key changed, or the record is older than the one on file)
     ...
-    await lookup.close()                         # when the handler shuts down
+    await lookup.close()                         # when done
 
 Every failure is a :class:`DirectoryError` (a 404 is :class:`PeerNotInDirectory`, also an
 :class:`UnknownPeerError`; a bad signature is :class:`DirectorySignatureError`, also a
@@ -35,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
 from .. import keys
+from ..config import PeerAddress, peer_files, read_known_peers, read_public_key, write_peer_files
 from ..p2pexcept import ConfigError, DirectoryError, UnknownPeerError
 from .record import (
     CENTER_PEER_ID,
@@ -65,8 +68,6 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 DEFAULT_TIMEOUT = 5.0
-#: Largest known peers file save_peer will read.
-MAX_KNOWN_PEERS_FILE = 4 * 1024 * 1024
 
 
 class PeerNotInDirectory(DirectoryError, UnknownPeerError):
@@ -336,22 +337,6 @@ def accept_record(record: PeerRecord, current_key: rsa.RSAPublicKey | None, *,
 _save_lock = threading.Lock()
 
 
-def _read_known_peers(path: Path) -> dict[str, Any]:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return {}
-    if size > MAX_KNOWN_PEERS_FILE:
-        raise ConfigError(f"{path}: known peers file is larger than {MAX_KNOWN_PEERS_FILE} bytes")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8")) if size else {}
-    except (ValueError, UnicodeDecodeError):
-        raise ConfigError(f"{path}: known peers file is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: known peers file is not a JSON object")
-    return data
-
-
 def save_peer(record: PeerRecord, peer_pubkey_path: PathLike, known_peers_file: PathLike, *,
               allow_key_change: bool = False) -> bool:
     """Store a verified directory record: its key as ``<peer_pubkey_path>/<peer_id>.pubkey.pem``
@@ -372,34 +357,28 @@ def save_peer(record: PeerRecord, peer_pubkey_path: PathLike, known_peers_file: 
     if not isinstance(record, PeerRecord):
         raise TypeError("save_peer needs a verified PeerRecord (from fetch_peer_record)")
     key_dir = Path(peer_pubkey_path)
-    key_file = key_dir / f"{keys.validate_peer_id(record.peer_id)}{keys.PUBKEY_SUFFIX}"
     peers_path = Path(known_peers_file)
     with _save_lock:
-        write_key = True
-        if key_file.exists():
-            old = keys.load_public_key(key_file)
-            if not accept_record(record, old, allow_key_change=allow_key_change):
-                return False
-            write_key = not keys.same_public_key(old, record.public_key)
-        peers = _read_known_peers(peers_path)
-        prev = peers.get(record.peer_id)
-        prev_ts = prev.get("updated_at") if isinstance(prev, dict) else None
-        if type(prev_ts) is int and prev_ts > record.updated_at:
-            log.warning("directory: ignored a record for %s older than the one on file "
-                        "(updated_at %d < %d)", record.peer_id, record.updated_at, prev_ts)
+        old = read_public_key(key_dir, record.peer_id)
+        if old is not None and not accept_record(record, old, allow_key_change=allow_key_change):
             return False
+        write_key = old is None or not keys.same_public_key(old, record.public_key)
+        peers = read_known_peers(peers_path, missing_ok=True)
+        prev = peers.get(record.peer_id)
+        if prev is not None and prev.updated_at is not None and prev.updated_at > record.updated_at:
+            log.warning("directory: ignored a record for %s older than the one on file "
+                        "(updated_at %d < %d)", record.peer_id, record.updated_at, prev.updated_at)
+            return False
+        address = PeerAddress(record.peer_id, record.host, record.port, record.updated_at)
+        files = peer_files(key_dir, peers_path, peers, address,
+                           record.public_key if write_key else None)
         try:
             if write_key:
                 key_dir.mkdir(parents=True, exist_ok=True)
-                keys.atomic_write(key_file, record.pubkey.encode("ascii"), 0o644)
-            peers[record.peer_id] = {"peer_id": record.peer_id, "host": record.host,
-                                     "port": record.port, "updated_at": record.updated_at}
-            keys.atomic_write(peers_path, (json.dumps(peers, indent=1, sort_keys=True) + "\n")
-                              .encode("utf-8"), 0o644)
+            write_peer_files(files)
         except OSError as exc:
             raise ConfigError(f"cannot store peer {record.peer_id!r}: "
                               f"{exc.strerror or exc}") from None
         log.info("directory: stored peer %s (%s) at %s:%d", record.peer_id, record.fingerprint,
                  record.host, record.port)
         return True
-

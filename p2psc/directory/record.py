@@ -16,15 +16,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .. import keys
+from .. import keys, validators
 from ..p2pexcept import ConfigError, DirectoryError, SignCheckError
+from ..validators import MAX_HOST_LEN
 
 __all__ = [
     "CENTER_PEER_ID",
@@ -52,8 +52,6 @@ RECORD_PREFIX = b"p2psc directory record v1\n"
 RECORD_FIELDS = ("host", "peer_id", "port", "pubkey", "updated_at")
 #: Largest record body (HTTP response body or JSON text) accepted, in bytes.
 MAX_RECORD_BODY = 16 * 1024
-#: Longest host accepted (a DNS name is at most 253 characters).
-MAX_HOST_LEN = 253
 #: Longest PEM public key accepted (an 8192-bit SubjectPublicKeyInfo PEM is about 1.5 KB).
 MAX_PUBKEY_LEN = 8 * 1024
 #: Longest base64 signature accepted (an 8192-bit RSA signature is 1368 base64 characters).
@@ -63,11 +61,6 @@ CENTER_PEER_ID = "p2psc_center"
 #: Timestamps must fit in a signed 64-bit integer (SQLite INTEGER).
 MAX_TIMESTAMP = 2**63 - 1
 
-# DNS names, IPv4 and IPv6 literals (optionally bracketed, with a %zone): no spaces, no
-# control characters, nothing that needs escaping in a URL authority or in HTML.
-_HOST_RE = re.compile(r"[A-Za-z0-9._:%\[\]-]+")
-
-
 class DirectorySignatureError(DirectoryError, SignCheckError):
     """A directory record or update request whose signature does not verify.
 
@@ -76,27 +69,20 @@ class DirectorySignatureError(DirectoryError, SignCheckError):
 
 
 def check_peer_id(value: object, what: str = "peer_id") -> str:
-    """Return a valid peer id or raise :class:`DirectoryError`."""
-    try:
-        return keys.validate_peer_id(value)
-    except ConfigError:
-        raise DirectoryError(f"{what}: invalid peer id") from None
+    """Return a valid peer id or raise :class:`DirectoryError` (:func:`p2psc.validators.check_peer_id`)."""
+    return validators.check_peer_id(value, what, error=DirectoryError)
 
 
 def check_host(value: object, what: str = "host") -> str:
-    """Return a host (DNS name or IP literal, 1-253 safe ASCII characters) or raise."""
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_HOST_LEN:
-        raise DirectoryError(f"{what}: must be a string of 1 to {MAX_HOST_LEN} characters")
-    if not _HOST_RE.fullmatch(value):
-        raise DirectoryError(f"{what}: invalid characters in host")
-    return value
+    """Return a host (DNS name or IP literal, 1-253 safe ASCII characters) or raise
+    :class:`DirectoryError` (:func:`p2psc.validators.check_host`)."""
+    return validators.check_host(value, what, error=DirectoryError)
 
 
 def check_port(value: object, what: str = "port") -> int:
-    """Return a TCP/UDP port 1..65535 (an ``int``, not a bool or a string) or raise."""
-    if type(value) is not int or not 1 <= value <= 65535:
-        raise DirectoryError(f"{what}: must be an integer from 1 to 65535")
-    return value
+    """Return a TCP/UDP port 1..65535 (an ``int``, not a bool or a string) or raise
+    :class:`DirectoryError` (:func:`p2psc.validators.check_port`)."""
+    return validators.check_port(value, what, error=DirectoryError)
 
 
 def check_timestamp(value: object, what: str = "updated_at") -> int:
