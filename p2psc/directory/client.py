@@ -13,8 +13,8 @@ Typical use by :class:`P2PHandler` (``find_peer_info_url`` set)::
     await lookup.close()                         # when the handler shuts down
 
 Every failure is a :class:`DirectoryError` (a 404 is :class:`PeerNotInDirectory`, also an
-:class:`UnknownPeerError`; a bad signature is :class:`DirectorySignatureError`, also a
-:class:`SignCheckError`). Nothing unverified is ever returned.
+:class:`UnknownPeerError`; a bad signature is :class:`DirectorySignatureError`, which is not a
+:class:`SignCheckError`: that one is a handshake failure). Nothing unverified is ever returned.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
 from .. import keys
-from ..p2pexcept import ConfigError, DirectoryError, UnknownPeerError
+from ..p2pexcept import ConfigError, DirectoryError, PeerNotInDirectory
 from .record import (
     CENTER_PEER_ID,
     MAX_RECORD_BODY,
@@ -67,10 +67,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_TIMEOUT = 5.0
 #: Largest known peers file save_peer will read.
 MAX_KNOWN_PEERS_FILE = 4 * 1024 * 1024
-
-
-class PeerNotInDirectory(DirectoryError, UnknownPeerError):
-    """The directory answered 404: it does not know this peer id."""
 
 
 def _check_url(url: str | URL) -> URL:

@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import keys
-from ..p2pexcept import ConfigError, DirectoryError, SignCheckError
+from ..p2pexcept import ConfigError, DirectoryError, DirectorySignatureError, SignCheckError
 
 __all__ = [
     "CENTER_PEER_ID",
@@ -66,13 +66,6 @@ MAX_TIMESTAMP = 2**63 - 1
 # DNS names, IPv4 and IPv6 literals (optionally bracketed, with a %zone): no spaces, no
 # control characters, nothing that needs escaping in a URL authority or in HTML.
 _HOST_RE = re.compile(r"[A-Za-z0-9._:%\[\]-]+")
-
-
-class DirectorySignatureError(DirectoryError, SignCheckError):
-    """A directory record or update request whose signature does not verify.
-
-    Both a :class:`DirectoryError` and a :class:`SignCheckError`, so either ``except`` catches it.
-    """
 
 
 def check_peer_id(value: object, what: str = "peer_id") -> str:
@@ -237,7 +230,7 @@ def verify_record(center_public_key: rsa.RSAPublicKey, obj: Mapping[str, Any] | 
     """Check a record (a parsed JSON object, or its JSON text) and return it as a :class:`PeerRecord`.
 
     Raises :class:`DirectoryError` when it is malformed, oversized or for another peer, and
-    :class:`DirectorySignatureError` (also a :class:`SignCheckError`) when the center's
+    :class:`DirectorySignatureError` (a :class:`DirectoryError` only) when the center's
     signature does not verify. Nothing from an unverified record is ever returned.
     """
     if isinstance(obj, (bytes, bytearray, str)):
