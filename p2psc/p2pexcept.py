@@ -133,7 +133,8 @@ class CRCError(ProtocolError):
 
 
 class RecordTooLarge(ProtocolError):
-    """The peer announced a record larger than this side's limit (``max_message_size``)."""
+    """The peer announced a record larger than this side's limit: ``max_message_size`` once
+    established, ``MAX_HANDSHAKE_BODY`` during the handshake. Refused from its header alone."""
 
 
 class HandshakeError(PeerError):
