@@ -6,21 +6,29 @@ See README.md and docs/PROTOCOL.md.
 """
 
 from .p2pexcept import (
+    ChannelClosed,
     ChannelNotReady,
     ConfigError,
     ConnectionLost,
     CRCError,
     DirectoryError,
+    DirectorySignatureError,
     HandshakeError,
     HandshakeTimeout,
     InvalidDataType,
     MessageTooLarge,
     MissRemoteAddr,
     P2PError,
+    PeerError,
+    PeerNotInDirectory,
     ProtocolError,
+    RecordTooLarge,
+    ReplayError,
     SignCheckError,
     StatusError,
+    UnknownEntryError,
     UnknownPeerError,
+    UsageError,
 )
 
 __version__ = "1.0.0"
@@ -30,6 +38,8 @@ __all__ = [
     "P2PError", "ConfigError", "UnknownPeerError", "MissRemoteAddr", "CRCError",
     "ChannelNotReady", "InvalidDataType", "SignCheckError", "StatusError", "HandshakeError",
     "HandshakeTimeout", "ProtocolError", "MessageTooLarge", "ConnectionLost", "DirectoryError",
+    "UsageError", "PeerError", "RecordTooLarge", "DirectorySignatureError", "PeerNotInDirectory",
+    "UnknownEntryError", "ReplayError",
 ]
 
 
@@ -41,7 +51,7 @@ def __getattr__(name: str) -> object:
     if name == "TcpP2P":
         from .p2p import TcpP2P
         return TcpP2P
-    if name in ("Channel", "ChannelClosed", "DatagramChannel"):
+    if name in ("Channel", "DatagramChannel"):
         from . import channel
         return getattr(channel, name)
     raise AttributeError(f"module 'p2psc' has no attribute {name!r}")

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .p2p import TcpP2P
-from .p2pexcept import ChannelNotReady, HandshakeTimeout
+from .p2pexcept import ChannelClosed, ChannelNotReady, HandshakeTimeout
 from .udp_p2p import UdpP2P
 
 if TYPE_CHECKING:
@@ -55,10 +55,6 @@ OnChannel = Callable[["Channel"], Awaitable[Any]]
 
 # Tasks running ``on_channel`` callbacks: a strong reference so they are not collected.
 _TASKS: set[asyncio.Task[None]] = set()
-
-
-class ChannelClosed(ChannelNotReady):
-    """The channel was closed cleanly (by either side); no more messages will come."""
 
 
 class _MessageQueue:

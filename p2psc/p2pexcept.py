@@ -1,27 +1,77 @@
 """The p2psc exception hierarchy: every error the library raises is a :class:`P2PError`.
 
+Every exception class of the library is defined here. The tree::
+
+    P2PError
+    ├── UsageError                the local program misused the API or its configuration
+    │   ├── ConfigError
+    │   ├── InvalidDataType
+    │   ├── MessageTooLarge       a local send over max_message_size / udp_max_payload
+    │   ├── MissRemoteAddr
+    │   ├── StatusError
+    │   └── ChannelNotReady
+    │       └── ChannelClosed
+    ├── PeerError                 the remote peer (or the network path to it) broke the
+    │   │                         protocol or went away
+    │   ├── ProtocolError
+    │   │   ├── CRCError
+    │   │   └── RecordTooLarge    a peer's record over the limit
+    │   ├── HandshakeError
+    │   │   ├── SignCheckError
+    │   │   └── HandshakeTimeout
+    │   └── ConnectionLost
+    ├── UnknownPeerError          no public key for a peer id (local lookup or incoming INIT)
+    │   └── PeerNotInDirectory    (also a DirectoryError)
+    └── DirectoryError            the peer directory service could not be used
+        ├── DirectorySignatureError
+        ├── PeerNotInDirectory    (also an UnknownPeerError)
+        ├── UnknownEntryError
+        └── ReplayError
+
+:class:`UsageError` means "fix the calling program or its configuration"; :class:`PeerError`
+means "the other side (or the network) is at fault; this connection or session is over".
+:class:`UnknownPeerError` and :class:`DirectoryError` are neither: they say that this peer
+cannot find out who the other one is.
+
+A directory record or update with a bad signature is a :class:`DirectorySignatureError`: a
+:class:`DirectoryError` only, not a :class:`SignCheckError`, which is about the handshake.
+
 The names of the original library (``UnknownPeerError``, ``MissRemoteAddr``, ``CRCError``,
-``ChannelNotReady``, ``InvalidDataType``, ``SignCheckError``, ``StatusError``) are kept.
+``ChannelNotReady``, ``InvalidDataType``, ``SignCheckError``, ``StatusError``) are kept, and
+every class is still importable from where it was defined before (``p2psc.channel``,
+``p2psc.directory.client``, ``p2psc.directory.record``, ``p2psc.directory.store``).
+
+The command line's own ``CliError`` (:mod:`p2psc.cli`) is not raised by the library: it is
+how a ``p2psc`` command reports a one-line failure (a usage mistake or an unreachable peer
+alike) before exiting with status 1, so it stays in the command line and outside this tree.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "P2PError",
+    "UsageError",
     "ConfigError",
-    "UnknownPeerError",
-    "MissRemoteAddr",
-    "CRCError",
-    "ChannelNotReady",
     "InvalidDataType",
-    "SignCheckError",
-    "StatusError",
-    "HandshakeError",
-    "HandshakeTimeout",
-    "ProtocolError",
     "MessageTooLarge",
+    "MissRemoteAddr",
+    "StatusError",
+    "ChannelNotReady",
+    "ChannelClosed",
+    "PeerError",
+    "ProtocolError",
+    "CRCError",
+    "RecordTooLarge",
+    "HandshakeError",
+    "SignCheckError",
+    "HandshakeTimeout",
     "ConnectionLost",
+    "UnknownPeerError",
     "DirectoryError",
+    "DirectorySignatureError",
+    "PeerNotInDirectory",
+    "UnknownEntryError",
+    "ReplayError",
 ]
 
 
@@ -29,19 +79,49 @@ class P2PError(Exception):
     """Base class of every p2psc error."""
 
 
-class ConfigError(P2PError):
+# -- the local program ---------------------------------------------------------------------------
+
+class UsageError(P2PError):
+    """The local program misused the API or its configuration."""
+
+
+class ConfigError(UsageError):
     """The configuration or a key file is missing, unreadable or malformed."""
 
 
-class UnknownPeerError(P2PError):
-    """The peer id is not known (no public key on file, and the directory did not know it)."""
+class InvalidDataType(UsageError):
+    """``send`` was given something that is not bytes-like."""
 
 
-class MissRemoteAddr(P2PError):
+class MessageTooLarge(UsageError):
+    """A local ``send`` is larger than the configured limit (``max_message_size``, or
+    ``udp_max_payload`` for a datagram). A peer's oversized record is :class:`RecordTooLarge`."""
+
+
+class MissRemoteAddr(UsageError):
     """A datagram was to be sent with no address to send it to."""
 
 
-class ProtocolError(P2PError):
+class StatusError(UsageError):
+    """An operation was attempted in a state that does not allow it."""
+
+
+class ChannelNotReady(UsageError):
+    """Data was sent before the handshake completed and the pre-handshake queue is full,
+    or after the channel was closed."""
+
+
+class ChannelClosed(ChannelNotReady):
+    """The channel was closed cleanly (by either side); no more messages will come."""
+
+
+# -- the remote peer -----------------------------------------------------------------------------
+
+class PeerError(P2PError):
+    """The remote peer (or the network path to it) broke the protocol or went away."""
+
+
+class ProtocolError(PeerError):
     """The peer sent bytes that do not follow the protocol (malformed, oversized, out of place)."""
 
 
@@ -52,16 +132,12 @@ class CRCError(ProtocolError):
     """
 
 
-class ChannelNotReady(P2PError):
-    """Data was sent before the handshake completed and the pre-handshake queue is full,
-    or after the channel was closed."""
+class RecordTooLarge(ProtocolError):
+    """The peer announced a record larger than this side's limit: ``max_message_size`` once
+    established, ``MAX_HANDSHAKE_BODY`` during the handshake. Refused from its header alone."""
 
 
-class InvalidDataType(P2PError):
-    """``send`` was given something that is not bytes-like."""
-
-
-class HandshakeError(P2PError):
+class HandshakeError(PeerError):
     """The handshake failed (wrong recipient, stale or replayed INIT, bad FINISHED, ...)."""
 
 
@@ -73,17 +149,34 @@ class HandshakeTimeout(HandshakeError):
     """The handshake did not complete within ``handshake_timeout``."""
 
 
-class StatusError(P2PError):
-    """An operation was attempted in a state that does not allow it."""
-
-
-class MessageTooLarge(P2PError):
-    """A message is larger than the configured limit (``max_message_size``)."""
-
-
-class ConnectionLost(P2PError):
+class ConnectionLost(PeerError):
     """The connection ended without the peer's authenticated CLOSE record (truncation or loss)."""
+
+
+# -- who is the peer ------------------------------------------------------------------------------
+
+class UnknownPeerError(P2PError):
+    """The peer id is not known (no public key on file, and the directory did not know it)."""
 
 
 class DirectoryError(P2PError):
     """The peer directory could not be reached or returned a record that does not verify."""
+
+
+class DirectorySignatureError(DirectoryError):
+    """A directory record or update request whose signature does not verify.
+
+    Only a :class:`DirectoryError`: it is not a :class:`SignCheckError` (a handshake failure).
+    """
+
+
+class PeerNotInDirectory(DirectoryError, UnknownPeerError):
+    """The directory answered 404: it does not know this peer id."""
+
+
+class UnknownEntryError(DirectoryError):
+    """The peer id is not registered in the directory."""
+
+
+class ReplayError(DirectoryError):
+    """The update nonce was already used (a replayed request)."""

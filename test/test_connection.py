@@ -13,7 +13,8 @@ from p2psc.config import Settings
 from p2psc._proto.events import Closed, Event, HandshakeComplete, MessageReceived, PeerKeyNeeded
 from p2psc._proto.tcp import HEADER_LEN, Connection, RecordType, Role, State
 from p2psc.p2pexcept import (ChannelNotReady, ConnectionLost, CRCError, HandshakeError,
-                             MessageTooLarge, ProtocolError, SignCheckError, UnknownPeerError)
+                             MessageTooLarge, ProtocolError, RecordTooLarge, SignCheckError,
+                             UnknownPeerError)
 from p2psc._proto.replay import InitReplayCache
 
 NOW = 1_800_000_000.0
@@ -304,13 +305,13 @@ def test_replayed_and_reordered_records_are_refused() -> None:
 
 def test_length_limits_are_checked_from_the_header_alone() -> None:
     _, r = make_pair()
-    with pytest.raises(ProtocolError, match="too large"):
+    with pytest.raises(RecordTooLarge, match="too large"):
         rx(r, struct.pack(">IB", hs.MAX_HANDSHAKE_BODY + 1, RecordType.INIT))
     i, r = make_pair(settings_r=Settings(max_message_size=100))
     handshake(i, r)
-    with pytest.raises(MessageTooLarge):
+    with pytest.raises(RecordTooLarge):  # the peer's record
         rx(r, struct.pack(">IB", 2**32 - 1, RecordType.DATA))
-    with pytest.raises(MessageTooLarge):
+    with pytest.raises(MessageTooLarge):  # our own send
         i.send(b"x" * (16 * 1024 * 1024 + 1))
 
 

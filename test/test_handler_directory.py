@@ -19,7 +19,7 @@ from p2psc.directory import CENTER_PEER_ID, update_address, update_url_for
 from p2psc.directory.server import make_app, start_server
 from p2psc.directory.store import DirectoryStore
 from p2psc.p2p import TcpP2P
-from p2psc.p2pexcept import DirectoryError, HandshakeError, SignCheckError, UnknownPeerError
+from p2psc.p2pexcept import DirectoryError, DirectorySignatureError, HandshakeError, UnknownPeerError
 from p2psc.p2phandler import P2PHandler
 
 
@@ -112,7 +112,7 @@ def test_record_signed_by_another_center_is_refused(tmp_path: Path) -> None:
         directory.register(server_dir, 4444)
         use_directory(client_dir, directory.url, rsa_key("center"))  # trusts the real center
         client = P2PHandler(workdir=client_dir.workdir)
-        with pytest.raises(SignCheckError):
+        with pytest.raises(DirectorySignatureError):
             await client.connect_peer("server.test")
         assert not (client_dir.pubkeys / "server.test.pubkey.pem").exists()
         assert json.loads((client_dir.workdir / "data" / "peers.json").read_text()) == {}

@@ -13,8 +13,8 @@ import pytest
 from attack_util import Client, assert_still_serving, recorder
 from conftest import TcpProxy, make_peer, point_at, rsa_key, run, server_port
 from p2psc._proto.tcp import HEADER_LEN, RecordType
-from p2psc.p2pexcept import (ConnectionLost, CRCError, HandshakeError, MessageTooLarge,
-                             ProtocolError, SignCheckError, UnknownPeerError)
+from p2psc.p2pexcept import (ConnectionLost, CRCError, HandshakeError, RecordTooLarge,
+                             SignCheckError, UnknownPeerError)
 from p2psc.p2phandler import P2PHandler
 
 
@@ -215,7 +215,7 @@ def test_length_prefix_over_the_limit_is_refused_before_buffering(pair: Any, tmp
         # before any handshake: a header announcing 2**32-1 bytes is refused at once
         assert await _read_all(port, struct.pack(">IB", 2**32 - 1, RecordType.INIT)) == b""
         exc = await wait_for_entry(R.log, "closed")
-        assert type(exc) is ProtocolError
+        assert type(exc) is RecordTooLarge
         R.log.clear()
         # after the handshake: a record over the server's max_message_size
         point_at(client_dir, server_dir, port)
@@ -226,7 +226,7 @@ def test_length_prefix_over_the_limit_is_refused_before_buffering(pair: Any, tmp
         assert await asyncio.wait_for(proto.got, 5) == b"recv:" + b"z" * 995
         proto.send(b"z" * 5000)
         exc = await wait_for_entry(R.log, "closed")
-        assert type(exc) is MessageTooLarge
+        assert type(exc) is RecordTooLarge
         assert [k for k, _ in R.log] == ["handshaked", "recv", "closed"]
         await assert_still_serving(server, server_dir, tmp_path)
         await client.close()

@@ -38,6 +38,7 @@ from ..p2pexcept import (
     MessageTooLarge,
     P2PError,
     ProtocolError,
+    RecordTooLarge,
     StatusError,
 )
 from .buffers import POOL_MIN, BufferPool
@@ -491,10 +492,10 @@ class Connection:
     def _check_length(self, body_len: int) -> None:
         if self.state is State.ESTABLISHED:
             if body_len > self._max_data_body:
-                raise MessageTooLarge(f"record of {body_len} bytes is over the "
-                                      f"{self.settings.max_message_size}-byte message limit")
+                raise RecordTooLarge(f"record of {body_len} bytes is over the "
+                                     f"{self.settings.max_message_size}-byte message limit")
         elif body_len > MAX_HANDSHAKE_BODY:
-            raise ProtocolError(f"handshake record of {body_len} bytes is too large")
+            raise RecordTooLarge(f"handshake record of {body_len} bytes is too large")
 
     def _records(self, view: memoryview, events: list[Event]) -> None:
         """Handle every complete record in ``view`` (events appended to ``events``); keep

@@ -15,8 +15,8 @@ and the known peers file (through :mod:`p2psc.config`, their one reader and writ
     await lookup.close()                         # when done
 
 Every failure is a :class:`DirectoryError` (a 404 is :class:`PeerNotInDirectory`, also an
-:class:`UnknownPeerError`; a bad signature is :class:`DirectorySignatureError`, also a
-:class:`SignCheckError`). Nothing unverified is ever returned.
+:class:`UnknownPeerError`; a bad signature is :class:`DirectorySignatureError`, which is not a
+:class:`SignCheckError`: that one is a handshake failure). Nothing unverified is ever returned.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from yarl import URL
 
 from .. import keys
 from ..config import PeerAddress, peer_files, read_known_peers, read_public_key, write_peer_files
-from ..p2pexcept import ConfigError, DirectoryError, UnknownPeerError
+from ..p2pexcept import ConfigError, DirectoryError, PeerNotInDirectory
 from .record import (
     CENTER_PEER_ID,
     MAX_RECORD_BODY,
@@ -68,10 +68,6 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 DEFAULT_TIMEOUT = 5.0
-
-
-class PeerNotInDirectory(DirectoryError, UnknownPeerError):
-    """The directory answered 404: it does not know this peer id."""
 
 
 def _check_url(url: str | URL) -> URL:

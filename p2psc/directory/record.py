@@ -23,7 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import keys, validators
-from ..p2pexcept import ConfigError, DirectoryError, SignCheckError
+from ..p2pexcept import ConfigError, DirectoryError, DirectorySignatureError, SignCheckError
 from ..validators import MAX_HOST_LEN
 
 __all__ = [
@@ -61,11 +61,6 @@ CENTER_PEER_ID = "p2psc_center"
 #: Timestamps must fit in a signed 64-bit integer (SQLite INTEGER).
 MAX_TIMESTAMP = 2**63 - 1
 
-class DirectorySignatureError(DirectoryError, SignCheckError):
-    """A directory record or update request whose signature does not verify.
-
-    Both a :class:`DirectoryError` and a :class:`SignCheckError`, so either ``except`` catches it.
-    """
 
 
 def check_peer_id(value: object, what: str = "peer_id") -> str:
@@ -223,7 +218,7 @@ def verify_record(center_public_key: rsa.RSAPublicKey, obj: Mapping[str, Any] | 
     """Check a record (a parsed JSON object, or its JSON text) and return it as a :class:`PeerRecord`.
 
     Raises :class:`DirectoryError` when it is malformed, oversized or for another peer, and
-    :class:`DirectorySignatureError` (also a :class:`SignCheckError`) when the center's
+    :class:`DirectorySignatureError` (a :class:`DirectoryError` only) when the center's
     signature does not verify. Nothing from an unverified record is ever returned.
     """
     if isinstance(obj, (bytes, bytearray, str)):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from ..p2pexcept import DirectoryError
+from ..p2pexcept import DirectoryError, ReplayError, UnknownEntryError
 from .record import check_host, check_peer_id, check_port, check_pubkey_pem, check_timestamp
 
 log = logging.getLogger("p2psc.directory.store")
@@ -47,14 +47,6 @@ CREATE TABLE IF NOT EXISTS seen_nonces (
 CREATE INDEX IF NOT EXISTS seen_nonces_expiry ON seen_nonces (expires_at);
 """
 _SCHEMA_VERSION = 1
-
-
-class UnknownEntryError(DirectoryError):
-    """The peer id is not registered in the directory."""
-
-
-class ReplayError(DirectoryError):
-    """The update nonce was already used (a replayed request)."""
 
 
 @dataclass(frozen=True)
