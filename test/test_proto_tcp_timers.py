@@ -334,7 +334,7 @@ def test_idle_timeout_counts_from_the_last_bytes_received() -> None:
         assert r.handle_timer(T0 + t) == []
     assert r.state is State.ESTABLISHED
     one_closed(r.handle_timer(T0 + 140.0), ConnectionLost)
-    assert r.state is State.CLOSED
+    assert_dead(r)
 
 
 def test_a_partial_record_counts_as_received() -> None:
