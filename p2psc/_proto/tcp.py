@@ -383,6 +383,7 @@ class Connection:
             self._tick_period = min(periods)
             self._tick_at = now + self._tick_period
             self._last_recv = self._last_send = now
+            self._sent = False  # (FINISHED is part of the handshake, not a keepalive)
         queue, self._queue = self._queue, None
         self._queue_bytes = 0
         for data in queue or ():
