@@ -284,10 +284,13 @@ def test_200_concurrent_client_sessions(tmp_path: Path) -> None:
     # INITs are rate limited per source IP, and every client here is 127.0.0.1
     server_dir = make_peer(tmp_path, "server.test", udp_init_rate_per_addr=1000.0,
                            udp_init_burst_per_addr=1000)
-    client_dirs = [make_peer(tmp_path, f"c{i}.test", key_name="client") for i in range(4)]
+    # one peer id per client: a peer's new session supersedes its older ones
+    # (udp_max_sessions_per_peer), so 240 live sessions need 240 peers
+    n_clients = 240
+    client_dirs = [make_peer(tmp_path, f"c{i}.test", key_name="client")
+                   for i in range(n_clients)]
     for c in client_dirs:
         server_dir.know(c)
-    n_clients = 240
 
     async def main() -> None:
         server, sproto = await start_server(server_dir)
@@ -300,8 +303,8 @@ def test_200_concurrent_client_sessions(tmp_path: Path) -> None:
 
         async def one(i: int) -> Any:
             async with sem:
-                _, proto = await handlers[i % 4].connect_udp_peer("server.test",
-                                                                 ProtocolClass=Collector)
+                _, proto = await handlers[i].connect_udp_peer("server.test",
+                                                             ProtocolClass=Collector)
                 await asyncio.wait_for(proto.wait_handshaked(), 15)
                 return proto
 

@@ -375,8 +375,9 @@ def test_timer_heap_compaction_does_not_duplicate_timers(monkeypatch: pytest.Mon
     net = Net(monkeypatch, udp_session_idle_timeout=60.0)
     b, s = net.b, Settings(udp_session_idle_timeout=60.0)
     clients = []
-    for i in range(40):
-        c = UdpEndpoint("a.test", rsa_key("a.test"), s, key_lookup=net.pubs.get,
+    for i in range(40):  # 40 peers (one key): a peer's new session supersedes its older ones
+        net.pubs[f"a{i}.test"] = net.pubs["a.test"]  # (b looks keys up in this table)
+        c = UdpEndpoint(f"a{i}.test", rsa_key("a.test"), s, key_lookup=net.pubs.get,
                         accept_from="b.test", now=net.now, wall_offset=WALL)
         addr = (f"10.1.0.{i}", 4000)
         c.connect("b.test", net.pubs["b.test"], B_ADDR, net.now)

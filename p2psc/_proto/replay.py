@@ -64,6 +64,11 @@ class ReplayWindow:
         self._nbytes = size // 8 + 1     # one byte of slack: the top byte is partly ahead
         self._ring = bytearray(self._nbytes)
 
+    @property
+    def top(self) -> int:
+        """The highest counter marked (-1 before any)."""
+        return self._top
+
     def check(self, counter: int) -> bool:
         """False for a counter already seen or older than the window."""
         top = self._top

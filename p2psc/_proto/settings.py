@@ -46,6 +46,7 @@ class Settings:
     udp_session_idle_timeout: float = 180.0
     udp_rekey_grace: float = 10.0
     udp_max_sessions: int = 10000          # sessions (any state) one UDP socket holds at most
+    udp_max_sessions_per_peer: int = 8     # ... and with any one peer
     udp_init_rate: float = 100.0           # INITs/s that may cost RSA work, in total ...
     udp_init_burst: int = 200              # ... with this burst
     udp_init_rate_per_addr: float = 2.0    # INITs/s per source IP (IPv6: per /64) ...
@@ -89,6 +90,9 @@ class Settings:
             raise ConfigError(f"{where}: max_message_size must be between 1 and 2**31")
         if s.handshake_timeout <= 0 or s.timestamp_window <= 0:
             raise ConfigError(f"{where}: handshake_timeout and timestamp_window must be positive")
+        if s.udp_max_sessions_per_peer < 2:
+            raise ConfigError(f"{where}: udp_max_sessions_per_peer must be at least 2 (a live "
+                              "session and the handshake that replaces it)")
         if s.rekey_after_messages < 1 or s.rekey_after_time <= 0:
             raise ConfigError(f"{where}: rekey_after_messages and rekey_after_time must be positive")
         return s

@@ -219,6 +219,7 @@ class UdpEndpoint:
                                        settings.udp_init_rate_per_addr,
                                        settings.udp_init_burst_per_addr, now)
         self.sessions: dict[int, Session] = {}
+        self._peer_sessions: dict[str, dict[int, Session]] = {}  # by peer, oldest first
         self.by_addr: dict[Any, Session] = {}      # latest established session at an address
         self.latest: dict[str, Session] = {}       # latest established session with a peer
         self.handshaking: dict[str, Session] = {}  # a first handshake we run with a peer
@@ -274,9 +275,36 @@ class UdpEndpoint:
             if idx and idx not in self.sessions:
                 return idx
 
+    def _add(self, s: Session) -> None:
+        self.sessions[s.index] = s
+        self._peer_sessions.setdefault(s.peer_id, {})[s.index] = s
+
+    def _make_room_for(self, peer_id: str) -> bool:
+        """At most ``udp_max_sessions_per_peer`` sessions (any state) with one peer: make
+        room for one more by dropping its oldest session that is not its latest established
+        one (a half-open handshake, a retired or superseded session). False when none can go."""
+        mine = self._peer_sessions.get(peer_id)
+        cap = self.settings.udp_max_sessions_per_peer
+        if mine is None or len(mine) < cap:
+            return True
+        latest = self.latest.get(peer_id)
+        for old in list(mine.values()):
+            if old is not latest and old.rekeying is None and old.replaces is None:
+                log.info("session %08x with %s dropped: %d sessions with that peer "
+                         "(udp_max_sessions_per_peer)", old.index, peer_id, len(mine))
+                self._remove(old)
+                if len(mine) < cap:
+                    return True
+        return len(mine) < cap
+
     def _remove(self, s: Session) -> None:
         if self.sessions.get(s.index) is s:
             del self.sessions[s.index]
+        mine = self._peer_sessions.get(s.peer_id)
+        if mine is not None and mine.get(s.index) is s:
+            del mine[s.index]
+            if not mine:
+                del self._peer_sessions[s.peer_id]
         s.state = State.CLOSED
         if self.by_addr.get(s.addr) is s:
             del self.by_addr[s.addr]
@@ -328,7 +356,7 @@ class UdpEndpoint:
         s.handshake = hs
         s.init_dgram = bytes([T_INIT]) + hs.build_init(now + self.wall_offset)
         s.replaces = replaces
-        self.sessions[idx] = s
+        self._add(s)
         if replaces is None:
             self.handshaking[peer_id] = s
         else:
@@ -450,6 +478,11 @@ class UdpEndpoint:
             self._refused(token, now)
             log.info("refused INIT from %s at %s: %s", init.initiator_id, addr, exc)
             return
+        if not self._make_room_for(init.initiator_id):
+            log.warning("dropped INIT from %s at %s: %d sessions with that peer "
+                        "(udp_max_sessions_per_peer)", init.initiator_id, addr,
+                        self.settings.udp_max_sessions_per_peer)
+            return
         if not self.limiter.allow_total(now):
             log.debug("dropped INIT from %s at %s: rate limited (in total)", init.initiator_id,
                       addr)
@@ -474,7 +507,7 @@ class UdpEndpoint:
         old = self.sessions.get(replaced) if flags & FLAG_REKEY and replaced else None
         if old is not None and old.peer_id == s.peer_id and old.state is State.ESTABLISHED:
             s.replaces = old
-        self.sessions[idx] = s
+        self._add(s)
         cache = self._resp_cache
         cache[token] = (dgram, now + self.settings.udp_handshake_timeout)
         while len(cache) > _RESP_CACHE_SIZE:
@@ -494,16 +527,18 @@ class UdpEndpoint:
         # then two new sessions replace the same old one (the application hears of neither)
         rekey = old is not None
         if old is not None and old.state is State.ESTABLISHED and not old.retired:
-            old.retired = True
-            old.rekeying = None
-            if self.by_addr.get(old.addr) is old:
-                del self.by_addr[old.addr]
-            self._schedule(now + self.settings.udp_rekey_grace, _K_GRACE, old)
+            self._retire(old, now)
         s.replaces = None
+        # a new session with the same peer (it reconnected) supersedes the older ones: they
+        # keep decrypting for the grace period, as after a rekey, then go
+        for other in list(self._peer_sessions.get(peer, {}).values()):
+            if (other is not s and other is not old and other.state is State.ESTABLISHED
+                    and not other.retired and other.rekeying is None):
+                self._retire(other, now)
         if self.handshaking.get(peer) is s:
             del self.handshaking[peer]
         self.latest[peer] = s
-        self.by_addr[s.addr] = s
+        self._claim_addr(s)
         settings = self.settings
         self._schedule(now + settings.udp_session_idle_timeout, _K_IDLE, s)
         # the responder rekeys by time only if the initiator did not
@@ -518,6 +553,26 @@ class UdpEndpoint:
             for data in pending:
                 self.out.append((self._seal(s, T_DATA, data), s.addr))
 
+    def _retire(self, s: Session, now: float) -> None:
+        """``s`` is superseded: it still decrypts until ``udp_rekey_grace`` has passed."""
+        s.retired = True
+        s.rekeying = None
+        if self.by_addr.get(s.addr) is s:
+            del self.by_addr[s.addr]
+        if self.latest.get(s.peer_id) is s:
+            del self.latest[s.peer_id]
+        self._schedule(now + self.settings.udp_rekey_grace, _K_GRACE, s)
+
+    def _claim_addr(self, s: Session) -> None:
+        """Make ``s`` the session found at its address, unless a live session of another
+        peer holds that address: an address never moves from one peer to another."""
+        holder = self.by_addr.get(s.addr)
+        if holder is not None and holder is not s and holder.peer_id != s.peer_id:
+            log.warning("%s's session %08x at %s: that address belongs to %s's session; "
+                        "not taken", s.peer_id, s.index, s.addr, holder.peer_id)
+            return
+        self.by_addr[s.addr] = s
+
     def _first_auth(self, s: Session, now: float) -> None:
         """The first authenticated datagram from the peer in this session."""
         s.confirmed = True
@@ -525,8 +580,21 @@ class UdpEndpoint:
             s.state = State.ESTABLISHED
             self._established(s, now)
 
-    def _roam(self, s: Session, addr: Any) -> None:
-        """An authenticated datagram came from a new address: the peer moved."""
+    def _roam(self, s: Session, addr: Any, newest: bool) -> None:
+        """An authenticated datagram of ``s`` came from another address. The session moves
+        there only when the datagram is newer than any seen in it (an old one replayed or
+        relayed from elsewhere moves nothing, as in WireGuard) and no live session of another
+        peer holds that address."""
+        if not newest:
+            log.debug("%s: an older datagram from %s; the session stays at %s", s.peer_id,
+                      addr, s.addr)
+            return
+        holder = self.by_addr.get(addr)
+        if holder is not None and holder is not s and holder.peer_id != s.peer_id:
+            log.warning("%s: a datagram of its session %08x came from %s, the address of %s's "
+                        "session; the session stays at %s", s.peer_id, s.index, addr,
+                        holder.peer_id, s.addr)
+            return
         log.info("%s moved from %s to %s", s.peer_id, s.addr, addr)
         if self.by_addr.get(s.addr) is s:
             del self.by_addr[s.addr]
@@ -559,12 +627,13 @@ class UdpEndpoint:
             except CRCError:
                 log.debug("dropped datagram from %s: failed authentication", addr)
                 return []
+            newest = ctr > window.top
             window.mark(ctr)
             s.last_recv = now
             if not s.confirmed:
                 self._first_auth(s, now)
             if addr != s.addr:
-                self._roam(s, addr)
+                self._roam(s, addr, newest)
             received = DatagramReceived(pt, s.peer_id, addr)
             events = self._events
             if not events:  # (the common case: one new list)
@@ -607,6 +676,7 @@ class UdpEndpoint:
         except CRCError:
             log.debug("dropped datagram from %s: failed authentication", addr)
             return
+        newest = ctr > s.window.top
         s.window.mark(ctr)
         s.last_recv = now
         if t == T_FINISHED:
@@ -622,7 +692,7 @@ class UdpEndpoint:
         if not s.confirmed:
             self._first_auth(s, now)
         if addr != s.addr:
-            self._roam(s, addr)
+            self._roam(s, addr, newest)
         if t == T_FINISHED:
             self.out.append((self._seal(s, T_KEEPALIVE, b""), s.addr))
         elif t == T_CLOSE:
