@@ -16,6 +16,7 @@ from .p2pexcept import (
     HandshakeError,
     HandshakeTimeout,
     InvalidDataType,
+    LimitExceeded,
     MessageTooLarge,
     MissRemoteAddr,
     P2PError,
@@ -38,7 +39,8 @@ __all__ = [
     "P2PError", "ConfigError", "UnknownPeerError", "MissRemoteAddr", "CRCError",
     "ChannelNotReady", "InvalidDataType", "SignCheckError", "StatusError", "HandshakeError",
     "HandshakeTimeout", "ProtocolError", "MessageTooLarge", "ConnectionLost", "DirectoryError",
-    "UsageError", "PeerError", "RecordTooLarge", "DirectorySignatureError", "PeerNotInDirectory",
+    "UsageError", "PeerError", "RecordTooLarge", "LimitExceeded", "DirectorySignatureError",
+    "PeerNotInDirectory",
     "UnknownEntryError", "ReplayError",
 ]
 

@@ -16,6 +16,7 @@ Every exception class of the library is defined here. The tree::
     │   ├── ProtocolError
     │   │   ├── CRCError
     │   │   └── RecordTooLarge    a peer's record over the limit
+    │   ├── LimitExceeded         a per-peer or handler-wide resource bound was reached
     │   ├── HandshakeError
     │   │   ├── SignCheckError
     │   │   └── HandshakeTimeout
@@ -62,6 +63,7 @@ __all__ = [
     "ProtocolError",
     "CRCError",
     "RecordTooLarge",
+    "LimitExceeded",
     "HandshakeError",
     "SignCheckError",
     "HandshakeTimeout",
@@ -135,6 +137,12 @@ class CRCError(ProtocolError):
 class RecordTooLarge(ProtocolError):
     """The peer announced a record larger than this side's limit: ``max_message_size`` once
     established, ``MAX_HANDSHAKE_BODY`` during the handshake. Refused from its header alone."""
+
+
+class LimitExceeded(PeerError):
+    """A resource bound was reached: the bytes that partly received records may hold in one
+    handler (``max_partial_record_bytes``), or the connections one peer may hold
+    (``max_connections_per_peer``). The connection that would exceed it is closed."""
 
 
 class HandshakeError(PeerError):

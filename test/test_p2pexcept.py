@@ -17,7 +17,7 @@ CLASSES = {name: obj for name, obj in vars(E).items()
 
 USAGE = {"ConfigError", "InvalidDataType", "MessageTooLarge", "MissRemoteAddr", "StatusError",
          "ChannelNotReady", "ChannelClosed"}
-PEER = {"ProtocolError", "CRCError", "RecordTooLarge", "HandshakeError", "SignCheckError",
+PEER = {"ProtocolError", "CRCError", "RecordTooLarge", "LimitExceeded", "HandshakeError", "SignCheckError",
         "HandshakeTimeout", "ConnectionLost"}
 NEITHER = {"P2PError", "UsageError", "PeerError", "UnknownPeerError", "DirectoryError",
            "DirectorySignatureError", "PeerNotInDirectory", "UnknownEntryError", "ReplayError"}
@@ -37,6 +37,7 @@ PARENTS = {
     "ProtocolError": ("PeerError",),
     "CRCError": ("ProtocolError",),
     "RecordTooLarge": ("ProtocolError",),
+    "LimitExceeded": ("PeerError",),
     "HandshakeError": ("PeerError",),
     "SignCheckError": ("HandshakeError",),
     "HandshakeTimeout": ("HandshakeError",),

@@ -13,7 +13,15 @@ import pytest
 
 from conftest import rsa_key
 from p2psc._proto.events import Closed, Event, HandshakeComplete, MessageReceived, PeerKeyNeeded
-from p2psc._proto.settings import Settings
+from p2psc._proto.settings import Settings as _Settings
+
+
+def Settings(**kw: Any) -> _Settings:  # noqa: N802
+    """Settings with keepalive and idle timeout off unless given: each test below turns on
+    exactly the timers it pins (both are on by default: see the test of the defaults)."""
+    kw.setdefault("keepalive_interval", 0.0)
+    kw.setdefault("idle_timeout", 0.0)
+    return _Settings(**kw)
 from p2psc._proto.tcp import HEADER_LEN, Connection, RecordType, Role, State
 from p2psc.p2pexcept import (ChannelNotReady, ConnectionLost, CRCError, HandshakeError,
                              HandshakeTimeout, MessageTooLarge, ProtocolError, RecordTooLarge,
@@ -573,3 +581,32 @@ def test_record_length_limits_exactly_at_the_limit() -> None:
         establish(i, r)
         body = 100 + 32 + extra  # the limit allows for the largest tag of any suite (32)
         one_closed(r.receive_data(_hdr(body, DATA) + bytes(body), T0 + 1), error)
+
+
+def test_keepalive_and_idle_timeout_are_on_by_default() -> None:
+    """Issue 11, item 4: an idle timeout is on by default (a silent peer does not hold a
+    connection forever), with keepalives, so a quiet healthy connection stays up."""
+    d = _Settings()
+    assert (d.keepalive_interval, d.idle_timeout) == (25.0, 120.0)
+    i, r = make(_Settings(), _Settings())
+    establish(i, r)
+    t = T0
+    for _ in range(40):  # 20 minutes of silence from the application, both ends ticking
+        t += 30.0
+        for a, b in ((i, r), (r, i)):
+            assert a.handle_timer(t) == []
+            out = b"".join(a.data_to_send())
+            if out:
+                assert b.receive_data(out, t) == []  # PINGs: no event, nothing delivered
+    assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED
+    # one side goes silent (its PINGs no longer arrive): the other gives up after idle_timeout
+    for _ in range(5):
+        t += 30.0
+        r.handle_timer(t)
+        r.data_to_send()
+    events = []
+    for _ in range(2):
+        t += 30.0
+        events += i.handle_timer(t)
+    assert len(events) == 1 and isinstance(events[0], Closed)
+    assert type(events[0].error) is ConnectionLost

@@ -31,8 +31,15 @@ class Settings:
     pending_max_messages: int = 1024
     pending_max_bytes: int = 16 * 1024 * 1024
     replay_cache_size: int = 65536
-    idle_timeout: float = 0.0
-    keepalive_interval: float = 0.0
+    #: a connection from which nothing arrived for this long is closed (0: never) ...
+    idle_timeout: float = 120.0
+    #: ... and each side sends an authenticated PING after this long without sending, so a
+    #: quiet healthy connection stays up (0: never)
+    keepalive_interval: float = 25.0
+    #: bytes the buffers of partly received records may hold in one handler (0: no limit)
+    max_partial_record_bytes: int = 128 * 1024 * 1024
+    #: handshaked TCP connections with one peer, at most; the oldest goes (0: no limit)
+    max_connections_per_peer: int = 16
     #: Accepted connections whose handshake has not completed, at most; when full, the oldest
     #: is dropped to make room (0: no limit). Bounds what a flood of half-open connections holds.
     max_pending_handshakes: int = 1024
@@ -90,6 +97,10 @@ class Settings:
             raise ConfigError(f"{where}: max_message_size must be between 1 and 2**31")
         if s.handshake_timeout <= 0 or s.timestamp_window <= 0:
             raise ConfigError(f"{where}: handshake_timeout and timestamp_window must be positive")
+        if s.max_partial_record_bytes and s.max_partial_record_bytes < s.max_message_size + 64:
+            raise ConfigError(f"{where}: max_partial_record_bytes must be 0 (no limit) or at "
+                              "least max_message_size + 64, or no message of the largest size "
+                              "could be received")
         if s.udp_max_sessions_per_peer < 2:
             raise ConfigError(f"{where}: udp_max_sessions_per_peer must be at least 2 (a live "
                               "session and the handshake that replaces it)")

@@ -35,13 +35,14 @@ from ..p2pexcept import (
     CRCError,
     HandshakeError,
     HandshakeTimeout,
+    LimitExceeded,
     MessageTooLarge,
     P2PError,
     ProtocolError,
     RecordTooLarge,
     StatusError,
 )
-from .buffers import POOL_MIN, BufferPool
+from .buffers import GROW_STEP, POOL_MIN, BufferPool, ReceiveBudget
 from .events import Closed, Event, HandshakeComplete, MessageReceived, PeerKeyNeeded
 from .handshake import (
     MAX_HANDSHAKE_BODY,
@@ -130,7 +131,7 @@ class Connection:
 
     __slots__ = (
         "role", "my_id", "settings", "peer_id", "state", "_now", "_wall_offset", "_key_lookup",
-        "_out", "_out_size", "_buf", "_fill", "_need", "_held", "_pool", "_scratch",
+        "_out", "_out_size", "_buf", "_fill", "_need", "_held", "_pool", "_budget", "_scratch",
         "_in_scratch", "_send", "_recv", "_result", "_suite_name", "_pending_init", "_derive",
         "_max_data_body", "_rekey_messages", "_initiator", "_responder", "_queue",
         "_queue_bytes", "_deadline", "_tick_at", "_tick_period", "_last_recv", "_last_send",
@@ -142,7 +143,8 @@ class Connection:
                  key_lookup: Callable[[str], rsa.RSAPublicKey | None] | None = None,
                  replay_cache: InitReplayCache | None = None, now: float = 0.0,
                  wall_offset: float = 0.0, scratch: bytearray | None = None,
-                 pool: BufferPool | None = None, randomness: Randomness = SYSTEM_RANDOMNESS):
+                 pool: BufferPool | None = None, budget: ReceiveBudget | None = None,
+                 randomness: Randomness = SYSTEM_RANDOMNESS):
         self.role = role
         self.my_id = my_id
         self.settings = settings
@@ -160,6 +162,7 @@ class Connection:
         self._need = 0  # the size of the incomplete record once its header is known
         self._held: bytes | bytearray = b""
         self._pool = pool
+        self._budget = budget  # charged with len(self._buf) while a record is incomplete
         self._scratch = scratch
         self._in_scratch = 0
         self._send: _Direction | None = None
@@ -404,6 +407,7 @@ class Connection:
 
     def _closed(self) -> None:
         self.state = State.CLOSED
+        self._drop_record_buffer()
         self._send = self._recv = None
         self._result = None
         self._derive = None
@@ -419,7 +423,7 @@ class Connection:
         a large record is read straight into place), else the scratch buffer. Follow with
         :meth:`buffer_updated`."""
         if self._need:
-            return memoryview(self._buf)[self._fill:self._need]
+            return memoryview(self._buf)[self._fill:min(self._need, len(self._buf))]
         scratch = self._scratch
         if scratch is None:
             scratch = self._scratch = bytearray(SCRATCH_SIZE)
@@ -443,13 +447,15 @@ class Connection:
             if need:  # filling one record's own buffer
                 self._fill += nbytes
                 if self._fill < need:
+                    if self._fill == len(self._buf):
+                        self._grow()
                     return events
                 record = self._buf
                 assert isinstance(record, bytearray)
-                self._buf, self._fill, self._need = b"", 0, 0
+                self._drop_record_buffer()
                 with memoryview(record) as whole, whole[:need] as view:
                     self._records(view, events)
-                if need > POOL_MIN and self._pool is not None:
+                if len(record) > POOL_MIN and self._pool is not None:
                     self._pool.put(record)
                 return events
             n = self._in_scratch + nbytes
@@ -535,15 +541,44 @@ class Connection:
                 self._hold(view[pos:])
                 return
         rest = n - pos
-        if rest >= HEADER_LEN:  # an incomplete record: a buffer for the whole of it
+        if rest >= HEADER_LEN:  # an incomplete record: a buffer of its own
             need = HEADER_LEN + unpack(view, pos)[0]  # (length checked above)
-            pooled = need > POOL_MIN and self._pool is not None
-            buf = self._pool.get(need) if pooled else bytearray(need)  # type: ignore[union-attr]
+            buf = None
+            if need > POOL_MIN:
+                # a kept buffer (no new memory: the whole record is read straight into it),
+                # else one that grows with the bytes that arrive
+                if self._pool is not None:
+                    buf = self._pool.take(need)
+                if buf is None:
+                    buf = bytearray(min(need, rest + GROW_STEP))
+            else:
+                buf = bytearray(need)
+            self._charge(len(buf))
             buf[:rest] = view[pos:]
             self._buf, self._fill, self._need = buf, rest, need
         elif rest:
             self._buf = bytearray(view[pos:])
             self._fill = rest
+
+    def _charge(self, n: int) -> None:
+        budget = self._budget
+        if budget is not None and not budget.reserve(n):
+            raise LimitExceeded(f"partly received records would hold more than "
+                                f"{budget.limit} bytes in this handler "
+                                "(max_partial_record_bytes)")
+
+    def _grow(self) -> None:
+        """The incomplete record's buffer is full: double it (up to the record's size)."""
+        old = self._buf
+        new = bytearray(min(self._need, 2 * len(old)))
+        self._charge(len(new) - len(old))
+        new[:len(old)] = old
+        self._buf = new
+
+    def _drop_record_buffer(self) -> None:
+        if self._need and self._budget is not None:
+            self._budget.release(len(self._buf))
+        self._buf, self._fill, self._need = b"", 0, 0
 
     def _hold(self, data: memoryview) -> None:
         """Keep bytes that arrive while the peer's key is being looked up (bounded)."""
