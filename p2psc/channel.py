@@ -136,7 +136,7 @@ class ChannelProtocol(TcpP2P):
             task.add_done_callback(_TASKS.discard)
 
     def on_recv(self, data: bytes) -> None:
-        if self._closed:
+        if self.is_closed:
             return
         self._q.put(data)
         if len(self._q.items) >= self.queue_size and not self._reading_paused:
@@ -155,7 +155,13 @@ class ChannelProtocol(TcpP2P):
     @property
     def ended(self) -> bool:
         """True once the channel is closed (by either side) or lost."""
-        return self._closed or self._q.ended
+        return self.is_closed or self._q.ended
+
+    @property
+    def queue_ended(self) -> bool:
+        """True once the connection has ended (``on_closed`` was called): no more messages
+        will be queued."""
+        return self._q.ended
 
     async def get(self) -> bytes:
         """The next message; cancel-safe (a message is taken only when it is returned)."""
@@ -166,18 +172,21 @@ class ChannelProtocol(TcpP2P):
                 if self._reading_paused and len(q.items) <= self.queue_size // 2:
                     self._set_reading(True)
                 return data
-            self._raise_if_done()
+            self.raise_if_done()
             await q.wait()
 
-    def _raise_if_done(self) -> None:
-        if self._q.ended or self._closed:
-            err = self._q.error if self._q.ended else self._error
+    def raise_if_done(self) -> None:
+        """Raise why the channel ended (:class:`ChannelClosed` after a clean close), if it
+        has."""
+        if self._q.ended or self.is_closed:
+            err = self._q.error if self._q.ended else self.close_error
             if err is not None:
                 raise err
             raise ChannelClosed("the channel is closed")
 
     def _set_reading(self, on: bool) -> None:
-        raw = self._raw
+        tr = self.transport
+        raw = tr.raw if tr is not None else None
         self._reading_paused = not on
         if raw is None or raw.is_closing():
             return
@@ -188,14 +197,6 @@ class ChannelProtocol(TcpP2P):
                 raw.pause_reading()
         except (RuntimeError, AttributeError):  # a transport that is closing
             pass
-
-    def flush_now(self) -> None:
-        """Write what ``send`` queued now, rather than at the end of this loop iteration, so
-        that ``drain`` sees the transport's real buffer."""
-        handle = self._flush_handle
-        if handle is not None:
-            handle.cancel()
-            self._flush()
 
 
 async def _run_on_channel(on_channel: OnChannel, ch: Channel) -> None:
@@ -274,13 +275,13 @@ class Channel(_MessageIterator):
         """
         proto = self.protocol
         if proto.ended:
-            proto._raise_if_done()
+            proto.raise_if_done()
         try:
             proto.send(data)
         except ChannelClosed:
             raise
         except ChannelNotReady:
-            proto._raise_if_done()
+            proto.raise_if_done()
             raise
         proto.flush_now()
         try:
@@ -288,7 +289,7 @@ class Channel(_MessageIterator):
         except ChannelClosed:
             raise
         except ChannelNotReady:
-            proto._raise_if_done()
+            proto.raise_if_done()
             raise
 
     async def recv(self) -> bytes:
@@ -308,14 +309,13 @@ class Channel(_MessageIterator):
         if proto.transport is None:
             return
         proto.close()
-        if proto._q.ended:
+        if proto.queue_ended:
             return
         try:
             await asyncio.wait_for(proto.wait_closed(), timeout)
         except asyncio.TimeoutError:
             log.info("%s: CLOSE not flushed within %g s; aborting", self.peer_id, timeout)
-            if proto._raw is not None:
-                proto._raw.abort()
+            proto.abort()
 
     def abort(self) -> None:
         """Drop the connection at once, without CLOSE (the peer sees a lost connection)."""
@@ -355,23 +355,25 @@ class DatagramChannelProtocol(UdpP2P):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._q.end(self._error)
+        self._q.end(self.close_error)
 
     @property
     def ended(self) -> bool:
-        return self._closed or self._q.ended
+        return self.is_closed or self._q.ended
 
     async def get(self) -> bytes:
         q = self._q
         while True:
             if q.items:
                 return q.items.popleft()
-            self._raise_if_done()
+            self.raise_if_done()
             await q.wait()
 
-    def _raise_if_done(self) -> None:
+    def raise_if_done(self) -> None:
+        """Raise why the channel ended (:class:`ChannelClosed` after a clean close), if it
+        has."""
         if self.ended:
-            err = self._q.error if self._q.ended else self._error
+            err = self._q.error if self._q.ended else self.close_error
             if err is not None:
                 raise err
             raise ChannelClosed("the datagram channel is closed")
@@ -414,7 +416,7 @@ class DatagramChannel(_MessageIterator):
         """Send one datagram (does not wait: UDP has no flow control)."""
         proto = self.protocol
         if proto.ended:
-            proto._raise_if_done()
+            proto.raise_if_done()
         proto.send(data)
 
     async def recv(self) -> bytes:

@@ -56,7 +56,7 @@ class SecureTransport:
 
     def abort(self) -> None:
         """Close at once, without CLOSE (the peer sees a lost connection)."""
-        self._protocol._abort()
+        self._protocol.abort()
 
     def write(self, data: bytes) -> None:
         """Send ``data`` as one encrypted message (same as ``protocol.send``)."""
@@ -262,6 +262,43 @@ class TcpP2P(asyncio.BufferedProtocol):
             self._flush()
         self._set_closed(None)
         self._raw.close()
+
+    def abort(self) -> None:
+        """Close at once, without CLOSE (the peer sees a lost connection)."""
+        if not self._closed:
+            self._set_closed(ConnectionLost("aborted locally"))
+        if self._raw is not None:
+            self._raw.abort()
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection is closed or closing (by either side, or failed)."""
+        return self._closed
+
+    @property
+    def close_error(self) -> P2PError | None:
+        """Why the connection ended: None while open and after a clean close."""
+        return self._error
+
+    def flush_now(self) -> None:
+        """Write what ``send`` queued now, rather than at the end of this loop iteration, so
+        that ``drain`` sees the transport's real buffer."""
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+            self._flush()
+
+    # -- used by the handler ----------------------------------------------------------------
+
+    def use_connection(self, conn: Connection) -> None:
+        """Use ``conn``, an initiator's connection made in advance (INIT signed while the TCP
+        connect is under way), when the transport is made."""
+        self._prepared = conn
+
+    def drop_pending(self, error: P2PError) -> None:
+        """Give up on this connection, whose handshake is pending, with ``error`` (the
+        handler's ``max_pending_handshakes`` bound)."""
+        self._fail(error)
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -515,12 +552,6 @@ class TcpP2P(asyncio.BufferedProtocol):
         if exc.__suppress_context__:
             exc.__context__ = None
         self._set_closed(exc)
-        if self._raw is not None:
-            self._raw.abort()
-
-    def _abort(self) -> None:
-        if not self._closed:
-            self._set_closed(ConnectionLost("aborted locally"))
         if self._raw is not None:
             self._raw.abort()
 

@@ -137,7 +137,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
 
         def factory() -> P:
             protocol = ProtocolClass(self, myid, peer_id)
-            protocol._prepared = conn
+            protocol.use_connection(conn)
             return protocol
 
         task = loop.create_task(loop.create_connection(factory, host, port))
@@ -281,7 +281,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             while limit and len(self._pending) >= limit:
                 oldest = next(iter(self._pending))
                 del self._pending[oldest]
-                oldest._fail(HandshakeError(
+                oldest.drop_pending(HandshakeError(
                     f"dropped: {limit} handshakes pending (max_pending_handshakes); this one "
                     "was the oldest"))
             self._pending[proto] = None

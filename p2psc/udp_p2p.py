@@ -62,7 +62,7 @@ class UdpP2P(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self._ep: UdpEndpoint | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sock: socket.socket | None = None            # set by the handler
+        self._sock: socket.socket | None = None            # set by attach()
         self._target: tuple[Any, Any] | None = None        # client: (address, public key)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -166,6 +166,25 @@ class UdpP2P(asyncio.DatagramProtocol):
             self.transport.close()
 
     close = stop  # what P2PHandler.close() calls on the protocols it knows
+
+    @property
+    def is_closed(self) -> bool:
+        """True once stopped, failed or its socket lost."""
+        return self._closed
+
+    @property
+    def close_error(self) -> P2PError | None:
+        """Why the endpoint ended (its handshake failed...): None while open and after
+        :meth:`stop`."""
+        return self._error
+
+    # -- used by the handler ----------------------------------------------------------------
+
+    def attach(self, sock: socket.socket, target: tuple[Any, Any] | None = None) -> None:
+        """Before the transport is made: the socket it will have (read directly on the
+        stdlib loop) and, for a client, its peer's ``(address, public key)``."""
+        self._sock = sock
+        self._target = target
 
     # -- asyncio.DatagramProtocol ---------------------------------------------------------------
 
@@ -456,7 +475,7 @@ class UdpHandlerMixin:
 
         def factory() -> P:
             proto = ProtocolClass(self, myid)
-            proto._sock = sock
+            proto.attach(sock)
             return proto
 
         transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
@@ -483,8 +502,7 @@ class UdpHandlerMixin:
 
         def factory() -> P:
             proto = ProtocolClass(self, myid, peer_id)
-            proto._sock = sock
-            proto._target = (sockaddr, key)
+            proto.attach(sock, (sockaddr, key))
             return proto
 
         transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
