@@ -24,14 +24,12 @@ import collections
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ._host import ProtocolHost
 from .p2p import TcpP2P
 from .p2pexcept import ChannelNotReady, HandshakeTimeout
 from .udp_p2p import UdpP2P
-
-if TYPE_CHECKING:
-    from .p2phandler import P2PHandler
 
 log = logging.getLogger("p2psc.channel")
 
@@ -115,7 +113,7 @@ class ChannelProtocol(TcpP2P):
     """A :class:`TcpP2P` that queues received messages for :class:`Channel` (at most
     ``queue_size`` before it pauses reading from the socket) instead of using ``on_recv``."""
 
-    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None, *,
+    def __init__(self, handler: ProtocolHost, myid: str, peer_id: str | None = None, *,
                  queue_size: int | None = None, on_channel: OnChannel | None = None):
         super().__init__(handler, myid, peer_id)
         if queue_size is None:
@@ -334,7 +332,7 @@ class DatagramChannelProtocol(UdpP2P):
     :class:`DatagramChannel`; when ``queue_size`` datagrams wait, new ones are dropped (and
     counted in ``dropped``), as a socket buffer would."""
 
-    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None, *,
+    def __init__(self, handler: ProtocolHost, myid: str, peer_id: str | None = None, *,
                  queue_size: int | None = None):
         super().__init__(handler, myid, peer_id)
         if queue_size is None:

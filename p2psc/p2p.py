@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ._host import ProtocolHost
 from .connection import (
     Connection,
     ConnectionClosed,
@@ -30,9 +31,6 @@ from .p2pexcept import (
     P2PError,
     StatusError,
 )
-
-if TYPE_CHECKING:
-    from .p2phandler import P2PHandler
 
 log = logging.getLogger("p2psc.p2p")
 
@@ -127,7 +125,7 @@ class TcpP2P(asyncio.BufferedProtocol):
         "_tick", "_liveness", "_reading",
     )
 
-    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None):
+    def __init__(self, handler: ProtocolHost, myid: str, peer_id: str | None = None):
         self.handler = handler
         self.myid = myid
         self.peer_id = peer_id
@@ -310,12 +308,12 @@ class TcpP2P(asyncio.BufferedProtocol):
         handler = self.handler
         role = Role.INITIATOR if self.peer_id is not None else Role.RESPONDER
         try:
-            conn = self._prepared or handler._new_connection(role, self.peer_id)
+            conn = self._prepared or handler.new_connection(role, self.peer_id)
         except P2PError as exc:
             self._fail(exc)
             return
         self._conn, self._prepared = conn, None
-        handler._register(self)
+        handler.tcp_register(self)
         self._timer = self._loop.call_later(handler.settings.handshake_timeout,
                                             self._on_handshake_timeout)
         if role is Role.INITIATOR:
@@ -397,7 +395,7 @@ class TcpP2P(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_exception(self._error or ChannelNotReady("the connection is closed"))
         self._drain_waiters = None
-        self.handler._unregister(self)
+        self.handler.tcp_unregister(self)
         self._lost = True
         self._call_hook(self.on_closed, self._error)
         for waiter in self._closed_waiters or ():
@@ -442,7 +440,7 @@ class TcpP2P(asyncio.BufferedProtocol):
 
     async def _resolve_peer_key(self, peer_id: str) -> None:
         try:
-            key = await self.handler._lookup_unknown_peer(peer_id)
+            key = await self.handler.lookup_unknown_peer(peer_id)
         except P2PError as exc:
             log.info("%s: lookup of %s failed: %s", self._describe(), peer_id, exc)
             key = None
@@ -474,7 +472,7 @@ class TcpP2P(asyncio.BufferedProtocol):
             conn.send(data)
         self._pending = None
         self._pending_bytes = 0
-        self.handler._on_handshaked(self)
+        self.handler.tcp_handshaked(self)
         for fut in self._waiters or ():
             if not fut.done():
                 fut.set_result(None)

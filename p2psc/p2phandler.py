@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ._host import TcpPeer
 from .buffers import BufferPool
 from .channel import ChannelHandlerMixin
 from .config import (
@@ -133,7 +134,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
         private operation, about as long as a connect on a LAN)."""
         loop = asyncio.get_running_loop()
         myid = self.get_myid()
-        conn = self._new_connection(Role.INITIATOR, peer_id)
+        conn = self.new_connection(Role.INITIATOR, peer_id)
 
         def factory() -> P:
             protocol = ProtocolClass(self, myid, peer_id)
@@ -239,9 +240,10 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
                      record.port, record.fingerprint)
         return record
 
-    async def _lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
+    async def lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
         """The public key of a peer that sent an INIT but is not known: looked up in the
-        directory when one is configured (lookups merged, failures cached briefly), else None."""
+        directory when one is configured (lookups merged, failures cached briefly), else None
+        (used by the protocols)."""
         if self.config.find_peer_info_url is None:
             return None
         try:
@@ -251,9 +253,14 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             return None
         return record.public_key  # type: ignore[no-any-return]
 
-    # -- used by the protocols ------------------------------------------------------------------
+    # -- used by the protocols (p2psc._host.ProtocolHost) ----------------------------------------
 
-    def _new_connection(self, role: Role, peer_id: str | None) -> Connection:
+    def peer_public_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
+        """The public key on file for ``peer_id``, or None (used by the protocols)."""
+        return self.config.peers.public_key(peer_id)
+
+    def new_connection(self, role: Role, peer_id: str | None) -> Connection:
+        """A sans-IO TCP connection for this peer (used by the protocols)."""
         cfg = self.config
         if role is Role.INITIATOR:
             assert peer_id is not None
@@ -274,7 +281,8 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             self._scratch = bytearray(SCRATCH_SIZE)
         return self._scratch
 
-    def _register(self, proto: Any) -> None:
+    def tcp_register(self, proto: TcpPeer) -> None:
+        """A TCP connection was made (used by the protocols)."""
         self._protocols.add(proto)
         if proto.peer_id is None:  # accepted: unauthenticated until its handshake completes
             limit = self.settings.max_pending_handshakes
@@ -286,13 +294,16 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
                     "was the oldest"))
             self._pending[proto] = None
 
-    def _unregister(self, proto: Any) -> None:
+    def tcp_unregister(self, proto: TcpPeer) -> None:
+        """A TCP connection ended (used by the protocols)."""
         self._protocols.discard(proto)
         self._pending.pop(proto, None)
         peer_id = proto.peer_id
         if peer_id is not None and self._peer_conns.get(peer_id) is proto:
             del self._peer_conns[peer_id]
 
-    def _on_handshaked(self, proto: Any) -> None:
+    def tcp_handshaked(self, proto: TcpPeer) -> None:
+        """A TCP connection completed its handshake (used by the protocols)."""
         self._pending.pop(proto, None)
-        self._peer_conns[proto.peer_id] = proto
+        if proto.peer_id is not None:
+            self._peer_conns[proto.peer_id] = proto

@@ -15,8 +15,9 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+from ._host import ProtocolHost, UdpPeer
 from .p2pexcept import (
     ChannelNotReady,
     HandshakeError,
@@ -26,9 +27,6 @@ from .p2pexcept import (
     StatusError,
 )
 from .udp_session import HandshakeComplete, HandshakeFailed, PeerClosed, PeerKeyNeeded, UdpEndpoint
-
-if TYPE_CHECKING:
-    from .p2phandler import P2PHandler
 
 log = logging.getLogger("p2psc.udp")
 
@@ -55,7 +53,7 @@ class UdpP2P(asyncio.DatagramProtocol):
     ``pending_max_bytes``; past that :class:`ChannelNotReady`) and flushed when it completes.
     """
 
-    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None):
+    def __init__(self, handler: ProtocolHost, myid: str, peer_id: str | None = None):
         self.handler = handler
         self.myid = myid
         self.peer_id = peer_id
@@ -195,14 +193,14 @@ class UdpP2P(asyncio.DatagramProtocol):
         now = _monotonic()
         try:
             self._ep = UdpEndpoint(self.myid, handler.private_key, handler.settings,
-                                   key_lookup=handler.config.peers.public_key,
+                                   key_lookup=handler.peer_public_key,
                                    replay_cache=handler.replay_cache,
                                    accept_from=self.peer_id, now=now)
         except P2PError as exc:
             self._fail(exc)
             transport.close()
             return
-        handler._udp_register(self)
+        handler.udp_register(self)
         if self._sock is not None and _has_private_reader_api(loop):
             loop.call_soon(self._install_reader)
         if self.peer_id is not None and self._target is not None:
@@ -236,7 +234,7 @@ class UdpP2P(asyncio.DatagramProtocol):
         if exc is not None:
             log.warning("%s: UDP socket lost: %s", self.myid, exc)
         self._set_closed(None)
-        self.handler._udp_unregister(self)
+        self.handler.udp_unregister(self)
 
     # -- the stdlib loop's receive path -------------------------------------------------------
 
@@ -364,7 +362,7 @@ class UdpP2P(asyncio.DatagramProtocol):
 
     async def _lookup(self, peer_id: str, token: bytes) -> None:
         try:
-            key = await self.handler._lookup_unknown_peer(peer_id)
+            key = await self.handler.lookup_unknown_peer(peer_id)
         except P2PError as exc:
             log.info("%s: lookup of %s failed: %s", self.myid, peer_id, exc)
             key = None
@@ -438,16 +436,16 @@ class UdpHandlerMixin:
     udp_transport: asyncio.DatagramTransport | None = None
     udp_server_protocol: UdpP2P | None = None
 
-    def _udp_protocols(self) -> set[UdpP2P]:
-        protos: set[UdpP2P] | None = self.__dict__.get("_udp_protos")
+    def _udp_protocols(self) -> set[UdpPeer]:
+        protos: set[UdpPeer] | None = self.__dict__.get("_udp_protos")
         if protos is None:
             protos = self.__dict__["_udp_protos"] = set()
         return protos
 
-    def _udp_register(self, proto: UdpP2P) -> None:
+    def udp_register(self, proto: UdpPeer) -> None:
         self._udp_protocols().add(proto)
 
-    def _udp_unregister(self, proto: UdpP2P) -> None:
+    def udp_unregister(self, proto: UdpPeer) -> None:
         self._udp_protocols().discard(proto)
         if self.udp_server_protocol is proto:
             self.udp_transport = self.udp_server_protocol = None
