@@ -14,7 +14,6 @@ from ._host import TcpPeer
 from .buffers import BufferPool
 from .channel import ChannelHandlerMixin
 from .config import (
-    PeerAddress,
     PeerConfig,
     Settings,
     config_from_appublic,
@@ -22,10 +21,10 @@ from .config import (
     read_config_file,
 )
 from .connection import SCRATCH_SIZE, Connection, Role, State
-from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
 from .p2p import TcpP2P
-from .p2pexcept import ConfigError, DirectoryError, HandshakeError, P2PError, StatusError, UnknownPeerError
+from .p2pexcept import ConfigError, HandshakeError, StatusError, UnknownPeerError
 from .replay import InitReplayCache
+from .resolver import PeerResolver
 from .udp_p2p import UdpHandlerMixin
 
 log = logging.getLogger("p2psc.p2phandler")
@@ -68,7 +67,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
         # accepted connections not yet authenticated, oldest first (max_pending_handshakes)
         self._pending: dict[Any, None] = {}
         self._peer_conns: dict[str, Any] = {}
-        self._directory: Any = None
+        self.resolver = PeerResolver(self.config)
         self._scratch: bytearray | None = None
         self._buffer_pool = BufferPool()
 
@@ -112,7 +111,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
                            ) -> tuple[asyncio.Transport, P]:
         """Connect to a known peer and start the handshake; returns ``(transport, protocol)``
         as ``loop.create_connection`` does (``await protocol.wait_handshaked()`` to wait for it)."""
-        addr, _key = await self._resolve_peer(peer_id)
+        addr, _key = await self.resolver.resolve(peer_id)
         try:
             transport, protocol = await self._open_tcp(ProtocolClass, peer_id, addr.host, addr.port)
         except OSError as exc:
@@ -121,7 +120,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             # its address may have changed: look it up again, once
             log.info("connecting to %s at %s:%d failed (%s); asking the directory", peer_id,
                      addr.host, addr.port, exc)
-            new_addr, _key = await self._resolve_peer(peer_id, refresh=True)
+            new_addr, _key = await self.resolver.resolve(peer_id, refresh=True)
             if (new_addr.host, new_addr.port) == (addr.host, addr.port):
                 raise
             transport, protocol = await self._open_tcp(ProtocolClass, peer_id, new_addr.host,
@@ -174,86 +173,15 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 log.warning("server did not close within 5 s")
-        if self._directory is not None:
-            directory, self._directory = self._directory, None
-            await directory.close()
+        await self.resolver.close()
 
-    # -- peers ----------------------------------------------------------------------------------
-
-    async def _resolve_peer(self, peer_id: str, *, refresh: bool = False
-                            ) -> tuple[PeerAddress, rsa.RSAPublicKey]:
-        """The address and public key of a peer to connect to: from the known peers, else
-        (or with ``refresh``) from the directory when ``find_peer_info_url`` is set."""
-        peers = self.config.peers
-        try:
-            validate_peer_id(peer_id)
-        except ConfigError as exc:
-            raise UnknownPeerError(str(exc)) from None
-        key = peers.public_key(peer_id)
-        addr = peers.known_address(peer_id)
-        if addr is not None and key is not None and not refresh:
-            return addr, key
-        if self.config.find_peer_info_url is None:
-            raise UnknownPeerError(f"unknown peer {peer_id!r}: not in {peers.known_peers_file} "
-                                   f"(or no public key in {peers.peer_pubkey_path}), and no "
-                                   "find_peer_info_url to look it up")
-        record = await self._directory_lookup(peer_id, refresh=refresh)
-        return (PeerAddress(record.peer_id, record.host, record.port, record.updated_at),
-                record.public_key)
-
-    async def _directory_lookup(self, peer_id: str, *, refresh: bool = False) -> Any:
-        """Look ``peer_id`` up in the directory (signature checked by the client), apply the
-        key-change policy, and store the peer (files written in a thread, atomically)."""
-        from .directory import CENTER_PEER_ID, DirectoryLookup, accept_record
-
-        peers = self.config.peers
-        if self._directory is None:
-            center = peers.public_key(CENTER_PEER_ID)
-            if center is None:
-                raise DirectoryError(
-                    f"cannot use the directory: no center key "
-                    f"{peers.peer_pubkey_path / (CENTER_PEER_ID + PUBKEY_SUFFIX)} "
-                    "(unsigned records are never trusted)")
-            assert self.config.find_peer_info_url is not None
-            self._directory = DirectoryLookup(self.config.find_peer_info_url, center,
-                                              timeout=self.settings.directory_timeout)
-        if refresh:
-            self._directory.forget(peer_id)
-        record = await self._directory.lookup(peer_id)
-        if not accept_record(record, peers.public_key(peer_id),
-                             allow_key_change=self.settings.allow_key_change):
-            raise DirectoryError(f"the directory's key for {peer_id} differs from the one on "
-                                 "file; refused (set allow_key_change to accept key changes)")
-        known = peers.known_address(peer_id)
-        if known is not None and known.updated_at is not None \
-                and record.updated_at < known.updated_at:
-            raise DirectoryError(f"the directory's record for {peer_id} is older than the one "
-                                 "on file; refused (a replayed record?)")
-        address = PeerAddress(record.peer_id, record.host, record.port, record.updated_at)
-        on_file = peers.public_key(peer_id)
-        if known != address or known.updated_at != address.updated_at or on_file is None \
-                or not same_public_key(on_file, record.public_key):
-            files = peers.files_for(address, record.public_key)
-            await asyncio.to_thread(peers.write_files, files)
-            peers.add(address, record.public_key, persist=False)
-            log.info("learned peer %s at %s:%d from the directory (%s)", peer_id, record.host,
-                     record.port, record.fingerprint)
-        return record
+    # -- used by the protocols (p2psc._host.ProtocolHost) ----------------------------------------
 
     async def lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
         """The public key of a peer that sent an INIT but is not known: looked up in the
         directory when one is configured (lookups merged, failures cached briefly), else None
         (used by the protocols)."""
-        if self.config.find_peer_info_url is None:
-            return None
-        try:
-            record = await self._directory_lookup(peer_id)
-        except P2PError as exc:
-            log.info("directory lookup of %s failed: %s", peer_id, exc)
-            return None
-        return record.public_key  # type: ignore[no-any-return]
-
-    # -- used by the protocols (p2psc._host.ProtocolHost) ----------------------------------------
+        return await self.resolver.lookup_unknown(peer_id)
 
     def peer_public_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
         """The public key on file for ``peer_id``, or None (used by the protocols)."""

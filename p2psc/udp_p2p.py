@@ -488,7 +488,7 @@ class UdpHandlerMixin:
         until ``udp_handshake_timeout``); returns ``(transport, protocol)``:
         ``await protocol.wait_handshaked()`` to wait for it."""
         handler: Any = self
-        addr, key = await handler._resolve_peer(peer_id)
+        addr, key = await handler.resolver.resolve(peer_id)
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
         infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as peers.json has
