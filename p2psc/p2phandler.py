@@ -22,7 +22,8 @@ from .config import (
 )
 from .connection import SCRATCH_SIZE, Connection, Role, State
 from .p2p import TcpP2P
-from .p2pexcept import ConfigError, HandshakeError, StatusError, UnknownPeerError
+from .p2pexcept import ConfigError, StatusError, UnknownPeerError
+from .registry import ConnectionRegistry
 from .replay import InitReplayCache
 from .resolver import PeerResolver
 from .udp_p2p import UdpHandlerMixin
@@ -63,11 +64,8 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
         self.server: asyncio.AbstractServer | None = None
         self.replay_cache = InitReplayCache(self.settings.replay_cache_size,
                                             self.settings.timestamp_window)
-        self._protocols: set[Any] = set()
-        # accepted connections not yet authenticated, oldest first (max_pending_handshakes)
-        self._pending: dict[Any, None] = {}
-        self._peer_conns: dict[str, Any] = {}
         self.resolver = PeerResolver(self.config)
+        self.connections = ConnectionRegistry(self.settings)
         self._scratch: bytearray | None = None
         self._buffer_pool = BufferPool()
 
@@ -83,10 +81,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
 
     def get_peer_conn(self, peer_id: str) -> Any:
         """The live, handshaked protocol for ``peer_id`` (the latest one), or None."""
-        proto = self._peer_conns.get(peer_id)
-        if proto is not None and proto.handshaked:
-            return proto
-        return None
+        return self.connections.peer_conn(peer_id)
 
     # -- TCP ------------------------------------------------------------------------------------
 
@@ -162,11 +157,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             server, self.server = self.server, None
         else:
             server = None
-        for proto in list(self._protocols):
-            try:
-                proto.close()
-            except Exception:  # closing must go on for the others
-                log.exception("error while closing %r", proto)
+        self.connections.close_all()
         await self._close_udp()
         if server is not None:
             try:
@@ -211,27 +202,12 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
 
     def tcp_register(self, proto: TcpPeer) -> None:
         """A TCP connection was made (used by the protocols)."""
-        self._protocols.add(proto)
-        if proto.peer_id is None:  # accepted: unauthenticated until its handshake completes
-            limit = self.settings.max_pending_handshakes
-            while limit and len(self._pending) >= limit:
-                oldest = next(iter(self._pending))
-                del self._pending[oldest]
-                oldest.drop_pending(HandshakeError(
-                    f"dropped: {limit} handshakes pending (max_pending_handshakes); this one "
-                    "was the oldest"))
-            self._pending[proto] = None
-
-    def tcp_unregister(self, proto: TcpPeer) -> None:
-        """A TCP connection ended (used by the protocols)."""
-        self._protocols.discard(proto)
-        self._pending.pop(proto, None)
-        peer_id = proto.peer_id
-        if peer_id is not None and self._peer_conns.get(peer_id) is proto:
-            del self._peer_conns[peer_id]
+        self.connections.add(proto)
 
     def tcp_handshaked(self, proto: TcpPeer) -> None:
         """A TCP connection completed its handshake (used by the protocols)."""
-        self._pending.pop(proto, None)
-        if proto.peer_id is not None:
-            self._peer_conns[proto.peer_id] = proto
+        self.connections.handshaked(proto)
+
+    def tcp_unregister(self, proto: TcpPeer) -> None:
+        """A TCP connection ended (used by the protocols)."""
+        self.connections.remove(proto)
