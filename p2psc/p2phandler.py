@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ._host import TcpPeer
+from ._host import TcpPeer, UdpPeer
 from .buffers import BufferPool
 from .channel import ChannelHandlerMixin
 from .config import (
@@ -26,16 +26,18 @@ from .p2pexcept import ConfigError, StatusError, UnknownPeerError
 from .registry import ConnectionRegistry
 from .replay import InitReplayCache
 from .resolver import PeerResolver
-from .udp_p2p import UdpHandlerMixin
+from .udp_p2p import UdpP2P
+from .udp_service import UdpService
 
 log = logging.getLogger("p2psc.p2phandler")
 
 __all__ = ["P2PHandler"]
 
 P = TypeVar("P", bound=TcpP2P)
+UP = TypeVar("UP", bound=UdpP2P)
 
 
-class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
+class P2PHandler(ChannelHandlerMixin):
     """One peer: its RSA key, its known peers, and the connections it makes or accepts.
 
     - ``P2PHandler(loop=None)``: the config of appPublic's ``getConfig()`` (as the original
@@ -66,6 +68,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
                                             self.settings.timestamp_window)
         self.resolver = PeerResolver(self.config)
         self.connections = ConnectionRegistry(self.settings)
+        self.udp_service = UdpService(self, self.config, self.resolver.resolve)
         self._scratch: bytearray | None = None
         self._buffer_pool = BufferPool()
 
@@ -158,13 +161,42 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
         else:
             server = None
         self.connections.close_all()
-        await self._close_udp()
+        await self.udp_service.close()
         if server is not None:
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 log.warning("server did not close within 5 s")
         await self.resolver.close()
+
+    # -- UDP ------------------------------------------------------------------------------------
+
+    @property
+    def udp_transport(self) -> asyncio.DatagramTransport | None:
+        """The UDP server's transport while it serves (``run_as_udp_server``), else None."""
+        return self.udp_service.transport
+
+    @property
+    def udp_server_protocol(self) -> UdpP2P | None:
+        """The UDP server's protocol while it serves (``run_as_udp_server``), else None."""
+        return self.udp_service.server_protocol
+
+    async def run_as_udp_server(self, ProtocolClass: Callable[..., UP] = UdpP2P,  # type: ignore[assignment]
+                                *, host: str | None = None, port: int | None = None
+                                ) -> tuple[asyncio.DatagramTransport, UP]:
+        """Serve UDP on this peer's host and port (from ``xconfig``, or as given; port 0
+        picks a free one: read it from ``self.udp_transport.get_extra_info('sockname')``).
+        Returns ``(transport, protocol)``, also kept as ``udp_transport`` and
+        ``udp_server_protocol``."""
+        return await self.udp_service.run_server(ProtocolClass, host=host, port=port)
+
+    async def connect_udp_peer(self, peer_id: str,
+                               ProtocolClass: Callable[..., UP] = UdpP2P  # type: ignore[assignment]
+                               ) -> tuple[asyncio.DatagramTransport, UP]:
+        """Open a UDP socket to a known peer and start the handshake (INIT retransmitted
+        until ``udp_handshake_timeout``); returns ``(transport, protocol)``:
+        ``await protocol.wait_handshaked()`` to wait for it."""
+        return await self.udp_service.connect(peer_id, ProtocolClass)
 
     # -- used by the protocols (p2psc._host.ProtocolHost) ----------------------------------------
 
@@ -211,3 +243,11 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
     def tcp_unregister(self, proto: TcpPeer) -> None:
         """A TCP connection ended (used by the protocols)."""
         self.connections.remove(proto)
+
+    def udp_register(self, proto: UdpPeer) -> None:
+        """A UDP endpoint opened its socket (used by the protocols)."""
+        self.udp_service.register(proto)
+
+    def udp_unregister(self, proto: UdpPeer) -> None:
+        """A UDP endpoint's socket closed (used by the protocols)."""
+        self.udp_service.unregister(proto)

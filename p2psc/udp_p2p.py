@@ -1,5 +1,5 @@
-"""``UdpP2P``: the asyncio datagram protocol applications subclass for UDP peers, and the
-``P2PHandler`` mixin that runs a UDP server or connects a UDP client.
+"""``UdpP2P``: the asyncio datagram protocol applications subclass for UDP peers (the
+handler's side, a UDP server and UDP clients, is :class:`p2psc.udp_service.UdpService`).
 
 A thin adapter over the sans-IO :class:`p2psc.udp_session.UdpEndpoint`: datagrams in,
 hooks called, datagrams out, one asyncio timer for the endpoint's next deadline. On the
@@ -15,26 +15,24 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from ._host import ProtocolHost, UdpPeer
+from ._host import ProtocolHost
 from .p2pexcept import (
     ChannelNotReady,
     HandshakeError,
     InvalidDataType,
     MissRemoteAddr,
     P2PError,
-    StatusError,
 )
 from .udp_session import HandshakeComplete, HandshakeFailed, PeerClosed, PeerKeyNeeded, UdpEndpoint
 
 log = logging.getLogger("p2psc.udp")
 
-__all__ = ["UdpHandlerMixin", "UdpP2P"]
+__all__ = ["UdpP2P"]
 
 _READ_BATCH = 256          # datagrams read per wake-up at most (fairness with other work)
 _RECV_BUF = 65536          # larger than any UDP datagram
-_SOCK_BUF = 1 << 20        # socket buffers asked for (the kernel may cap them)
 _monotonic = time.monotonic
 
 
@@ -408,111 +406,3 @@ def _has_private_reader_api(loop: asyncio.AbstractEventLoop) -> bool:
     """The stdlib selector loop, whose ``_add_reader``/``_remove_reader`` we can use."""
     return (isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
             and hasattr(loop, "_add_reader") and hasattr(loop, "_remove_reader"))
-
-
-def _udp_socket(family: int, bind_addr: Any) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
-            except OSError:
-                pass
-        sock.bind(bind_addr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-P = TypeVar("P", bound=UdpP2P)
-
-
-class UdpHandlerMixin:
-    """UDP for :class:`~p2psc.p2phandler.P2PHandler`: ``run_as_udp_server`` and
-    ``connect_udp_peer``."""
-
-    udp_transport: asyncio.DatagramTransport | None = None
-    udp_server_protocol: UdpP2P | None = None
-
-    def _udp_protocols(self) -> set[UdpPeer]:
-        protos: set[UdpPeer] | None = self.__dict__.get("_udp_protos")
-        if protos is None:
-            protos = self.__dict__["_udp_protos"] = set()
-        return protos
-
-    def udp_register(self, proto: UdpPeer) -> None:
-        self._udp_protocols().add(proto)
-
-    def udp_unregister(self, proto: UdpPeer) -> None:
-        self._udp_protocols().discard(proto)
-        if self.udp_server_protocol is proto:
-            self.udp_transport = self.udp_server_protocol = None
-
-    async def run_as_udp_server(self, ProtocolClass: Callable[..., P] = UdpP2P,  # type: ignore[assignment]
-                                *, host: str | None = None, port: int | None = None
-                                ) -> tuple[asyncio.DatagramTransport, P]:
-        """Serve UDP on this peer's host and port (from ``xconfig``, or as given; port 0
-        picks a free one: read it from ``self.udp_transport.get_extra_info('sockname')``).
-        Returns ``(transport, protocol)``, also kept as ``udp_transport`` and
-        ``udp_server_protocol``."""
-        if self.udp_transport is not None:
-            raise StatusError("already serving UDP; close() first")
-        handler: Any = self
-        loop = asyncio.get_running_loop()
-        host = handler.config.host if host is None else host
-        port = handler.config.port if port is None else port
-        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM,
-                                       flags=socket.AI_PASSIVE)
-        if not infos:
-            raise OSError(f"cannot resolve {host!r}")
-        family, _, _, _, sockaddr = infos[0]
-        sock = _udp_socket(family, sockaddr)
-        myid = handler.get_myid()
-
-        def factory() -> P:
-            proto = ProtocolClass(self, myid)
-            proto.attach(sock)
-            return proto
-
-        transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
-        self.udp_transport, self.udp_server_protocol = transport, protocol  # type: ignore[assignment]
-        log.info("%s serving UDP on %s", myid, transport.get_extra_info("sockname"))
-        return transport, protocol
-
-    async def connect_udp_peer(self, peer_id: str,
-                               ProtocolClass: Callable[..., P] = UdpP2P  # type: ignore[assignment]
-                               ) -> tuple[asyncio.DatagramTransport, P]:
-        """Open a UDP socket to a known peer and start the handshake (INIT retransmitted
-        until ``udp_handshake_timeout``); returns ``(transport, protocol)``:
-        ``await protocol.wait_handshaked()`` to wait for it."""
-        handler: Any = self
-        addr, key = await handler.resolver.resolve(peer_id)
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
-        infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as peers.json has
-        if not infos:
-            raise OSError(f"cannot resolve {addr.host!r}")
-        family, _, _, _, sockaddr = infos[0]
-        sock = _udp_socket(family, ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
-        myid = handler.get_myid()
-
-        def factory() -> P:
-            proto = ProtocolClass(self, myid, peer_id)
-            proto.attach(sock, (sockaddr, key))
-            return proto
-
-        transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
-        return transport, protocol  # type: ignore[return-value]
-
-    async def _close_udp(self) -> None:
-        """Stop the UDP server and every UDP client this handler made."""
-        for proto in list(self._udp_protocols()):
-            try:
-                proto.stop()
-            except Exception:  # closing must go on for the others
-                log.exception("error while stopping %r", proto)
-        self._udp_protocols().clear()
-        self.udp_transport = self.udp_server_protocol = None
-        await asyncio.sleep(0)  # let the transports close
