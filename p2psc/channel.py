@@ -1,6 +1,7 @@
 """The async/await channel API: :class:`Channel`, over a :class:`~p2psc.p2p.TcpP2P` with a
-bounded receive queue, and :class:`ChannelHandlerMixin` (``open_channel``, ``serve``) which
-:class:`~p2psc.p2phandler.P2PHandler` inherits.
+bounded receive queue, :class:`DatagramChannel` over UDP, and the entry points
+:func:`open_channel`, :func:`serve` and :func:`open_datagram_channel`, which the
+:class:`~p2psc.p2phandler.P2PHandler` methods of the same names call.
 
 ::
 
@@ -24,7 +25,7 @@ import collections
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from ._host import ProtocolHost
 from .p2p import TcpP2P
@@ -37,10 +38,13 @@ __all__ = [
     "DEFAULT_QUEUE_SIZE",
     "Channel",
     "ChannelClosed",
-    "ChannelHandlerMixin",
+    "ChannelHost",
     "ChannelProtocol",
     "DatagramChannel",
     "DatagramChannelProtocol",
+    "open_channel",
+    "open_datagram_channel",
+    "serve",
 ]
 
 #: Messages buffered per channel before reading from the socket pauses (when the config has
@@ -50,6 +54,9 @@ DEFAULT_QUEUE_SIZE = 64
 CLOSE_TIMEOUT = 5.0
 
 OnChannel = Callable[["Channel"], Awaitable[Any]]
+
+TP = TypeVar("TP", bound=TcpP2P)
+UP = TypeVar("UP", bound=UdpP2P)
 
 # Tasks running ``on_channel`` callbacks: a strong reference so they are not collected.
 _TASKS: set[asyncio.Task[None]] = set()
@@ -233,8 +240,9 @@ class _MessageIterator(abc.ABC):
 class Channel(_MessageIterator):
     """An authenticated, encrypted message channel to one peer, for ``async``/``await`` code.
 
-    Made by :meth:`ChannelHandlerMixin.open_channel` or handed to the ``serve`` callback; the
-    handshake is done. One :meth:`send` arrives as exactly one :meth:`recv` on the other side.
+    Made by :meth:`P2PHandler.open_channel <p2psc.p2phandler.P2PHandler.open_channel>` or
+    handed to the ``serve`` callback; the handshake is done. One :meth:`send` arrives as
+    exactly one :meth:`recv` on the other side.
     """
 
     def __init__(self, protocol: ChannelProtocol):
@@ -434,67 +442,74 @@ class DatagramChannel(_MessageIterator):
         await self.close()
 
 
-class ChannelHandlerMixin:
-    """``open_channel`` and ``serve`` for :class:`~p2psc.p2phandler.P2PHandler`."""
+class ChannelHost(Protocol):
+    """What the channel entry points need of the handler (:class:`~p2psc.p2phandler.P2PHandler`
+    implements it)."""
 
-    async def open_channel(self, peer_id: str, *, timeout: float | None = None,
-                           queue_size: int | None = None) -> Channel:
-        """Connect to ``peer_id`` over TCP and return a :class:`Channel` once the handshake
-        is done. ``timeout`` bounds connecting and the handshake together
-        (:class:`~p2psc.HandshakeTimeout`); ``queue_size`` overrides ``channel_queue_size``."""
-        handler: Any = self
-        factory = functools.partial(ChannelProtocol, queue_size=queue_size)
-        protocol: ChannelProtocol | None = None
+    async def connect_peer(self, peer_id: str, ProtocolClass: Callable[..., TP]
+                           ) -> tuple[asyncio.Transport, TP]:
+        """Connect to ``peer_id`` over TCP with a ``ProtocolClass`` protocol."""
 
-        async def connect() -> ChannelProtocol:
-            nonlocal protocol
-            _, protocol = await handler.connect_peer(peer_id, ProtocolClass=factory)
-            await protocol.wait_handshaked()
-            return protocol
+    async def run_as_server(self, ProtocolClass: Callable[..., TcpP2P], *,
+                            host: str | None = None, port: int | None = None
+                            ) -> asyncio.AbstractServer:
+        """Listen over TCP with ``ProtocolClass`` protocols."""
 
-        try:
-            proto = await asyncio.wait_for(connect(), timeout)
-        except asyncio.TimeoutError:
-            if protocol is not None and protocol.transport is not None:
-                protocol.transport.abort()
-            raise HandshakeTimeout(f"no connection and handshake with {peer_id} within "
-                                   f"{timeout:g} s") from None
-        except BaseException:
-            if protocol is not None and protocol.transport is not None:
-                protocol.transport.abort()
-            raise
-        proto.channel = Channel(proto)
-        return proto.channel
+    async def connect_udp_peer(self, peer_id: str, ProtocolClass: Callable[..., UP]
+                               ) -> tuple[asyncio.DatagramTransport, UP]:
+        """Open a UDP socket to ``peer_id`` with a ``ProtocolClass`` protocol."""
 
-    async def serve(self, on_channel: OnChannel, *, host: str | None = None,
-                    port: int | None = None, queue_size: int | None = None
-                    ) -> asyncio.AbstractServer:
-        """Listen over TCP on this peer's address (or ``host``/``port``) and run
-        ``await on_channel(ch)`` as a task for each handshaked connection. An exception in
-        ``on_channel`` is logged and closes that channel only; the channel is closed
-        gracefully when ``on_channel`` returns. Returns the server (also ``handler.server``;
-        ``handler.close()`` stops it and closes every channel)."""
-        handler: Any = self
-        factory = functools.partial(ChannelProtocol, queue_size=queue_size,
-                                    on_channel=on_channel)
-        server: asyncio.AbstractServer = await handler.run_as_server(factory, host=host,
-                                                                     port=port)
-        return server
 
-    async def open_datagram_channel(self, peer_id: str, *, timeout: float | None = None,
-                                    queue_size: int | None = None) -> DatagramChannel:
-        """Open a UDP session to ``peer_id`` and return a :class:`DatagramChannel` once the
-        handshake is done (``timeout`` bounds it, else ``udp_handshake_timeout`` does)."""
-        handler: Any = self
-        factory = functools.partial(DatagramChannelProtocol, queue_size=queue_size)
-        _, proto = await handler.connect_udp_peer(peer_id, ProtocolClass=factory)
-        try:
-            await asyncio.wait_for(proto.wait_handshaked(), timeout)
-        except asyncio.TimeoutError:
-            proto.stop()
-            raise HandshakeTimeout(f"no UDP handshake with {peer_id} within "
-                                   f"{timeout:g} s") from None
-        except BaseException:
-            proto.stop()
-            raise
-        return DatagramChannel(proto)
+async def open_channel(handler: ChannelHost, peer_id: str, *, timeout: float | None = None,
+                       queue_size: int | None = None) -> Channel:
+    """:meth:`P2PHandler.open_channel <p2psc.p2phandler.P2PHandler.open_channel>` for
+    ``handler``."""
+    factory = functools.partial(ChannelProtocol, queue_size=queue_size)
+    protocol: ChannelProtocol | None = None
+
+    async def connect() -> ChannelProtocol:
+        nonlocal protocol
+        _, protocol = await handler.connect_peer(peer_id, ProtocolClass=factory)
+        await protocol.wait_handshaked()
+        return protocol
+
+    try:
+        proto = await asyncio.wait_for(connect(), timeout)
+    except asyncio.TimeoutError:
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abort()
+        raise HandshakeTimeout(f"no connection and handshake with {peer_id} within "
+                               f"{timeout:g} s") from None
+    except BaseException:
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abort()
+        raise
+    proto.channel = Channel(proto)
+    return proto.channel
+
+
+async def serve(handler: ChannelHost, on_channel: OnChannel, *, host: str | None = None,
+                port: int | None = None, queue_size: int | None = None
+                ) -> asyncio.AbstractServer:
+    """:meth:`P2PHandler.serve <p2psc.p2phandler.P2PHandler.serve>` for ``handler``."""
+    factory = functools.partial(ChannelProtocol, queue_size=queue_size, on_channel=on_channel)
+    return await handler.run_as_server(factory, host=host, port=port)
+
+
+async def open_datagram_channel(handler: ChannelHost, peer_id: str, *,
+                                timeout: float | None = None, queue_size: int | None = None
+                                ) -> DatagramChannel:
+    """:meth:`P2PHandler.open_datagram_channel
+    <p2psc.p2phandler.P2PHandler.open_datagram_channel>` for ``handler``."""
+    factory = functools.partial(DatagramChannelProtocol, queue_size=queue_size)
+    _, proto = await handler.connect_udp_peer(peer_id, ProtocolClass=factory)
+    try:
+        await asyncio.wait_for(proto.wait_handshaked(), timeout)
+    except asyncio.TimeoutError:
+        proto.stop()
+        raise HandshakeTimeout(f"no UDP handshake with {peer_id} within "
+                               f"{timeout:g} s") from None
+    except BaseException:
+        proto.stop()
+        raise
+    return DatagramChannel(proto)

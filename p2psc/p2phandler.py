@@ -10,9 +10,10 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from . import channel
 from ._host import TcpPeer, UdpPeer
 from .buffers import BufferPool
-from .channel import ChannelHandlerMixin
+from .channel import Channel, DatagramChannel, OnChannel
 from .config import (
     PeerConfig,
     Settings,
@@ -37,7 +38,7 @@ P = TypeVar("P", bound=TcpP2P)
 UP = TypeVar("UP", bound=UdpP2P)
 
 
-class P2PHandler(ChannelHandlerMixin):
+class P2PHandler:
     """One peer: its RSA key, its known peers, and the connections it makes or accepts.
 
     - ``P2PHandler(loop=None)``: the config of appPublic's ``getConfig()`` (as the original
@@ -88,7 +89,7 @@ class P2PHandler(ChannelHandlerMixin):
 
     # -- TCP ------------------------------------------------------------------------------------
 
-    async def run_as_server(self, ProtocolClass: type[TcpP2P] = TcpP2P, *,
+    async def run_as_server(self, ProtocolClass: Callable[..., TcpP2P] = TcpP2P, *,
                             host: str | None = None, port: int | None = None
                             ) -> asyncio.AbstractServer:
         """Listen on this peer's host and port (from ``xconfig``, or as given); the server is
@@ -197,6 +198,32 @@ class P2PHandler(ChannelHandlerMixin):
         until ``udp_handshake_timeout``); returns ``(transport, protocol)``:
         ``await protocol.wait_handshaked()`` to wait for it."""
         return await self.udp_service.connect(peer_id, ProtocolClass)
+
+    # -- async/await channels (p2psc.channel) ---------------------------------------------------
+
+    async def open_channel(self, peer_id: str, *, timeout: float | None = None,
+                           queue_size: int | None = None) -> Channel:
+        """Connect to ``peer_id`` over TCP and return a :class:`Channel` once the handshake
+        is done. ``timeout`` bounds connecting and the handshake together
+        (:class:`~p2psc.HandshakeTimeout`); ``queue_size`` overrides ``channel_queue_size``."""
+        return await channel.open_channel(self, peer_id, timeout=timeout, queue_size=queue_size)
+
+    async def serve(self, on_channel: OnChannel, *, host: str | None = None,
+                    port: int | None = None, queue_size: int | None = None
+                    ) -> asyncio.AbstractServer:
+        """Listen over TCP on this peer's address (or ``host``/``port``) and run
+        ``await on_channel(ch)`` as a task for each handshaked connection. An exception in
+        ``on_channel`` is logged and closes that channel only; the channel is closed
+        gracefully when ``on_channel`` returns. Returns the server (also ``handler.server``;
+        ``handler.close()`` stops it and closes every channel)."""
+        return await channel.serve(self, on_channel, host=host, port=port, queue_size=queue_size)
+
+    async def open_datagram_channel(self, peer_id: str, *, timeout: float | None = None,
+                                    queue_size: int | None = None) -> DatagramChannel:
+        """Open a UDP session to ``peer_id`` and return a :class:`DatagramChannel` once the
+        handshake is done (``timeout`` bounds it, else ``udp_handshake_timeout`` does)."""
+        return await channel.open_datagram_channel(self, peer_id, timeout=timeout,
+                                                   queue_size=queue_size)
 
     # -- used by the protocols (p2psc._host.ProtocolHost) ----------------------------------------
 
