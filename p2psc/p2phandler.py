@@ -48,6 +48,12 @@ class P2PHandler:
     - ``P2PHandler(config=mapping)``: the same keys as conf/config.json.
 
     Config mistakes raise :class:`~p2psc.p2pexcept.ConfigError` here, at start-up.
+
+    It is made of ``resolver`` (:class:`~p2psc.resolver.PeerResolver`: known peers and the
+    directory), ``connections`` (:class:`~p2psc.registry.ConnectionRegistry`: its TCP
+    connections) and ``udp_service`` (:class:`~p2psc.udp_service.UdpService`: its UDP server and
+    clients); the channel methods call :mod:`p2psc.channel`. To the protocols it builds, it is a
+    :class:`~p2psc._host.ProtocolHost`.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, *,
