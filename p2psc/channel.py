@@ -1,6 +1,7 @@
 """The async/await channel API: :class:`Channel`, over a :class:`~p2psc.p2p.TcpP2P` with a
-bounded receive queue, and :class:`ChannelHandlerMixin` (``open_channel``, ``serve``) which
-:class:`~p2psc.p2phandler.P2PHandler` inherits.
+bounded receive queue, :class:`DatagramChannel` over UDP, and the entry points
+:func:`open_channel`, :func:`serve` and :func:`open_datagram_channel`, which the
+:class:`~p2psc.p2phandler.P2PHandler` methods of the same names call.
 
 ::
 
@@ -24,14 +25,12 @@ import collections
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
+from ._host import ProtocolHost
 from .p2p import TcpP2P
 from .p2pexcept import ChannelClosed, ChannelNotReady, HandshakeTimeout
 from .udp_p2p import UdpP2P
-
-if TYPE_CHECKING:
-    from .p2phandler import P2PHandler
 
 log = logging.getLogger("p2psc.channel")
 
@@ -39,10 +38,13 @@ __all__ = [
     "DEFAULT_QUEUE_SIZE",
     "Channel",
     "ChannelClosed",
-    "ChannelHandlerMixin",
+    "ChannelHost",
     "ChannelProtocol",
     "DatagramChannel",
     "DatagramChannelProtocol",
+    "open_channel",
+    "open_datagram_channel",
+    "serve",
 ]
 
 #: Messages buffered per channel before reading from the socket pauses (when the config has
@@ -52,6 +54,9 @@ DEFAULT_QUEUE_SIZE = 64
 CLOSE_TIMEOUT = 5.0
 
 OnChannel = Callable[["Channel"], Awaitable[Any]]
+
+TP = TypeVar("TP", bound=TcpP2P)
+UP = TypeVar("UP", bound=UdpP2P)
 
 # Tasks running ``on_channel`` callbacks: a strong reference so they are not collected.
 _TASKS: set[asyncio.Task[None]] = set()
@@ -111,7 +116,7 @@ class ChannelProtocol(TcpP2P):
     """A :class:`TcpP2P` that queues received messages for :class:`Channel` (at most
     ``queue_size`` before it pauses reading from the socket) instead of using ``on_recv``."""
 
-    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None, *,
+    def __init__(self, handler: ProtocolHost, myid: str, peer_id: str | None = None, *,
                  queue_size: int | None = None, on_channel: OnChannel | None = None):
         super().__init__(handler, myid, peer_id)
         if queue_size is None:
@@ -132,7 +137,7 @@ class ChannelProtocol(TcpP2P):
             task.add_done_callback(_TASKS.discard)
 
     def on_recv(self, data: bytes) -> None:
-        if self._closed:
+        if self.is_closed:
             return
         self._q.put(data)
         if len(self._q.items) >= self.queue_size and not self._reading_paused:
@@ -151,7 +156,13 @@ class ChannelProtocol(TcpP2P):
     @property
     def ended(self) -> bool:
         """True once the channel is closed (by either side) or lost."""
-        return self._closed or self._q.ended
+        return self.is_closed or self._q.ended
+
+    @property
+    def queue_ended(self) -> bool:
+        """True once the connection has ended (``on_closed`` was called): no more messages
+        will be queued."""
+        return self._q.ended
 
     async def get(self) -> bytes:
         """The next message; cancel-safe (a message is taken only when it is returned)."""
@@ -162,18 +173,21 @@ class ChannelProtocol(TcpP2P):
                 if self._reading_paused and len(q.items) <= self.queue_size // 2:
                     self._set_reading(True)
                 return data
-            self._raise_if_done()
+            self.raise_if_done()
             await q.wait()
 
-    def _raise_if_done(self) -> None:
-        if self._q.ended or self._closed:
-            err = self._q.error if self._q.ended else self._error
+    def raise_if_done(self) -> None:
+        """Raise why the channel ended (:class:`ChannelClosed` after a clean close), if it
+        has."""
+        if self._q.ended or self.is_closed:
+            err = self._q.error if self._q.ended else self.close_error
             if err is not None:
                 raise err
             raise ChannelClosed("the channel is closed")
 
     def _set_reading(self, on: bool) -> None:
-        raw = self._raw
+        tr = self.transport
+        raw = tr.raw if tr is not None else None
         self._reading_paused = not on
         if raw is None or raw.is_closing():
             return
@@ -184,14 +198,6 @@ class ChannelProtocol(TcpP2P):
                 raw.pause_reading()
         except (RuntimeError, AttributeError):  # a transport that is closing
             pass
-
-    def flush_now(self) -> None:
-        """Write what ``send`` queued now, rather than at the end of this loop iteration, so
-        that ``drain`` sees the transport's real buffer."""
-        handle = self._flush_handle
-        if handle is not None:
-            handle.cancel()
-            self._flush()
 
 
 async def _run_on_channel(on_channel: OnChannel, ch: Channel) -> None:
@@ -230,8 +236,9 @@ class _MessageIterator(abc.ABC):
 class Channel(_MessageIterator):
     """An authenticated, encrypted message channel to one peer, for ``async``/``await`` code.
 
-    Made by :meth:`ChannelHandlerMixin.open_channel` or handed to the ``serve`` callback; the
-    handshake is done. One :meth:`send` arrives as exactly one :meth:`recv` on the other side.
+    Made by :meth:`P2PHandler.open_channel <p2psc.p2phandler.P2PHandler.open_channel>` or
+    handed to the ``serve`` callback; the handshake is done. One :meth:`send` arrives as
+    exactly one :meth:`recv` on the other side.
     """
 
     def __init__(self, protocol: ChannelProtocol):
@@ -270,13 +277,13 @@ class Channel(_MessageIterator):
         """
         proto = self.protocol
         if proto.ended:
-            proto._raise_if_done()
+            proto.raise_if_done()
         try:
             proto.send(data)
         except ChannelClosed:
             raise
         except ChannelNotReady:
-            proto._raise_if_done()
+            proto.raise_if_done()
             raise
         proto.flush_now()
         try:
@@ -284,7 +291,7 @@ class Channel(_MessageIterator):
         except ChannelClosed:
             raise
         except ChannelNotReady:
-            proto._raise_if_done()
+            proto.raise_if_done()
             raise
 
     async def recv(self) -> bytes:
@@ -304,14 +311,13 @@ class Channel(_MessageIterator):
         if proto.transport is None:
             return
         proto.close()
-        if proto._q.ended:
+        if proto.queue_ended:
             return
         try:
             await asyncio.wait_for(proto.wait_closed(), timeout)
         except asyncio.TimeoutError:
             log.info("%s: CLOSE not flushed within %g s; aborting", self.peer_id, timeout)
-            if proto._raw is not None:
-                proto._raw.abort()
+            proto.abort()
 
     def abort(self) -> None:
         """Drop the connection at once, without CLOSE (the peer sees a lost connection)."""
@@ -330,7 +336,7 @@ class DatagramChannelProtocol(UdpP2P):
     :class:`DatagramChannel`; when ``queue_size`` datagrams wait, new ones are dropped (and
     counted in ``dropped``), as a socket buffer would."""
 
-    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None, *,
+    def __init__(self, handler: ProtocolHost, myid: str, peer_id: str | None = None, *,
                  queue_size: int | None = None):
         super().__init__(handler, myid, peer_id)
         if queue_size is None:
@@ -351,23 +357,25 @@ class DatagramChannelProtocol(UdpP2P):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._q.end(self._error)
+        self._q.end(self.close_error)
 
     @property
     def ended(self) -> bool:
-        return self._closed or self._q.ended
+        return self.is_closed or self._q.ended
 
     async def get(self) -> bytes:
         q = self._q
         while True:
             if q.items:
                 return q.items.popleft()
-            self._raise_if_done()
+            self.raise_if_done()
             await q.wait()
 
-    def _raise_if_done(self) -> None:
+    def raise_if_done(self) -> None:
+        """Raise why the channel ended (:class:`ChannelClosed` after a clean close), if it
+        has."""
         if self.ended:
-            err = self._q.error if self._q.ended else self._error
+            err = self._q.error if self._q.ended else self.close_error
             if err is not None:
                 raise err
             raise ChannelClosed("the datagram channel is closed")
@@ -410,7 +418,7 @@ class DatagramChannel(_MessageIterator):
         """Send one datagram (does not wait: UDP has no flow control)."""
         proto = self.protocol
         if proto.ended:
-            proto._raise_if_done()
+            proto.raise_if_done()
         proto.send(data)
 
     async def recv(self) -> bytes:
@@ -430,67 +438,74 @@ class DatagramChannel(_MessageIterator):
         await self.close()
 
 
-class ChannelHandlerMixin:
-    """``open_channel`` and ``serve`` for :class:`~p2psc.p2phandler.P2PHandler`."""
+class ChannelHost(Protocol):
+    """What the channel entry points need of the handler (:class:`~p2psc.p2phandler.P2PHandler`
+    implements it)."""
 
-    async def open_channel(self, peer_id: str, *, timeout: float | None = None,
-                           queue_size: int | None = None) -> Channel:
-        """Connect to ``peer_id`` over TCP and return a :class:`Channel` once the handshake
-        is done. ``timeout`` bounds connecting and the handshake together
-        (:class:`~p2psc.HandshakeTimeout`); ``queue_size`` overrides ``channel_queue_size``."""
-        handler: Any = self
-        factory = functools.partial(ChannelProtocol, queue_size=queue_size)
-        protocol: ChannelProtocol | None = None
+    async def connect_peer(self, peer_id: str, ProtocolClass: Callable[..., TP]
+                           ) -> tuple[asyncio.Transport, TP]:
+        """Connect to ``peer_id`` over TCP with a ``ProtocolClass`` protocol."""
 
-        async def connect() -> ChannelProtocol:
-            nonlocal protocol
-            _, protocol = await handler.connect_peer(peer_id, ProtocolClass=factory)
-            await protocol.wait_handshaked()
-            return protocol
+    async def run_as_server(self, ProtocolClass: Callable[..., TcpP2P], *,
+                            host: str | None = None, port: int | None = None
+                            ) -> asyncio.AbstractServer:
+        """Listen over TCP with ``ProtocolClass`` protocols."""
 
-        try:
-            proto = await asyncio.wait_for(connect(), timeout)
-        except asyncio.TimeoutError:
-            if protocol is not None and protocol.transport is not None:
-                protocol.transport.abort()
-            raise HandshakeTimeout(f"no connection and handshake with {peer_id} within "
-                                   f"{timeout:g} s") from None
-        except BaseException:
-            if protocol is not None and protocol.transport is not None:
-                protocol.transport.abort()
-            raise
-        proto.channel = Channel(proto)
-        return proto.channel
+    async def connect_udp_peer(self, peer_id: str, ProtocolClass: Callable[..., UP]
+                               ) -> tuple[asyncio.DatagramTransport, UP]:
+        """Open a UDP socket to ``peer_id`` with a ``ProtocolClass`` protocol."""
 
-    async def serve(self, on_channel: OnChannel, *, host: str | None = None,
-                    port: int | None = None, queue_size: int | None = None
-                    ) -> asyncio.AbstractServer:
-        """Listen over TCP on this peer's address (or ``host``/``port``) and run
-        ``await on_channel(ch)`` as a task for each handshaked connection. An exception in
-        ``on_channel`` is logged and closes that channel only; the channel is closed
-        gracefully when ``on_channel`` returns. Returns the server (also ``handler.server``;
-        ``handler.close()`` stops it and closes every channel)."""
-        handler: Any = self
-        factory = functools.partial(ChannelProtocol, queue_size=queue_size,
-                                    on_channel=on_channel)
-        server: asyncio.AbstractServer = await handler.run_as_server(factory, host=host,
-                                                                     port=port)
-        return server
 
-    async def open_datagram_channel(self, peer_id: str, *, timeout: float | None = None,
-                                    queue_size: int | None = None) -> DatagramChannel:
-        """Open a UDP session to ``peer_id`` and return a :class:`DatagramChannel` once the
-        handshake is done (``timeout`` bounds it, else ``udp_handshake_timeout`` does)."""
-        handler: Any = self
-        factory = functools.partial(DatagramChannelProtocol, queue_size=queue_size)
-        _, proto = await handler.connect_udp_peer(peer_id, ProtocolClass=factory)
-        try:
-            await asyncio.wait_for(proto.wait_handshaked(), timeout)
-        except asyncio.TimeoutError:
-            proto.stop()
-            raise HandshakeTimeout(f"no UDP handshake with {peer_id} within "
-                                   f"{timeout:g} s") from None
-        except BaseException:
-            proto.stop()
-            raise
-        return DatagramChannel(proto)
+async def open_channel(handler: ChannelHost, peer_id: str, *, timeout: float | None = None,
+                       queue_size: int | None = None) -> Channel:
+    """:meth:`P2PHandler.open_channel <p2psc.p2phandler.P2PHandler.open_channel>` for
+    ``handler``."""
+    factory = functools.partial(ChannelProtocol, queue_size=queue_size)
+    protocol: ChannelProtocol | None = None
+
+    async def connect() -> ChannelProtocol:
+        nonlocal protocol
+        _, protocol = await handler.connect_peer(peer_id, ProtocolClass=factory)
+        await protocol.wait_handshaked()
+        return protocol
+
+    try:
+        proto = await asyncio.wait_for(connect(), timeout)
+    except asyncio.TimeoutError:
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abort()
+        raise HandshakeTimeout(f"no connection and handshake with {peer_id} within "
+                               f"{timeout:g} s") from None
+    except BaseException:
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abort()
+        raise
+    proto.channel = Channel(proto)
+    return proto.channel
+
+
+async def serve(handler: ChannelHost, on_channel: OnChannel, *, host: str | None = None,
+                port: int | None = None, queue_size: int | None = None
+                ) -> asyncio.AbstractServer:
+    """:meth:`P2PHandler.serve <p2psc.p2phandler.P2PHandler.serve>` for ``handler``."""
+    factory = functools.partial(ChannelProtocol, queue_size=queue_size, on_channel=on_channel)
+    return await handler.run_as_server(factory, host=host, port=port)
+
+
+async def open_datagram_channel(handler: ChannelHost, peer_id: str, *,
+                                timeout: float | None = None, queue_size: int | None = None
+                                ) -> DatagramChannel:
+    """:meth:`P2PHandler.open_datagram_channel
+    <p2psc.p2phandler.P2PHandler.open_datagram_channel>` for ``handler``."""
+    factory = functools.partial(DatagramChannelProtocol, queue_size=queue_size)
+    _, proto = await handler.connect_udp_peer(peer_id, ProtocolClass=factory)
+    try:
+        await asyncio.wait_for(proto.wait_handshaked(), timeout)
+    except asyncio.TimeoutError:
+        proto.stop()
+        raise HandshakeTimeout(f"no UDP handshake with {peer_id} within "
+                               f"{timeout:g} s") from None
+    except BaseException:
+        proto.stop()
+        raise
+    return DatagramChannel(proto)

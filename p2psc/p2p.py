@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._aio import AdapterBase
+from ._host import ProtocolHost
 from ._proto.events import Closed, Event, HandshakeComplete, MessageReceived, PeerKeyNeeded
 from ._proto.tcp import Connection, Role, State
 from .p2pexcept import (
@@ -24,9 +25,6 @@ from .p2pexcept import (
     P2PError,
     StatusError,
 )
-
-if TYPE_CHECKING:
-    from .p2phandler import P2PHandler
 
 log = logging.getLogger("p2psc.p2p")
 
@@ -119,7 +117,7 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
         "_closed_waiters", "_reading",
     )
 
-    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None):
+    def __init__(self, handler: ProtocolHost, myid: str, peer_id: str | None = None):
         AdapterBase.__init__(self)
         self.handler = handler
         self.myid = myid
@@ -241,6 +239,36 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
         if self._raw is not None:
             self._raw.abort()
 
+    @property
+    def is_closed(self) -> bool:
+        """True once the connection is closed or closing (by either side, or failed)."""
+        return self._closed
+
+    @property
+    def close_error(self) -> P2PError | None:
+        """Why the connection ended: None while open and after a clean close."""
+        return self._error
+
+    def flush_now(self) -> None:
+        """Write what ``send`` queued now, rather than at the end of this loop iteration, so
+        that ``drain`` sees the transport's real buffer."""
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+            self._flush()
+
+    # -- used by the handler ----------------------------------------------------------------
+
+    def use_connection(self, conn: Connection) -> None:
+        """Use ``conn``, an initiator's connection made in advance (INIT signed while the TCP
+        connect is under way), when the transport is made."""
+        self._prepared = conn
+
+    def drop_pending(self, error: P2PError) -> None:
+        """Give up on this connection, whose handshake is pending, with ``error`` (the
+        handler's ``max_pending_handshakes`` bound)."""
+        self.fail(error)
+
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -251,12 +279,12 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
         handler = self.handler
         role = Role.INITIATOR if self.peer_id is not None else Role.RESPONDER
         try:
-            conn = self._prepared or handler._new_connection(role, self.peer_id)
+            conn = self._prepared or handler.new_connection(role, self.peer_id)
         except P2PError as exc:
             self.fail(exc)
             return
         self._conn, self._prepared = conn, None
-        handler._register(self)
+        handler.tcp_register(self)
         if role is Role.INITIATOR:
             if conn.state is State.IDLE:
                 conn.initiate(self._loop.time())
@@ -326,7 +354,7 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_exception(self._error or ChannelNotReady("the connection is closed"))
         self._drain_waiters = None
-        self.handler._unregister(self)
+        self.handler.tcp_unregister(self)
         self._lost = True
         self._call_hook(self.on_closed, self._error)
         for waiter in self._closed_waiters or ():
@@ -373,7 +401,7 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
 
     async def _resolve_peer_key(self, peer_id: str) -> None:
         try:
-            key = await self.handler._lookup_unknown_peer(peer_id)
+            key = await self.handler.lookup_unknown_peer(peer_id)
         except P2PError as exc:
             log.info("%s: lookup of %s failed: %s", self._describe(), peer_id, exc)
             key = None
@@ -390,7 +418,7 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
     def _on_handshake_complete(self, peer_id: str) -> None:
         self.peer_id = peer_id
         self._handshaked = True
-        self.handler._on_handshaked(self)
+        self.handler.tcp_handshaked(self)
         self._wake_waiters(None)
         conn = self._conn
         assert conn is not None

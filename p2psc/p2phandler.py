@@ -10,32 +10,36 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from . import channel
 from ._aio import wall_offset
-from ._proto.buffers import BufferPool
+from ._host import TcpPeer, UdpPeer
+from ._proto.buffers import BufferPool, ReceiveBudget
 from ._proto.replay import InitReplayCache
 from ._proto.tcp import SCRATCH_SIZE, Connection, Role, State
-from .channel import ChannelHandlerMixin
+from .channel import Channel, DatagramChannel, OnChannel
 from .config import (
-    PeerAddress,
     PeerConfig,
     Settings,
     config_from_appublic,
     load_peer_config,
     read_config_file,
 )
-from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
 from .p2p import TcpP2P
-from .p2pexcept import ConfigError, DirectoryError, HandshakeError, P2PError, StatusError, UnknownPeerError
-from .udp_p2p import UdpHandlerMixin
+from .p2pexcept import ConfigError, StatusError, UnknownPeerError
+from .registry import ConnectionRegistry
+from .resolver import PeerResolver
+from .udp_p2p import UdpP2P
+from .udp_service import UdpService
 
 log = logging.getLogger("p2psc.p2phandler")
 
 __all__ = ["P2PHandler"]
 
 P = TypeVar("P", bound=TcpP2P)
+UP = TypeVar("UP", bound=UdpP2P)
 
 
-class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
+class P2PHandler:
     """One peer: its RSA key, its known peers, and the connections it makes or accepts.
 
     - ``P2PHandler(loop=None)``: the config of appPublic's ``getConfig()`` (as the original
@@ -45,6 +49,12 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
     - ``P2PHandler(config=mapping)``: the same keys as conf/config.json.
 
     Config mistakes raise :class:`~p2psc.p2pexcept.ConfigError` here, at start-up.
+
+    It is made of ``resolver`` (:class:`~p2psc.resolver.PeerResolver`: known peers and the
+    directory), ``connections`` (:class:`~p2psc.registry.ConnectionRegistry`: its TCP
+    connections) and ``udp_service`` (:class:`~p2psc.udp_service.UdpService`: its UDP server and
+    clients); the channel methods call :mod:`p2psc.channel`. To the protocols it builds, it is a
+    :class:`~p2psc._host.ProtocolHost`.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, *,
@@ -64,13 +74,12 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
         self.server: asyncio.AbstractServer | None = None
         self.replay_cache = InitReplayCache(self.settings.replay_cache_size,
                                             self.settings.timestamp_window)
-        self._protocols: set[Any] = set()
-        # accepted connections not yet authenticated, oldest first (max_pending_handshakes)
-        self._pending: dict[Any, None] = {}
-        self._peer_conns: dict[str, Any] = {}
-        self._directory: Any = None
+        self.resolver = PeerResolver(self.config)
+        self.connections = ConnectionRegistry(self.settings)
+        self.udp_service = UdpService(self, self.config, self.resolver.resolve)
         self._scratch: bytearray | None = None
         self._buffer_pool = BufferPool()
+        self._receive_budget = ReceiveBudget(self.settings.max_partial_record_bytes)
 
     # -- identity -------------------------------------------------------------------------------
 
@@ -84,14 +93,11 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
 
     def get_peer_conn(self, peer_id: str) -> Any:
         """The live, handshaked protocol for ``peer_id`` (the latest one), or None."""
-        proto = self._peer_conns.get(peer_id)
-        if proto is not None and proto.handshaked:
-            return proto
-        return None
+        return self.connections.peer_conn(peer_id)
 
     # -- TCP ------------------------------------------------------------------------------------
 
-    async def run_as_server(self, ProtocolClass: type[TcpP2P] = TcpP2P, *,
+    async def run_as_server(self, ProtocolClass: Callable[..., TcpP2P] = TcpP2P, *,
                             host: str | None = None, port: int | None = None
                             ) -> asyncio.AbstractServer:
         """Listen on this peer's host and port (from ``xconfig``, or as given); the server is
@@ -112,7 +118,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
                            ) -> tuple[asyncio.Transport, P]:
         """Connect to a known peer and start the handshake; returns ``(transport, protocol)``
         as ``loop.create_connection`` does (``await protocol.wait_handshaked()`` to wait for it)."""
-        addr, _key = await self._resolve_peer(peer_id)
+        addr, _key = await self.resolver.resolve(peer_id)
         try:
             transport, protocol = await self._open_tcp(ProtocolClass, peer_id, addr.host, addr.port)
         except OSError as exc:
@@ -121,7 +127,7 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             # its address may have changed: look it up again, once
             log.info("connecting to %s at %s:%d failed (%s); asking the directory", peer_id,
                      addr.host, addr.port, exc)
-            new_addr, _key = await self._resolve_peer(peer_id, refresh=True)
+            new_addr, _key = await self.resolver.resolve(peer_id, refresh=True)
             if (new_addr.host, new_addr.port) == (addr.host, addr.port):
                 raise
             transport, protocol = await self._open_tcp(ProtocolClass, peer_id, new_addr.host,
@@ -134,11 +140,11 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
         private operation, about as long as a connect on a LAN)."""
         loop = asyncio.get_running_loop()
         myid = self.get_myid()
-        conn = self._new_connection(Role.INITIATOR, peer_id)
+        conn = self.new_connection(Role.INITIATOR, peer_id)
 
         def factory() -> P:
             protocol = ProtocolClass(self, myid, peer_id)
-            protocol._prepared = conn
+            protocol.use_connection(conn)
             return protocol
 
         task = loop.create_task(loop.create_connection(factory, host, port))
@@ -163,98 +169,84 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             server, self.server = self.server, None
         else:
             server = None
-        for proto in list(self._protocols):
-            try:
-                proto.close()
-            except Exception:  # closing must go on for the others
-                log.exception("error while closing %r", proto)
-        await self._close_udp()
+        self.connections.close_all()
+        await self.udp_service.close()
         if server is not None:
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 log.warning("server did not close within 5 s")
-        if self._directory is not None:
-            directory, self._directory = self._directory, None
-            await directory.close()
+        await self.resolver.close()
 
-    # -- peers ----------------------------------------------------------------------------------
+    # -- UDP ------------------------------------------------------------------------------------
 
-    async def _resolve_peer(self, peer_id: str, *, refresh: bool = False
-                            ) -> tuple[PeerAddress, rsa.RSAPublicKey]:
-        """The address and public key of a peer to connect to: from the known peers, else
-        (or with ``refresh``) from the directory when ``find_peer_info_url`` is set."""
-        peers = self.config.peers
-        try:
-            validate_peer_id(peer_id)
-        except ConfigError as exc:
-            raise UnknownPeerError(str(exc)) from None
-        key = peers.public_key(peer_id)
-        addr = peers.known_address(peer_id)
-        if addr is not None and key is not None and not refresh:
-            return addr, key
-        if self.config.find_peer_info_url is None:
-            raise UnknownPeerError(f"unknown peer {peer_id!r}: not in {peers.known_peers_file} "
-                                   f"(or no public key in {peers.peer_pubkey_path}), and no "
-                                   "find_peer_info_url to look it up")
-        record = await self._directory_lookup(peer_id, refresh=refresh)
-        return (PeerAddress(record.peer_id, record.host, record.port, record.updated_at),
-                record.public_key)
+    @property
+    def udp_transport(self) -> asyncio.DatagramTransport | None:
+        """The UDP server's transport while it serves (``run_as_udp_server``), else None."""
+        return self.udp_service.transport
 
-    async def _directory_lookup(self, peer_id: str, *, refresh: bool = False) -> Any:
-        """Look ``peer_id`` up in the directory (signature checked by the client), apply the
-        key-change policy, and store the peer (files written in a thread, atomically)."""
-        from .directory import CENTER_PEER_ID, DirectoryLookup, accept_record
+    @property
+    def udp_server_protocol(self) -> UdpP2P | None:
+        """The UDP server's protocol while it serves (``run_as_udp_server``), else None."""
+        return self.udp_service.server_protocol
 
-        peers = self.config.peers
-        if self._directory is None:
-            center = peers.public_key(CENTER_PEER_ID)
-            if center is None:
-                raise DirectoryError(
-                    f"cannot use the directory: no center key "
-                    f"{peers.peer_pubkey_path / (CENTER_PEER_ID + PUBKEY_SUFFIX)} "
-                    "(unsigned records are never trusted)")
-            assert self.config.find_peer_info_url is not None
-            self._directory = DirectoryLookup(self.config.find_peer_info_url, center,
-                                              timeout=self.settings.directory_timeout)
-        if refresh:
-            self._directory.forget(peer_id)
-        record = await self._directory.lookup(peer_id)
-        if not accept_record(record, peers.public_key(peer_id),
-                             allow_key_change=self.settings.allow_key_change):
-            raise DirectoryError(f"the directory's key for {peer_id} differs from the one on "
-                                 "file; refused (set allow_key_change to accept key changes)")
-        known = peers.known_address(peer_id)
-        if known is not None and known.updated_at is not None \
-                and record.updated_at < known.updated_at:
-            raise DirectoryError(f"the directory's record for {peer_id} is older than the one "
-                                 "on file; refused (a replayed record?)")
-        address = PeerAddress(record.peer_id, record.host, record.port, record.updated_at)
-        on_file = peers.public_key(peer_id)
-        if known != address or known.updated_at != address.updated_at or on_file is None \
-                or not same_public_key(on_file, record.public_key):
-            files = peers.files_for(address, record.public_key)
-            await asyncio.to_thread(peers.write_files, files)
-            peers.add(address, record.public_key, persist=False)
-            log.info("learned peer %s at %s:%d from the directory (%s)", peer_id, record.host,
-                     record.port, record.fingerprint)
-        return record
+    async def run_as_udp_server(self, ProtocolClass: Callable[..., UP] = UdpP2P,  # type: ignore[assignment]
+                                *, host: str | None = None, port: int | None = None
+                                ) -> tuple[asyncio.DatagramTransport, UP]:
+        """Serve UDP on this peer's host and port (from ``xconfig``, or as given; port 0
+        picks a free one: read it from ``self.udp_transport.get_extra_info('sockname')``).
+        Returns ``(transport, protocol)``, also kept as ``udp_transport`` and
+        ``udp_server_protocol``."""
+        return await self.udp_service.run_server(ProtocolClass, host=host, port=port)
 
-    async def _lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
+    async def connect_udp_peer(self, peer_id: str,
+                               ProtocolClass: Callable[..., UP] = UdpP2P  # type: ignore[assignment]
+                               ) -> tuple[asyncio.DatagramTransport, UP]:
+        """Open a UDP socket to a known peer and start the handshake (INIT retransmitted
+        until ``udp_handshake_timeout``); returns ``(transport, protocol)``:
+        ``await protocol.wait_handshaked()`` to wait for it."""
+        return await self.udp_service.connect(peer_id, ProtocolClass)
+
+    # -- async/await channels (p2psc.channel) ---------------------------------------------------
+
+    async def open_channel(self, peer_id: str, *, timeout: float | None = None,
+                           queue_size: int | None = None) -> Channel:
+        """Connect to ``peer_id`` over TCP and return a :class:`Channel` once the handshake
+        is done. ``timeout`` bounds connecting and the handshake together
+        (:class:`~p2psc.HandshakeTimeout`); ``queue_size`` overrides ``channel_queue_size``."""
+        return await channel.open_channel(self, peer_id, timeout=timeout, queue_size=queue_size)
+
+    async def serve(self, on_channel: OnChannel, *, host: str | None = None,
+                    port: int | None = None, queue_size: int | None = None
+                    ) -> asyncio.AbstractServer:
+        """Listen over TCP on this peer's address (or ``host``/``port``) and run
+        ``await on_channel(ch)`` as a task for each handshaked connection. An exception in
+        ``on_channel`` is logged and closes that channel only; the channel is closed
+        gracefully when ``on_channel`` returns. Returns the server (also ``handler.server``;
+        ``handler.close()`` stops it and closes every channel)."""
+        return await channel.serve(self, on_channel, host=host, port=port, queue_size=queue_size)
+
+    async def open_datagram_channel(self, peer_id: str, *, timeout: float | None = None,
+                                    queue_size: int | None = None) -> DatagramChannel:
+        """Open a UDP session to ``peer_id`` and return a :class:`DatagramChannel` once the
+        handshake is done (``timeout`` bounds it, else ``udp_handshake_timeout`` does)."""
+        return await channel.open_datagram_channel(self, peer_id, timeout=timeout,
+                                                   queue_size=queue_size)
+
+    # -- used by the protocols (p2psc._host.ProtocolHost) ----------------------------------------
+
+    async def lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
         """The public key of a peer that sent an INIT but is not known: looked up in the
-        directory when one is configured (lookups merged, failures cached briefly), else None."""
-        if self.config.find_peer_info_url is None:
-            return None
-        try:
-            record = await self._directory_lookup(peer_id)
-        except P2PError as exc:
-            log.info("directory lookup of %s failed: %s", peer_id, exc)
-            return None
-        return record.public_key  # type: ignore[no-any-return]
+        directory when one is configured (lookups merged, failures cached briefly), else None
+        (used by the protocols)."""
+        return await self.resolver.lookup_unknown(peer_id)
 
-    # -- used by the protocols ------------------------------------------------------------------
+    def peer_public_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
+        """The public key on file for ``peer_id``, or None (used by the protocols)."""
+        return self.config.peers.public_key(peer_id)
 
-    def _new_connection(self, role: Role, peer_id: str | None) -> Connection:
+    def new_connection(self, role: Role, peer_id: str | None) -> Connection:
+        """A sans-IO TCP connection for this peer (used by the protocols)."""
         cfg = self.config
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -266,11 +258,12 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             return Connection(role, cfg.peer_id, cfg.private_key, self.settings,
                               peer_id=peer_id, peer_public_key=key, now=now,
                               wall_offset=wall_offset(loop), scratch=self._scratch_buffer(),
-                              pool=self._buffer_pool)
+                              pool=self._buffer_pool, budget=self._receive_budget)
         return Connection(role, cfg.peer_id, cfg.private_key, self.settings,
                           key_lookup=cfg.peers.public_key, replay_cache=self.replay_cache,
                           now=now, wall_offset=wall_offset(loop),
-                          scratch=self._scratch_buffer(), pool=self._buffer_pool)
+                          scratch=self._scratch_buffer(), pool=self._buffer_pool,
+                          budget=self._receive_budget)
 
     def _scratch_buffer(self) -> bytearray:
         """The receive buffer shared by this handler's TCP connections (they run on one event
@@ -279,25 +272,22 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             self._scratch = bytearray(SCRATCH_SIZE)
         return self._scratch
 
-    def _register(self, proto: Any) -> None:
-        self._protocols.add(proto)
-        if proto.peer_id is None:  # accepted: unauthenticated until its handshake completes
-            limit = self.settings.max_pending_handshakes
-            while limit and len(self._pending) >= limit:
-                oldest = next(iter(self._pending))
-                del self._pending[oldest]
-                oldest.fail(HandshakeError(
-                    f"dropped: {limit} handshakes pending (max_pending_handshakes); this one "
-                    "was the oldest"))
-            self._pending[proto] = None
+    def tcp_register(self, proto: TcpPeer) -> None:
+        """A TCP connection was made (used by the protocols)."""
+        self.connections.add(proto)
 
-    def _unregister(self, proto: Any) -> None:
-        self._protocols.discard(proto)
-        self._pending.pop(proto, None)
-        peer_id = proto.peer_id
-        if peer_id is not None and self._peer_conns.get(peer_id) is proto:
-            del self._peer_conns[peer_id]
+    def tcp_handshaked(self, proto: TcpPeer) -> None:
+        """A TCP connection completed its handshake (used by the protocols)."""
+        self.connections.handshaked(proto)
 
-    def _on_handshaked(self, proto: Any) -> None:
-        self._pending.pop(proto, None)
-        self._peer_conns[proto.peer_id] = proto
+    def tcp_unregister(self, proto: TcpPeer) -> None:
+        """A TCP connection ended (used by the protocols)."""
+        self.connections.remove(proto)
+
+    def udp_register(self, proto: UdpPeer) -> None:
+        """A UDP endpoint opened its socket (used by the protocols)."""
+        self.udp_service.register(proto)
+
+    def udp_unregister(self, proto: UdpPeer) -> None:
+        """A UDP endpoint's socket closed (used by the protocols)."""
+        self.udp_service.unregister(proto)

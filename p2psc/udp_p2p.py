@@ -1,5 +1,5 @@
-"""``UdpP2P``: the asyncio datagram protocol applications subclass for UDP peers, and the
-``P2PHandler`` mixin that runs a UDP server or connects a UDP client.
+"""``UdpP2P``: the asyncio datagram protocol applications subclass for UDP peers (the
+handler's side, a UDP server and UDP clients, is :class:`p2psc.udp_service.UdpService`).
 
 A thin adapter over the sans-IO :class:`p2psc._proto.udp.UdpEndpoint`: datagrams in (with
 the loop's time), events turned into hooks, datagrams out, one loop timer on the endpoint's
@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 from ._aio import AdapterBase, wall_offset
+from ._host import ProtocolHost
 from ._proto.events import (
     Closed,
     DatagramReceived,
@@ -32,19 +32,14 @@ from .p2pexcept import (
     InvalidDataType,
     MissRemoteAddr,
     P2PError,
-    StatusError,
 )
-
-if TYPE_CHECKING:
-    from .p2phandler import P2PHandler
 
 log = logging.getLogger("p2psc.udp")
 
-__all__ = ["UdpHandlerMixin", "UdpP2P"]
+__all__ = ["UdpP2P"]
 
 _READ_BATCH = 256          # datagrams read per wake-up at most (fairness with other work)
 _RECV_BUF = 65536          # larger than any UDP datagram
-_SOCK_BUF = 1 << 20        # socket buffers asked for (the kernel may cap them)
 
 
 class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
@@ -62,14 +57,14 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
     ``pending_max_bytes``; past that :class:`ChannelNotReady`) and flushed when it completes.
     """
 
-    def __init__(self, handler: P2PHandler, myid: str, peer_id: str | None = None):
+    def __init__(self, handler: ProtocolHost, myid: str, peer_id: str | None = None):
         AdapterBase.__init__(self)
         self.handler = handler
         self.myid = myid
         self.peer_id = peer_id
         self.transport: asyncio.DatagramTransport | None = None
         self._ep: UdpEndpoint | None = None
-        self._sock: socket.socket | None = None            # set by the handler
+        self._sock: socket.socket | None = None            # set by attach()
         self._target: tuple[Any, Any] | None = None        # client: (address, public key)
         self._rbuf: bytearray | None = None
 
@@ -145,6 +140,25 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
 
     close = stop  # what P2PHandler.close() calls on the protocols it knows
 
+    @property
+    def is_closed(self) -> bool:
+        """True once stopped, failed or its socket lost."""
+        return self._closed
+
+    @property
+    def close_error(self) -> P2PError | None:
+        """Why the endpoint ended (its handshake failed...): None while open and after
+        :meth:`stop`."""
+        return self._error
+
+    # -- used by the handler ----------------------------------------------------------------
+
+    def attach(self, sock: socket.socket, target: tuple[Any, Any] | None = None) -> None:
+        """Before the transport is made: the socket it will have (read directly on the
+        stdlib loop) and, for a client, its peer's ``(address, public key)``."""
+        self._sock = sock
+        self._target = target
+
     # -- asyncio.DatagramProtocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,7 +168,7 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         now = loop.time()
         try:
             self._ep = UdpEndpoint(self.myid, handler.private_key, handler.settings,
-                                   key_lookup=handler.config.peers.public_key,
+                                   key_lookup=handler.peer_public_key,
                                    replay_cache=handler.replay_cache,
                                    accept_from=self.peer_id, now=now,
                                    wall_offset=wall_offset(loop))
@@ -162,7 +176,7 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
             self._fail(exc)
             transport.close()
             return
-        handler._udp_register(self)
+        handler.udp_register(self)
         if self._sock is not None and _has_private_reader_api(loop):
             loop.call_soon(self._install_reader)
         if self.peer_id is not None and self._target is not None:
@@ -189,7 +203,7 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         if exc is not None:
             log.warning("%s: UDP socket lost: %s", self.myid, exc)
         self._end(None)
-        self.handler._udp_unregister(self)
+        self.handler.udp_unregister(self)
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -322,7 +336,7 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
 
     async def _lookup(self, peer_id: str, token: bytes) -> None:
         try:
-            key = await self.handler._lookup_unknown_peer(peer_id)
+            key = await self.handler.lookup_unknown_peer(peer_id)
         except P2PError as exc:
             log.info("%s: lookup of %s failed: %s", self.myid, peer_id, exc)
             key = None
@@ -345,112 +359,3 @@ def _has_private_reader_api(loop: asyncio.AbstractEventLoop) -> bool:
     """The stdlib selector loop, whose ``_add_reader``/``_remove_reader`` we can use."""
     return (isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
             and hasattr(loop, "_add_reader") and hasattr(loop, "_remove_reader"))
-
-
-def _udp_socket(family: int, bind_addr: Any) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
-            except OSError:
-                pass
-        sock.bind(bind_addr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-P = TypeVar("P", bound=UdpP2P)
-
-
-class UdpHandlerMixin:
-    """UDP for :class:`~p2psc.p2phandler.P2PHandler`: ``run_as_udp_server`` and
-    ``connect_udp_peer``."""
-
-    udp_transport: asyncio.DatagramTransport | None = None
-    udp_server_protocol: UdpP2P | None = None
-
-    def _udp_protocols(self) -> set[UdpP2P]:
-        protos: set[UdpP2P] | None = self.__dict__.get("_udp_protos")
-        if protos is None:
-            protos = self.__dict__["_udp_protos"] = set()
-        return protos
-
-    def _udp_register(self, proto: UdpP2P) -> None:
-        self._udp_protocols().add(proto)
-
-    def _udp_unregister(self, proto: UdpP2P) -> None:
-        self._udp_protocols().discard(proto)
-        if self.udp_server_protocol is proto:
-            self.udp_transport = self.udp_server_protocol = None
-
-    async def run_as_udp_server(self, ProtocolClass: Callable[..., P] = UdpP2P,  # type: ignore[assignment]
-                                *, host: str | None = None, port: int | None = None
-                                ) -> tuple[asyncio.DatagramTransport, P]:
-        """Serve UDP on this peer's host and port (from ``xconfig``, or as given; port 0
-        picks a free one: read it from ``self.udp_transport.get_extra_info('sockname')``).
-        Returns ``(transport, protocol)``, also kept as ``udp_transport`` and
-        ``udp_server_protocol``."""
-        if self.udp_transport is not None:
-            raise StatusError("already serving UDP; close() first")
-        handler: Any = self
-        loop = asyncio.get_running_loop()
-        host = handler.config.host if host is None else host
-        port = handler.config.port if port is None else port
-        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM,
-                                       flags=socket.AI_PASSIVE)
-        if not infos:
-            raise OSError(f"cannot resolve {host!r}")
-        family, _, _, _, sockaddr = infos[0]
-        sock = _udp_socket(family, sockaddr)
-        myid = handler.get_myid()
-
-        def factory() -> P:
-            proto = ProtocolClass(self, myid)
-            proto._sock = sock
-            return proto
-
-        transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
-        self.udp_transport, self.udp_server_protocol = transport, protocol  # type: ignore[assignment]
-        log.info("%s serving UDP on %s", myid, transport.get_extra_info("sockname"))
-        return transport, protocol
-
-    async def connect_udp_peer(self, peer_id: str,
-                               ProtocolClass: Callable[..., P] = UdpP2P  # type: ignore[assignment]
-                               ) -> tuple[asyncio.DatagramTransport, P]:
-        """Open a UDP socket to a known peer and start the handshake (INIT retransmitted
-        until ``udp_handshake_timeout``); returns ``(transport, protocol)``:
-        ``await protocol.wait_handshaked()`` to wait for it."""
-        handler: Any = self
-        addr, key = await handler._resolve_peer(peer_id)
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
-        infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as peers.json has
-        if not infos:
-            raise OSError(f"cannot resolve {addr.host!r}")
-        family, _, _, _, sockaddr = infos[0]
-        sock = _udp_socket(family, ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
-        myid = handler.get_myid()
-
-        def factory() -> P:
-            proto = ProtocolClass(self, myid, peer_id)
-            proto._sock = sock
-            proto._target = (sockaddr, key)
-            return proto
-
-        transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
-        return transport, protocol  # type: ignore[return-value]
-
-    async def _close_udp(self) -> None:
-        """Stop the UDP server and every UDP client this handler made."""
-        for proto in list(self._udp_protocols()):
-            try:
-                proto.stop()
-            except Exception:  # closing must go on for the others
-                log.exception("error while stopping %r", proto)
-        self._udp_protocols().clear()
-        self.udp_transport = self.udp_server_protocol = None
-        await asyncio.sleep(0)  # let the transports close

@@ -292,7 +292,7 @@ def test_load_1000_connections_100_messages_each(pair: Any, tmp_path: Any) -> No
             assert line == {"event": "all connected", "open": N_CONN}
             await wait_until(lambda: sum(map(len, seen.values())) >= N_CONN * N_MSG, 90,
                              "every message")
-            figures["held"] = len(server._protocols)
+            figures["held"] = len(server.connections.protocols)
             figures["rss_peak_mb"] = (_rss_kb() - rss0) / 1024
             proc.stdin.write(b"close\n")
             await proc.stdin.drain()
@@ -303,7 +303,7 @@ def test_load_1000_connections_100_messages_each(pair: Any, tmp_path: Any) -> No
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        await wait_until(lambda: not server._protocols, 10, "server connections to close")
+        await wait_until(lambda: not server.connections.protocols, 10, "server connections to close")
         gc.collect()
         figures["blocks_after"] = sys.getallocatedblocks() - blocks0
         figures["rss_after_mb"] = (_rss_kb() - rss0) / 1024

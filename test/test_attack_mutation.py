@@ -247,7 +247,7 @@ def test_mutations_over_real_sockets(pair: Any, tmp_path: Any, loop_kind: str) -
         try:
             for direction, index, fn, label in _SAMPLE:
                 await one(server, label, direction, index, fn)
-            await wait_until(lambda: not server._protocols, 3, "server connections to close")
+            await wait_until(lambda: not server.connections.protocols, 3, "server connections to close")
             await assert_still_serving(server, server_dir, tmp_path)
         finally:
             await server.close()

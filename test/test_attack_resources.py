@@ -185,7 +185,7 @@ def test_thousands_of_half_open_connections_are_bounded(pair: Any, tmp_path: Any
         legit = 0
 
         def accepted() -> int:
-            return sum(k == "closed" for k, _ in R.log) + len(server._pending) - legit
+            return sum(k == "closed" for k, _ in R.log) + len(server.connections.pending) - legit
 
         for batch in range(60):  # 50 at a time: under the listen backlog (100)
             socks += _open_raw(port, 50)
@@ -196,14 +196,14 @@ def test_thousands_of_half_open_connections_are_bounded(pair: Any, tmp_path: Any
                     except OSError:
                         pass
             await wait_until(lambda: accepted() >= len(socks), 5, "the batch to be accepted")
-            peak = max(peak, len(server._protocols))
-            assert len(server._pending) <= limit
+            peak = max(peak, len(server.connections.protocols))
+            assert len(server.connections.pending) <= limit
             if batch == 30:
                 await assert_still_serving(server, server_dir, tmp_path)
                 legit = 1
         await wait_until(lambda: sum(k == "closed" for k, _ in R.log) >= 3000 - limit + 1, 10,
                          "evictions")
-        peak = max(peak, len(server._protocols))
+        peak = max(peak, len(server.connections.protocols))
         assert peak <= limit + 50, peak  # the limit, plus those accepted in one batch
         gc.collect()
         grown = sys.getallocatedblocks() - blocks0
@@ -226,7 +226,7 @@ def test_thousands_of_half_open_connections_are_bounded(pair: Any, tmp_path: Any
         assert closed_by_server == 1000
         for s in socks:
             s.close()
-        await wait_until(lambda: not server._protocols and not server._pending, 10,
+        await wait_until(lambda: not server.connections.protocols and not server.connections.pending, 10,
                          "all connections gone")
         assert sum(k == "handshaked" for k, _ in R.log) == 1
         await server.close()
@@ -298,11 +298,11 @@ def test_init_flood_unknown_forged_and_replayed(pair: Any, tmp_path: Any,
         t0 = time.monotonic()
         for k in range(0, len(order), 80):  # (under the listen backlog of 100)
             await asyncio.gather(*(attack(kind) for kind in order[k:k + 80]))
-            peak = max(peak, len(server._protocols))
+            peak = max(peak, len(server.connections.protocols))
             if k == 1040:
                 await assert_still_serving(server, server_dir, tmp_path)
         flood_time = time.monotonic() - t0
-        await wait_until(lambda: not server._protocols, 10, "flood connections to close")
+        await wait_until(lambda: not server.connections.protocols, 10, "flood connections to close")
         closes = [v for k, v in R.log if k == "closed"]
         by_type: dict[str, int] = {}
         for e in closes:
@@ -350,7 +350,7 @@ def test_eviction_spares_authenticated_connections(pair: Any, tmp_path: Any) -> 
         await asyncio.wait_for(good.wait_handshaked(), 5)
         socks = _open_raw(port, 5)
         await wait_until(lambda: sum(k == "closed" for k, _ in R.log) >= 3, 5, "evictions")
-        assert len(server._pending) == 2
+        assert len(server.connections.pending) == 2
         good.send(b"still here")
         assert await asyncio.wait_for(good.got, 5) == b"recv:still here"
         for s in socks:
@@ -369,10 +369,10 @@ def test_no_limit_when_zero(pair: Any) -> None:
         server = P2PHandler(workdir=server_dir.workdir)
         await server.run_as_server(ProtocolClass=TcpP2P)
         socks = _open_raw(server_port(server), 50)
-        await wait_until(lambda: len(server._pending) == 50, 5, "50 pending")
+        await wait_until(lambda: len(server.connections.pending) == 50, 5, "50 pending")
         for s in socks:
             s.close()
-        await wait_until(lambda: not server._pending, 5, "none pending")
+        await wait_until(lambda: not server.connections.pending, 5, "none pending")
         await server.close()
 
     run(main())

@@ -148,7 +148,7 @@ def test_changed_key_is_refused_unless_allowed(tmp_path: Path, caplog: Any) -> N
         client = P2PHandler(workdir=client_dir.workdir)
         try:
             if allow:
-                addr, key = await client._resolve_peer("server.test")
+                addr, key = await client.resolver.resolve("server.test")
                 assert keys.same_public_key(key, server_dir.key.public_key())
                 assert addr.port == 4444
             else:
@@ -241,7 +241,7 @@ def test_responder_refuses_a_stranger_the_directory_does_not_know(tmp_path: Path
             with pytest.raises(HandshakeError):
                 await asyncio.wait_for(proto.wait_handshaked(), 5)
         # failures are cached: three INITs from the stranger cost one directory request
-        assert server._directory.requests == 1
+        assert server.resolver.directory.requests == 1
         assert not (server_dir.pubkeys / "stranger.test.pubkey.pem").exists()
         await client.close()
         await server.close()
@@ -272,7 +272,7 @@ def test_an_older_directory_record_is_refused(tmp_path: Path) -> None:
         directory.store.put("server.test", keys.public_key_pem(server_dir.key).decode(),
                             "127.0.0.1", 4444, updated_at=1_700_000_000)
         client = P2PHandler(workdir=client_dir.workdir)
-        addr, _ = await client._resolve_peer("server.test")
+        addr, _ = await client.resolver.resolve("server.test")
         assert (addr.port, addr.updated_at) == (4444, 1_700_000_000)
         on_file = json.loads((client_dir.workdir / "data" / "peers.json").read_text())
         assert on_file["server.test"]["updated_at"] == 1_700_000_000
@@ -280,7 +280,7 @@ def test_an_older_directory_record_is_refused(tmp_path: Path) -> None:
         directory.store.put("server.test", keys.public_key_pem(server_dir.key).decode(),
                             "127.0.0.1", 5555, updated_at=1_600_000_000)
         with pytest.raises(DirectoryError, match="older"):
-            await client._resolve_peer("server.test", refresh=True)
+            await client.resolver.resolve("server.test", refresh=True)
         assert client.config.peers.address("server.test").port == 4444
         await client.close()
         await directory.stop()

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
 
 from attack_util import run_session
 from attack_util import clone as clone_conn
@@ -18,8 +22,16 @@ from p2psc.p2pexcept import LimitExceeded
 MiB = 1024 * 1024
 
 
+def _session() -> Any:
+    # made when first needed, not at import: a session at module level would keep record
+    # ciphers alive for the whole run (test_attack_secrets counts them)
+    if not _SESSION:
+        _SESSION.append(run_session(max_message_size=16 * MiB))
+    return _SESSION[0]
+
+
 def _established(budget: ReceiveBudget, pool: BufferPool | None = None) -> object:
-    sess = _SESSION[0]
+    sess = _session()
     c = clone_conn(sess.r)
     # (the clone shares nothing mutable; give it this test's budget and pool)
     object.__setattr__(c, "_budget", budget)
@@ -27,7 +39,13 @@ def _established(budget: ReceiveBudget, pool: BufferPool | None = None) -> objec
     return c
 
 
-_SESSION = [run_session(max_message_size=16 * MiB)]
+_SESSION: list[Any] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_the_session() -> Iterator[None]:
+    yield
+    _SESSION.clear()
 
 
 def test_a_header_declaring_16_mib_allocates_what_arrived_not_what_it_declares() -> None:
@@ -69,7 +87,7 @@ def test_the_handler_wide_budget_closes_the_connection_that_would_pass_it() -> N
 
 def test_budget_is_released_when_records_complete_and_when_connections_close() -> None:
     budget = ReceiveBudget(0)
-    sess = _SESSION[0]
+    sess = _session()
     c = _established(budget)
     rec = sess.data[0]
     half = len(rec) // 2

@@ -416,7 +416,7 @@ def test_unknown_initiator_looked_up_through_the_handler(tmp_path: Path) -> None
             asked.append(peer_id)
             return rsa_key("client.test").public_key() if peer_id == "client.test" else None
 
-        server._lookup_unknown_peer = lookup  # type: ignore[method-assign]
+        server.lookup_unknown_peer = lookup  # type: ignore[method-assign]
         client, cproto = await start_client(client_dir, server_dir, udp_port(server))
         await asyncio.wait_for(cproto.wait_handshaked(), 10)
         cproto.send(b"looked up")
