@@ -59,7 +59,15 @@ def sign(key: rsa.RSAPrivateKey, data: bytes) -> bytes:
 
 
 def verify(key: rsa.RSAPublicKey, signature: bytes, data: bytes, what: str = "signature") -> None:
-    """Verify an RSA-PSS-SHA256 signature; raise :class:`SignCheckError` if it does not verify."""
+    """Verify an RSA-PSS-SHA256 signature; raise :class:`SignCheckError` if it does not verify.
+
+    A signature is exactly as long as the modulus (RFC 8017, 8.1.2: "If the length of the
+    signature S is not k octets, output 'invalid signature'"). OpenSSL also accepts one with
+    its leading zero bytes stripped, so the length is checked here first: every signature in
+    p2psc (handshake, directory records and updates) is checked by this function.
+    """
+    if len(signature) != (key.key_size + 7) // 8:
+        raise SignCheckError(f"{what} does not verify (not as long as the key's modulus)")
     try:
         key.verify(signature, data, _PSS, _SHA256)
     except InvalidSignature:
