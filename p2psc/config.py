@@ -37,7 +37,8 @@ from .p2pexcept import ConfigError, UnknownPeerError
 log = logging.getLogger("p2psc.config")
 
 __all__ = ["Settings", "default_suite_name", "PeerAddress", "PeerConfig", "PeerStore",
-           "read_config_file", "substitute", "load_peer_config", "config_from_appublic",
+           "read_config_file", "substitute", "load_peer_config", "config_from_cwd",
+           "config_from_appublic",
            "pubkey_file", "read_public_key", "read_known_peers", "known_peers_json",
            "peer_files", "write_peer_files"]
 
@@ -139,49 +140,52 @@ def substitute(value: Any, namespace: Mapping[str, str], where: str) -> Any:
     return value
 
 
+def _program_path() -> str:
+    """The folder of the running program, as appPublic's ``ProgramPath()`` computes it."""
+    if getattr(sys, "frozen", False):
+        return os.path.dirname(os.path.abspath(sys.executable))
+    return os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else "."))
+
+
 def read_config_file(workdir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``<workdir>/conf/config.json`` with ``$[workdir]$``, ``$[ProgramPath]$`` and
-    ``$[home]$`` substituted; appPublic's process-wide singleton is not touched."""
+    ``$[home]$`` substituted (plain text replacement: nothing is evaluated); appPublic's
+    process-wide singleton is not touched."""
     wd = os.path.abspath(os.fspath(workdir))
     path = Path(wd, "conf", "config.json")
     raw = _read_json(path, "config file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a JSON object")
-    namespace = {
-        "workdir": wd,
-        "ProgramPath": os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else ".")),
-        "home": str(Path.home()),
-    }
+    namespace = {"workdir": wd, "ProgramPath": _program_path(), "home": str(Path.home())}
     conf: dict[str, Any] = substitute(raw, namespace, str(path))
     conf["__config_file__"] = str(path)
     return conf
 
 
-def config_from_appublic() -> dict[str, Any]:
-    """The config of appPublic's ``getConfig()`` singleton (as the original README sets up)."""
-    try:
-        from appPublic.jsonConfig import getConfig
-    except ImportError as exc:  # pragma: no cover - appPublic is a dependency
-        raise ConfigError(f"appPublic is not installed: {exc}") from None
-    try:
-        cfg = getConfig()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{exc.filename}: config file not found (run from a peer folder, "
-                          "or pass workdir=)") from None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"conf/config.json: cannot load: {exc}") from None
+def config_from_cwd() -> dict[str, Any]:
+    """The config of ``P2PHandler()`` with no argument: ``./conf/config.json`` of the current
+    folder, read by :func:`read_config_file` with the variables appPublic's ``getConfig()``
+    offers (``workdir`` = the current folder, ``ProgramPath``, ``home``).
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items() if k not in ("__jsonholder__", "NS")}
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        return v
+    It does not call appPublic's ``getConfig()``, whose ``$[...]$`` expressions are evaluated
+    as Python (a config file could run code), and does not read its singleton. An application
+    that calls ``getConfig()`` itself (as the original README's demo does) gets appPublic's
+    behaviour for that call; p2psc reads the file again, as text.
+    """
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:
+        raise ConfigError(f"cannot read conf/config.json: no current folder ({exc.strerror or exc})"
+                          ) from None
+    path = Path(cwd, "conf", "config.json")
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found (run from a peer folder, or pass "
+                          "workdir=)")
+    return read_config_file(cwd)
 
-    conf: dict[str, Any] = plain(dict(cfg))
-    holder = cfg.get("__jsonholder__") if isinstance(cfg, dict) else None
-    conf["__config_file__"] = str(holder) if holder else "conf/config.json"
-    return conf
+
+#: The former name (it used to call appPublic's ``getConfig()``): the same function.
+config_from_appublic = config_from_cwd
 
 
 # -- the known peers file and the public key files -------------------------------------------
