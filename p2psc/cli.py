@@ -256,6 +256,22 @@ async def _open(handler: Any, peer_id: str, timeout: float) -> Any:
 
 # -- commands -----------------------------------------------------------------------------------
 
+def _make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700, whatever the umask (a mode
+    passed to mkdir is only ever narrowed by it); folders that exist are left as they are."""
+    missing = []
+    p = path
+    while not p.is_dir() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     wd = Path(args.dir if args.dir is not None else args.workdir)
     check_peer_id(args.peer_id)
@@ -280,8 +296,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         else:
             raise CliError(f"--passphrase: no terminal to ask on; set {PASSWORD_ENV}")
     key = keys.generate_private_key(args.bits)
-    (wd / "conf").mkdir(parents=True, exist_ok=True)
-    (wd / "data" / "pubkeys").mkdir(parents=True, exist_ok=True)
+    _make_private_dirs(wd / "conf")
+    _make_private_dirs(wd / "data" / "pubkeys")
     keys.write_private_key(key_path, key, passphrase)  # 0600, refuses to overwrite
     conf = {"my_prikey_file": "$[workdir]$/data/private_key.pem",
             "xconfig": "$[workdir]$/data/config.json",

@@ -23,7 +23,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,9 @@ from .p2pexcept import ConfigError, UnknownPeerError
 log = logging.getLogger("p2psc.config")
 
 __all__ = ["Settings", "default_suite_name", "PeerAddress", "PeerConfig", "PeerStore",
-           "read_config_file", "substitute", "load_peer_config", "config_from_appublic",
-           "pubkey_file", "read_public_key", "read_known_peers", "known_peers_json",
+           "read_config_file", "substitute", "load_peer_config", "config_from_cwd",
+           "config_from_appublic",
+           "case_twin", "pubkey_file", "read_public_key", "read_known_peers", "known_peers_json",
            "peer_files", "write_peer_files"]
 
 #: Largest JSON config file read (peers.json with thousands of peers stays far below).
@@ -139,49 +140,52 @@ def substitute(value: Any, namespace: Mapping[str, str], where: str) -> Any:
     return value
 
 
+def _program_path() -> str:
+    """The folder of the running program, as appPublic's ``ProgramPath()`` computes it."""
+    if getattr(sys, "frozen", False):
+        return os.path.dirname(os.path.abspath(sys.executable))
+    return os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else "."))
+
+
 def read_config_file(workdir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``<workdir>/conf/config.json`` with ``$[workdir]$``, ``$[ProgramPath]$`` and
-    ``$[home]$`` substituted; appPublic's process-wide singleton is not touched."""
+    ``$[home]$`` substituted (plain text replacement: nothing is evaluated); appPublic's
+    process-wide singleton is not touched."""
     wd = os.path.abspath(os.fspath(workdir))
     path = Path(wd, "conf", "config.json")
     raw = _read_json(path, "config file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a JSON object")
-    namespace = {
-        "workdir": wd,
-        "ProgramPath": os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else ".")),
-        "home": str(Path.home()),
-    }
+    namespace = {"workdir": wd, "ProgramPath": _program_path(), "home": str(Path.home())}
     conf: dict[str, Any] = substitute(raw, namespace, str(path))
     conf["__config_file__"] = str(path)
     return conf
 
 
-def config_from_appublic() -> dict[str, Any]:
-    """The config of appPublic's ``getConfig()`` singleton (as the original README sets up)."""
-    try:
-        from appPublic.jsonConfig import getConfig
-    except ImportError as exc:  # pragma: no cover - appPublic is a dependency
-        raise ConfigError(f"appPublic is not installed: {exc}") from None
-    try:
-        cfg = getConfig()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{exc.filename}: config file not found (run from a peer folder, "
-                          "or pass workdir=)") from None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"conf/config.json: cannot load: {exc}") from None
+def config_from_cwd() -> dict[str, Any]:
+    """The config of ``P2PHandler()`` with no argument: ``./conf/config.json`` of the current
+    folder, read by :func:`read_config_file` with the variables appPublic's ``getConfig()``
+    offers (``workdir`` = the current folder, ``ProgramPath``, ``home``).
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items() if k not in ("__jsonholder__", "NS")}
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        return v
+    It does not call appPublic's ``getConfig()``, whose ``$[...]$`` expressions are evaluated
+    as Python (a config file could run code), and does not read its singleton. An application
+    that calls ``getConfig()`` itself (as the original README's demo does) gets appPublic's
+    behaviour for that call; p2psc reads the file again, as text.
+    """
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:
+        raise ConfigError(f"cannot read conf/config.json: no current folder ({exc.strerror or exc})"
+                          ) from None
+    path = Path(cwd, "conf", "config.json")
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found (run from a peer folder, or pass "
+                          "workdir=)")
+    return read_config_file(cwd)
 
-    conf: dict[str, Any] = plain(dict(cfg))
-    holder = cfg.get("__jsonholder__") if isinstance(cfg, dict) else None
-    conf["__config_file__"] = str(holder) if holder else "conf/config.json"
-    return conf
+
+#: The former name (it used to call appPublic's ``getConfig()``): the same function.
+config_from_appublic = config_from_cwd
 
 
 # -- the known peers file and the public key files -------------------------------------------
@@ -189,15 +193,65 @@ def config_from_appublic() -> dict[str, Any]:
 # handler's directory lookups), p2psc.directory.save_peer and ``p2psc init`` all use these
 # functions, so both files have one format and one set of checks.
 
+def case_twin(peer_id: str, known: Iterable[str]) -> str | None:
+    """An id of ``known`` that differs from ``peer_id`` only in case, or None.
+
+    Peer ids are case-sensitive, but ``Alice.pubkey.pem`` and ``alice.pubkey.pem`` are one
+    file on case-insensitive file systems (macOS, Windows): one peer's key would be read, or
+    overwritten, as the other's. So p2psc never holds two such ids: the second one is refused
+    (``ConfigError``) when the known peers file or the key folder is read, and when a peer is
+    added (``p2psc add-peer``, a directory lookup).
+    """
+    folded = peer_id.lower()  # (ids are ASCII)
+    for other in known:
+        if other != peer_id and other.lower() == folded:
+            return other
+    return None
+
+
+def _refuse_case_twin(peer_id: str, known: Iterable[str], where: str) -> None:
+    twin = case_twin(peer_id, known)
+    if twin is not None:
+        raise ConfigError(f"{where}: peer id {peer_id!r} differs only in case from the known "
+                          f"peer {twin!r}; both would be one key file on macOS and Windows")
+
+
+def _refuse_case_twins(ids: Iterable[str], where: str) -> None:
+    seen: dict[str, str] = {}
+    for peer_id in ids:
+        first = seen.setdefault(peer_id.lower(), peer_id)
+        if first != peer_id:
+            _refuse_case_twin(peer_id, [first], where)
+
+
+def _key_file_ids(peer_pubkey_path: Path) -> list[str]:
+    """The ids of the ``*.pubkey.pem`` files in the folder, as stored (exact case)."""
+    n = len(keys.PUBKEY_SUFFIX)
+    return [name[:-n] for name in os.listdir(peer_pubkey_path) if name.endswith(keys.PUBKEY_SUFFIX)]
+
+
 def pubkey_file(peer_pubkey_path: Path, peer_id: str) -> Path:
     """``<peer_pubkey_path>/<peer_id>.pubkey.pem`` (:class:`ConfigError` for an invalid id)."""
     return Path(peer_pubkey_path) / (validators.check_peer_id(peer_id) + keys.PUBKEY_SUFFIX)
 
 
 def read_public_key(peer_pubkey_path: Path, peer_id: str) -> rsa.RSAPublicKey | None:
-    """The public key on file for ``peer_id``, or None when it has no key file."""
+    """The public key on file for ``peer_id``, or None when it has no key file.
+
+    Only a file named with the id's exact case counts (on macOS and Windows, ``alice`` would
+    otherwise open ``Alice.pubkey.pem``), and a key file of an id that differs only in case
+    is a :class:`ConfigError` (:func:`case_twin`). Lists the folder: blocking.
+    """
     path = pubkey_file(peer_pubkey_path, peer_id)
-    if not path.exists():
+    try:
+        on_file = _key_file_ids(Path(peer_pubkey_path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{peer_pubkey_path}: cannot list the key folder: "
+                          f"{exc.strerror or exc}") from None
+    _refuse_case_twin(peer_id, on_file, str(peer_pubkey_path))
+    if peer_id not in on_file:
         return None
     return keys.load_public_key(path)
 
@@ -213,6 +267,7 @@ def _read_public_keys(peer_pubkey_path: Path) -> dict[str, rsa.RSAPublicKey]:
             log.warning("%s: ignored: the file name is not a valid peer id", path)
             continue
         public_keys[peer_id] = keys.load_public_key(path)
+    _refuse_case_twins(public_keys, str(peer_pubkey_path))
     return public_keys
 
 
@@ -227,7 +282,9 @@ def read_known_peers(known_peers_file: Path, *, missing_ok: bool = False) -> dic
     raw = _read_json(path, "known peers file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a JSON object of peer id -> record")
-    return {pid: _parse_address(rec, str(path), pid) for pid, rec in raw.items()}
+    addresses = {pid: _parse_address(rec, str(path), pid) for pid, rec in raw.items()}
+    _refuse_case_twins(addresses, str(path))
+    return addresses
 
 
 def known_peers_json(addresses: Mapping[str, PeerAddress]) -> bytes:
@@ -237,11 +294,15 @@ def known_peers_json(addresses: Mapping[str, PeerAddress]) -> bytes:
 
 
 def peer_files(peer_pubkey_path: Path, known_peers_file: Path, addresses: Mapping[str, PeerAddress],
-               address: PeerAddress, public_key: rsa.RSAPublicKey | None) -> list[tuple[Path, bytes]]:
+               address: PeerAddress, public_key: rsa.RSAPublicKey | None, *,
+               key_ids: Iterable[str] = ()) -> list[tuple[Path, bytes]]:
     """The files to write so that ``address`` joins (or replaces its entry in) ``addresses``:
     the peer's public key file (left out when ``public_key`` is None), then the known peers
-    file. ``address`` is checked as the reader will check it; see :func:`write_peer_files`."""
+    file. ``address`` is checked as the reader will check it, and refused when its id differs
+    only in case from one of ``addresses`` or ``key_ids`` (ids with a key file);
+    see :func:`write_peer_files`."""
     _parse_address(address.to_json(), str(known_peers_file), address.peer_id)
+    _refuse_case_twin(address.peer_id, [*addresses, *key_ids], str(known_peers_file))
     files: list[tuple[Path, bytes]] = []
     if public_key is not None:
         files.append((pubkey_file(peer_pubkey_path, address.peer_id), keys.public_key_pem(public_key)))
@@ -301,7 +362,7 @@ class PeerStore:
                   ) -> list[tuple[Path, bytes]]:
         """The file contents that record ``address`` and ``public_key`` (:func:`peer_files`)."""
         return peer_files(self.peer_pubkey_path, self.known_peers_file, self._addresses,
-                          address, public_key)
+                          address, public_key, key_ids=self._public_keys)
 
     @staticmethod
     def write_files(files: list[tuple[Path, bytes]]) -> None:
@@ -314,6 +375,8 @@ class PeerStore:
         The caller decides whether a changed public key is acceptable.
         """
         validators.check_peer_id(address.peer_id)
+        _refuse_case_twin(address.peer_id, [*self._addresses, *self._public_keys],
+                          str(self.known_peers_file))
         if persist:
             self.write_files(self.files_for(address, public_key))
         self._public_keys[address.peer_id] = public_key

@@ -77,6 +77,7 @@ class Session:
     data: list[bytes] = field(default_factory=list)      # initiator -> responder
     data_r2i: list[bytes] = field(default_factory=list)  # responder -> initiator
     i_sent_init: Connection | None = None   # initiator waiting for RESP (clone it)
+    i_sent_finished: Connection | None = None  # established initiator that sent only FINISHED
     r_sent_resp: Connection | None = None   # responder waiting for FINISHED (clone it)
     i: Connection | None = None             # established ends
     r: Connection | None = None
@@ -104,6 +105,7 @@ def run_session(suite: str = "aes-256-gcm", messages: Iterable[bytes] = (b"attac
     sess.r_sent_resp = clone(r)
     assert i.receive_data(sess.resp) == [HandshakeComplete(R_ID)]
     sess.finished = joined(i)
+    sess.i_sent_finished = clone(i)
     assert r.receive_data(sess.finished) == [HandshakeComplete(I_ID)]
     for m in messages:
         i.send(m)
@@ -135,7 +137,9 @@ def clone(conn: Connection) -> Connection:
     for name in ("_send", "_recv"):
         d = getattr(conn, name)
         if d is not None:
-            setattr(c, name, copy.copy(d))
+            d2 = copy.copy(d)
+            d2._set_cipher(copy.copy(d.cipher))  # (rc4's keystream is state: its own copy)
+            setattr(c, name, d2)
     return c
 
 

@@ -184,7 +184,7 @@ def test_kci_over_real_sockets(pair: Any, tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize("enable_rc4", [False, True])
-@pytest.mark.parametrize("code", [0x80, 0x02, 0x00, 0x7F, 0xFF])
+@pytest.mark.parametrize("code", [0x81, 0x80, 0x02, 0x00, 0x7F, 0xFF])
 def test_suite_rewritten_in_init_is_detected(code: int, enable_rc4: bool,
                                              decrypts: list[int]) -> None:
     """Whatever the MITM writes in INIT's suite byte, and even when both sides enable rc4,
@@ -199,7 +199,7 @@ def test_suite_rewritten_in_init_is_detected(code: int, enable_rc4: bool,
     assert decrypts[0] == 1  # only run_session's
 
 
-@pytest.mark.parametrize("code", [0x80, 0x02, 0x7F])
+@pytest.mark.parametrize("code", [0x81, 0x80, 0x02, 0x7F])
 def test_suite_rewritten_in_resp_is_detected(code: int) -> None:
     sess = run_session()
     rec = bytearray(sess.resp)
@@ -218,7 +218,7 @@ def test_rc4_proposal_refused_unless_the_responder_enables_it() -> None:
     assert out.wrote == b""
 
 
-@pytest.mark.parametrize("target,code", [("INIT", 0x80), ("INIT", 0x7F), ("RESP", 0x80)])
+@pytest.mark.parametrize("target,code", [("INIT", 0x81), ("INIT", 0x7F), ("RESP", 0x81)])
 def test_downgrade_mitm_over_real_sockets(pair: Any, tmp_path: Any, target: str, code: int) -> None:
     server_dir, client_dir = pair
     server_dir.update_conf(enable_rc4=True)  # even a server that would accept rc4

@@ -113,8 +113,10 @@ def test_data_and_control_records_every_bit_flip_and_truncation(suite: str) -> N
     expect_seq = sess.r._recv.seq  # type: ignore[union-attr]
 
     def control(make: Callable[[Any], None]) -> bytes:
-        c = clone(sess.i)
-        c._send.seq = expect_seq  # type: ignore[union-attr]
+        # the initiator as it was before sending DATA (rc4's keystream cannot be rewound)
+        assert sess.i_sent_finished is not None
+        c = clone(sess.i_sent_finished)
+        assert c._send.seq == expect_seq  # type: ignore[union-attr]
         make(c)
         return b"".join(c.data_to_send())
 

@@ -156,7 +156,8 @@ def test_password_from_config_or_environment(tmp_path: Path, monkeypatch: Any) -
 
 
 def test_handler_from_appublic_singleton(tmp_path: Path, monkeypatch: Any) -> None:
-    """P2PHandler() with no argument reads appPublic's getConfig() singleton, as the README."""
+    """The README's setup: the application calls appPublic's getConfig(cwd), then
+    P2PHandler() with no argument reads ./conf/config.json itself (test_config_eval.py)."""
     import appPublic.jsonConfig as jc
     peer = make_peer(tmp_path, "a.test")
     monkeypatch.chdir(peer.workdir)

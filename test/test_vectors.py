@@ -96,17 +96,30 @@ def test_aead_record_vector(suite: str) -> None:
 
 
 def test_rc4_record_vector() -> None:
+    """rc4-hmac-sha256 (code 0x81): one RC4 keystream per direction key, its first 3,072
+    bytes dropped; FINISHED (seq 0) takes the first bytes after the drop, DATA (seq 1) the
+    next ones."""
     sv = V["suites"]["rc4-hmac-sha256"]
-    secret, seq = H(sv["i2r_secret"]), 1
+    assert sv["code"] == 0x81
+    secret = H(sv["i2r_secret"])
+    fin_pt, fin_rec = H(sv["finished_mac"]), H(sv["finished_record_seq0"])
     pt, record = H(sv["data_record_seq1_plaintext"]), H(sv["data_record_seq1"])
+    fin_header = struct.pack(">IB", len(fin_pt) + 32, 0x03)
     header = struct.pack(">IB", len(pt) + 32, 0x10)
-    rc4_key = hmac.new(label(b"rc4 key", secret, 32), seq.to_bytes(8, "big"),
-                       hashlib.sha256).digest()
-    ct = Cipher(ARC4(rc4_key), mode=None).encryptor().update(pt)
-    tag = hmac.new(label(b"rc4 mac", secret, 32), seq.to_bytes(8, "big") + header + ct,
-                   hashlib.sha256).digest()
-    assert header + ct + tag == record
-    assert SUITES_BY_NAME["rc4-hmac-sha256"].make_cipher(secret).open(seq, record[5:], header) == pt
+    stream = Cipher(ARC4(label(b"rc4 stream key", secret, 32)), mode=None).encryptor()
+    stream.update(bytes(3072))
+    mac_key = label(b"rc4 mac", secret, 32)
+    expected = b""
+    for seq, (hdr, plain) in enumerate([(fin_header, fin_pt), (header, pt)]):
+        ct = stream.update(plain)
+        tag = hmac.new(mac_key, seq.to_bytes(8, "big") + hdr + ct, hashlib.sha256).digest()
+        expected += hdr + ct + tag
+    assert fin_rec + record == expected
+    cipher = SUITES_BY_NAME["rc4-hmac-sha256"].make_cipher(secret)
+    assert cipher.seal(0, fin_pt, fin_header) == fin_rec[5:]
+    assert cipher.seal(1, pt, header) == record[5:]
+    assert cipher.open(0, fin_rec[5:], fin_header) == fin_pt
+    assert cipher.open(1, record[5:], header) == pt
 
 
 # -- complete sessions, byte for byte (test/vectors/handshake-*.json) ---------------------------

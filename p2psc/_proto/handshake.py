@@ -309,17 +309,18 @@ class ResponderHandshake:
 
     def __init__(self, my_id: str, private_key: rsa.RSAPrivateKey, *, replay_cache: InitReplayCache,
                  timestamp_window: float = 120.0, enable_rc4: bool = False,
-                 randomness: Randomness = SYSTEM_RANDOMNESS):
+                 datagrams: bool = False, randomness: Randomness = SYSTEM_RANDOMNESS):
         self.my_id = my_id
         self._private_key = private_key
         self._replay_cache = replay_cache
         self._window = timestamp_window
         self._enable_rc4 = enable_rc4
+        self._datagrams = datagrams  # UDP: no suite that needs its records in order
         self._rand = randomness
 
     @classmethod
     def from_settings(cls, my_id: str, private_key: rsa.RSAPrivateKey, settings: Settings,
-                      replay_cache: InitReplayCache | None = None, *,
+                      replay_cache: InitReplayCache | None = None, *, datagrams: bool = False,
                       randomness: Randomness = SYSTEM_RANDOMNESS) -> ResponderHandshake:
         """A responder with the settings' window and suites, sharing ``replay_cache`` (a
         fresh one sized by the settings when None)."""
@@ -327,7 +328,7 @@ class ResponderHandshake:
             replay_cache = InitReplayCache(settings.replay_cache_size, settings.timestamp_window)
         return cls(my_id, private_key, replay_cache=replay_cache,
                    timestamp_window=settings.timestamp_window, enable_rc4=settings.enable_rc4,
-                   randomness=randomness)
+                   datagrams=datagrams, randomness=randomness)
 
     def parse(self, body: bytes) -> InitMessage:
         """Step 1: parse, and check the INIT is for us (before any key lookup)."""
@@ -363,7 +364,8 @@ class ResponderHandshake:
             raise HandshakeError(f"INIT from {init.initiator_id} has a stale timestamp "
                                  f"({(now * 1000 - init.timestamp_ms) / 1000:+.0f} s)")
         suite = SUITES_BY_CODE.get(init.suite_code)
-        if suite is None or (suite.weak and not self._enable_rc4):
+        if (suite is None or (suite.weak and not self._enable_rc4)
+                or (suite.stream_only and self._datagrams)):
             raise HandshakeError(f"{init.initiator_id} proposed a cipher suite we do not accept "
                                  f"(code {init.suite_code})")
         replay_key = init.initiator_id.encode() + b"\x00" + init.nonce

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..p2pexcept import ConfigError, SignCheckError
 
-__all__ = ["MIN_RSA_BITS", "MAX_RSA_BITS", "validate_peer_id", "fingerprint", "same_public_key",
-           "sign", "verify", "encrypt", "decrypt"]
+__all__ = ["MIN_RSA_BITS", "MAX_RSA_BITS", "WINDOWS_DEVICE_NAMES", "validate_peer_id",
+           "fingerprint", "same_public_key", "sign", "verify", "encrypt", "decrypt"]
 
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
@@ -25,16 +25,28 @@ _SHA256 = hashes.SHA256()
 
 # Peer ids name files (<peer_id>.pubkey.pem), so they are restricted to a safe alphabet.
 _PEER_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]{0,127}")
+#: Windows device names: a file named so (with any extension, in any case) is the device.
+WINDOWS_DEVICE_NAMES = frozenset(
+    ["con", "prn", "aux", "nul"]
+    + [f"{dev}{n}" for dev in ("com", "lpt") for n in range(10)])
 
 
 def validate_peer_id(peer_id: object) -> str:
     """Return ``peer_id`` if it is a valid peer id, else raise :class:`ConfigError`.
 
     A peer id is 1 to 128 characters of ``A-Z a-z 0-9 . _ @ -``, not starting with
-    ``.``, ``-`` or ``@`` (ids name files, so no path separators are possible).
+    ``.``, ``-`` or ``@`` (ids name files, so no path separators are possible), whose part
+    before the first ``.`` is not a Windows device name (``CON``, ``PRN``, ``AUX``, ``NUL``,
+    ``COM0``-``COM9``, ``LPT0``-``LPT9``, in any case: ``con.example`` is refused too).
+
+    Ids are case-sensitive, but two ids that differ only in case name one file on macOS and
+    Windows; :mod:`p2psc.config` refuses to hold both (see :func:`p2psc.config.case_twin`).
     """
     if not isinstance(peer_id, str) or not _PEER_ID_RE.fullmatch(peer_id):
         raise ConfigError(f"invalid peer id {peer_id!r}: use 1-128 of A-Z a-z 0-9 . _ @ -")
+    if peer_id.split(".", 1)[0].lower() in WINDOWS_DEVICE_NAMES:
+        raise ConfigError(f"invalid peer id {peer_id!r}: {peer_id.split('.', 1)[0]} is a "
+                          "Windows device name, which cannot name a file")
     return peer_id
 
 
@@ -59,7 +71,15 @@ def sign(key: rsa.RSAPrivateKey, data: bytes) -> bytes:
 
 
 def verify(key: rsa.RSAPublicKey, signature: bytes, data: bytes, what: str = "signature") -> None:
-    """Verify an RSA-PSS-SHA256 signature; raise :class:`SignCheckError` if it does not verify."""
+    """Verify an RSA-PSS-SHA256 signature; raise :class:`SignCheckError` if it does not verify.
+
+    A signature is exactly as long as the modulus (RFC 8017, 8.1.2: "If the length of the
+    signature S is not k octets, output 'invalid signature'"). OpenSSL also accepts one with
+    its leading zero bytes stripped, so the length is checked here first: every signature in
+    p2psc (handshake, directory records and updates) is checked by this function.
+    """
+    if len(signature) != (key.key_size + 7) // 8:
+        raise SignCheckError(f"{what} does not verify (not as long as the key's modulus)")
     try:
         key.verify(signature, data, _PSS, _SHA256)
     except InvalidSignature:

@@ -213,8 +213,12 @@ class UdpEndpoint:
             raise ConfigError(f"udp_max_payload must be between 1 and {limit} bytes "
                               f"(one UDP datagram), not {settings.udp_max_payload}")
         self.max_payload = settings.udp_max_payload
+        if self._suite.stream_only:
+            raise ConfigError(f"cipher_suite {self._suite.name} needs its records in order: "
+                              "it is for TCP only, not UDP")
         self._responder = ResponderHandshake.from_settings(my_id, private_key, settings,
-                                                           replay_cache, randomness=randomness)
+                                                           replay_cache, datagrams=True,
+                                                           randomness=randomness)
         self.limiter = InitRateLimiter(settings.udp_init_rate, settings.udp_init_burst,
                                        settings.udp_init_rate_per_addr,
                                        settings.udp_init_burst_per_addr, now)
