@@ -262,7 +262,9 @@ def test_update_moves_port_and_lookup_follows(k: dict[str, Any], store: Director
 def test_replayed_update_refused(k: dict[str, Any], store: DirectoryStore) -> None:
     async def go() -> None:
         async with directory(store, k["center"]) as (_, base):
-            req = make_update_request("alice", k["alice"], "127.0.0.1", 7201)
+            # signed a second earlier: updates must be newer than the last accepted one
+            req = make_update_request("alice", k["alice"], "127.0.0.1", 7201,
+                                      timestamp=int(time.time()) - 1)
             status, _, body = await raw("POST", base + UPDATE_PATH, json=req)
             assert status == 200 and body["port"] == 7201
             # alice moves on; an attacker replays the first request to move her back
@@ -270,6 +272,25 @@ def test_replayed_update_refused(k: dict[str, Any], store: DirectoryStore) -> No
             status, ctype, body = await raw("POST", base + UPDATE_PATH, json=req)
             assert (status, ctype) == (409, "application/json") and "replay" in body["error"]
             assert store.get("alice").port == 7202  # type: ignore[union-attr]
+    run(go())
+
+
+def test_out_of_order_update_refused(k: dict[str, Any], store: DirectoryStore) -> None:
+    """Issue 11 item 6: two signed updates, the newer delivered first; the older (delayed by
+    an on-path attacker) is then refused with 409 and the address stays the newer one."""
+    async def go() -> None:
+        async with directory(store, k["center"]) as (_, base):
+            now = int(time.time())
+            older = make_update_request("alice", k["alice"], "10.0.0.1", 7801, timestamp=now - 10)
+            newer = make_update_request("alice", k["alice"], "10.0.0.2", 7802, timestamp=now - 5)
+            status, _, body = await raw("POST", base + UPDATE_PATH, json=newer)
+            assert status == 200 and body["port"] == 7802
+            status, ctype, body = await raw("POST", base + UPDATE_PATH, json=older)
+            assert (status, ctype) == (409, "application/json"), body
+            assert "not newer" in body["error"] and "out of order" in body["error"]
+            entry = store.get("alice")
+            assert entry is not None and (entry.host, entry.port) == ("10.0.0.2", 7802)
+            assert store.last_update_ts("alice") == now - 5
     run(go())
 
 
@@ -385,7 +406,8 @@ def test_bad_input_gets_4xx_json(k: dict[str, Any], store: DirectoryStore) -> No
 
 def test_html_page_lists_peers_and_escapes(k: dict[str, Any], store: DirectoryStore) -> None:
     # The store validates what it writes; bypass it to simulate a tampered database.
-    store._db.execute("INSERT INTO peers VALUES (?, ?, ?, ?, ?)",
+    store._db.execute("INSERT INTO peers (peer_id, pubkey, host, port, updated_at) "
+                      "VALUES (?, ?, ?, ?, ?)",
                       ("<script>alert(1)</script>", "junk", "<img src=x onerror=y>", 1, 2**62))
 
     async def go() -> None:

@@ -197,10 +197,11 @@ async def _update_address(request: web.Request) -> web.Response:
     try:
         new = await _blocking(functools.partial(
             state.store.update_address, req.peer_id, req.host, req.port, updated_at=now,
-            nonce=req.nonce, nonce_expires_at=max(req.timestamp, now) + state.max_skew + 1))
-    except ReplayError:
-        log.warning("directory: replayed update for %s refused", req.peer_id)
-        return _error(409, "nonce already used (replayed request)")
+            nonce=req.nonce, nonce_expires_at=max(req.timestamp, now) + state.max_skew + 1,
+            timestamp=req.timestamp))
+    except ReplayError as exc:  # a nonce seen before, or a timestamp not newer than the last
+        log.warning("directory: update for %s refused: %s", req.peer_id, exc)
+        return _error(409, str(exc))
     except UnknownEntryError:  # removed between the two statements
         return _error(404, f"unknown peer {req.peer_id!r}")
     rec = await _blocking(state.signed, new)
