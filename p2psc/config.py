@@ -36,14 +36,17 @@ from .p2pexcept import ConfigError, UnknownPeerError
 
 log = logging.getLogger("p2psc.config")
 
-__all__ = ["Settings", "default_suite_name", "PeerAddress", "PeerConfig", "PeerStore",
-           "read_config_file", "substitute", "load_peer_config", "config_from_appublic",
-           "pubkey_file", "read_public_key", "read_known_peers", "known_peers_json",
-           "peer_files", "write_peer_files"]
+__all__ = ["DIRECTORY_CLOCK_SKEW", "Settings", "default_suite_name", "PeerAddress",
+           "PeerConfig", "PeerStore", "read_config_file", "substitute", "load_peer_config",
+           "config_from_appublic", "pubkey_file", "read_public_key", "read_known_peers",
+           "known_peers_json", "peer_files", "write_peer_files"]
 
 #: Largest JSON config file read (peers.json with thousands of peers stays far below).
 MAX_JSON_FILE_SIZE = 16 * 1024 * 1024
 _VAR_RE = re.compile(r"\$\[(.*?)\]\$")
+#: Seconds a directory record (and a key learned from one) stays usable after its
+#: ``expires_at``, for clock differences with the center (p2psc.directory.record.CLOCK_SKEW).
+DIRECTORY_CLOCK_SKEW = 300
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,7 +7,8 @@ and the known peers file (through :mod:`p2psc.config`, their one reader and writ
 
     center = keys.load_public_key(Path(peer_pubkey_path) / "p2psc_center.pubkey.pem")
     lookup = DirectoryLookup(find_peer_info_url, center, timeout=5.0, negative_ttl=30.0)
-    rec = await lookup.lookup(peer_id)           # DirectoryError on any failure
+    rec = await lookup.lookup(peer_id)           # DirectoryError on any failure (fresh nonce,
+                                                 # signature and expiry checked)
     ok = await asyncio.to_thread(save_peer, rec, peer_pubkey_path, known_peers_file,
                                  allow_key_change=config_allows_it)
     if not ok: refuse the peer (its key changed, or the record is older than the one on file)
@@ -26,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -42,8 +44,10 @@ from ..p2pexcept import ConfigError, DirectoryError, PeerNotInDirectory
 from .record import (
     CENTER_PEER_ID,
     MAX_RECORD_BODY,
+    NONCE_BYTES,
     DirectorySignatureError,
     PeerRecord,
+    check_nonce,
     check_peer_id,
     loads_strict,
     verify_record,
@@ -144,25 +148,32 @@ async def _request(method: str, url: URL, *, timeout: float, session: aiohttp.Cl
 
 async def fetch_peer_record(url: str, peer_id: str, center_public_key: rsa.RSAPublicKey, *,
                             timeout: float = DEFAULT_TIMEOUT,
-                            session: aiohttp.ClientSession | None = None) -> PeerRecord:
+                            session: aiohttp.ClientSession | None = None,
+                            nonce: str | None = None,
+                            clock: Callable[[], float] = time.time) -> PeerRecord:
     """Look ``peer_id`` up at the lookup URL (``find_peer_info_url``) and verify the record.
 
-    Sends ``GET url?id=peer_id`` (no redirects followed), bounded by ``timeout`` seconds in
-    total, and checks the center's signature with ``center_public_key``.
+    Sends ``GET url?id=peer_id&nonce=N`` (no redirects followed), bounded by ``timeout``
+    seconds in total, with a fresh random nonce ``N`` (16 bytes as 32 hex digits; ``nonce``
+    gives it, for tests), and checks the center's signature with ``center_public_key``, that
+    the record's signed nonce is ``N`` and that it has not expired at ``clock()`` (unix
+    seconds; see :func:`~p2psc.directory.record.verify_record`).
 
     Raises :class:`PeerNotInDirectory` on 404, :class:`DirectorySignatureError` when the
     signature does not verify, and :class:`DirectoryError` when the directory is down, slow,
-    answers another status, or sends a malformed, oversized or other-peer record.
+    answers another status, or sends a malformed, oversized, other-peer, expired or replayed
+    (other nonce) record.
     """
     peer_id = check_peer_id(peer_id)
-    u = _check_url(url).update_query(id=peer_id)
+    nonce = check_nonce(secrets.token_hex(NONCE_BYTES) if nonce is None else nonce)
+    u = _check_url(url).update_query(id=peer_id, nonce=nonce)
     status, body = await _request("GET", u, timeout=timeout, session=session)
     if status == 404:
         raise PeerNotInDirectory(f"the directory does not know peer {peer_id!r}")
     if status != 200:
         raise DirectoryError(f"directory answered HTTP {status} for peer {peer_id!r}"
                              f"{_error_message(body)}")
-    return verify_record(center_public_key, body, peer_id)
+    return verify_record(center_public_key, body, peer_id, nonce=nonce, now=clock())
 
 
 async def update_address(url: str, peer_id: str, private_key: rsa.RSAPrivateKey, host: str,
@@ -172,9 +183,10 @@ async def update_address(url: str, peer_id: str, private_key: rsa.RSAPrivateKey,
     """Move this peer's directory entry to ``host:port`` (self-service, signed with its own key).
 
     ``url`` is the update endpoint (``.../api/update_address``; see :func:`update_url_for`).
-    Returns the new record as JSON; with ``center_public_key`` it is verified first (and
-    returned as its :meth:`PeerRecord.to_dict`). Raises :class:`DirectoryError` when the
-    directory refuses (bad signature, stale timestamp, replay, unknown peer) or cannot be reached.
+    Returns the new record as JSON; with ``center_public_key`` it is verified first, with the
+    update request's nonce, which the server signs into it (and returned as its
+    :meth:`PeerRecord.to_dict`). Raises :class:`DirectoryError` when the directory refuses
+    (bad signature, stale timestamp, replay, out of order, unknown peer) or cannot be reached.
     """
     req = make_update_request(peer_id, private_key, host, port)
     status, body = await _request("POST", _check_url(url), timeout=timeout, session=session,
@@ -186,7 +198,7 @@ async def update_address(url: str, peer_id: str, private_key: rsa.RSAPrivateKey,
         raise DirectoryError(f"directory refused the address update (HTTP {status})"
                              f"{_error_message(body)}")
     if center_public_key is not None:
-        return verify_record(center_public_key, body, peer_id).to_dict()
+        return verify_record(center_public_key, body, peer_id, nonce=req["nonce"]).to_dict()
     return loads_strict(body, MAX_RECORD_BODY, "directory response")
 
 
@@ -199,16 +211,20 @@ class DirectoryLookup:
     * A failure (any :class:`DirectoryError`) is remembered for ``negative_ttl`` seconds and
       re-raised without asking the directory again; :meth:`forget` drops it.
     * Successes are not cached: store them with :func:`save_peer`.
+    * Every request carries a fresh nonce, and records are checked against ``wall_clock``
+      (unix seconds) for expiry (see :func:`fetch_peer_record`).
 
     ``session`` (an :class:`aiohttp.ClientSession`) is used if given, else one is created on
-    first use and closed by :meth:`close`. Must be used from a single event loop.
+    first use and closed by :meth:`close`. Must be used from a single event loop. ``clock``
+    (monotonic) times the negative cache.
     """
 
     def __init__(self, url: str, center_public_key: rsa.RSAPublicKey, *,
                  timeout: float = DEFAULT_TIMEOUT, negative_ttl: float = 30.0,
                  max_concurrent: int = 8, max_pending: int = 256, max_negative: int = 4096,
                  session: aiohttp.ClientSession | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         _check_url(url)
         self.url = url
         self.center_public_key = center_public_key
@@ -217,6 +233,7 @@ class DirectoryLookup:
         self.max_pending = max_pending
         self.max_negative = max_negative
         self._clock = clock
+        self.wall_clock = wall_clock
         self._session = session
         self._own_session = session is None
         self._sem = asyncio.Semaphore(max_concurrent)
@@ -270,7 +287,8 @@ class DirectoryLookup:
             self.requests += 1
             try:
                 return await fetch_peer_record(self.url, peer_id, self.center_public_key,
-                                               timeout=self.timeout, session=self._session)
+                                               timeout=self.timeout, session=self._session,
+                                               clock=self.wall_clock)
             except DirectoryError as exc:
                 log.warning("directory lookup of %s failed: %s", peer_id, exc)
                 raise
