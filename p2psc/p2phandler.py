@@ -23,9 +23,9 @@ from .config import (
     load_peer_config,
     read_config_file,
 )
-from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
+from .keys import validate_peer_id
 from .p2p import TcpP2P
-from .p2pexcept import ConfigError, DirectoryError, HandshakeError, P2PError, StatusError, UnknownPeerError
+from .p2pexcept import ConfigError, HandshakeError, P2PError, StatusError, UnknownPeerError
 from .udp_p2p import UdpHandlerMixin
 
 log = logging.getLogger("p2psc.p2phandler")
@@ -195,50 +195,25 @@ class P2PHandler(ChannelHandlerMixin, UdpHandlerMixin):
             return addr, key
         if self.config.find_peer_info_url is None:
             raise UnknownPeerError(f"unknown peer {peer_id!r}: not in {peers.known_peers_file} "
-                                   f"(or no public key in {peers.peer_pubkey_path}), and no "
-                                   "find_peer_info_url to look it up")
+                                   f"(or no public key in {peers.peer_pubkey_path}, or its "
+                                   "directory record expired), and no find_peer_info_url to "
+                                   "look it up")
         record = await self._directory_lookup(peer_id, refresh=refresh)
         return (PeerAddress(record.peer_id, record.host, record.port, record.updated_at),
                 record.public_key)
 
     async def _directory_lookup(self, peer_id: str, *, refresh: bool = False) -> Any:
-        """Look ``peer_id`` up in the directory (signature checked by the client), apply the
-        key-change policy, and store the peer (files written in a thread, atomically)."""
-        from .directory import CENTER_PEER_ID, DirectoryLookup, accept_record
+        """Look ``peer_id`` up in the directory and apply the trust policy (signature, nonce,
+        expiry, key change, rollback, retirement; see :func:`p2psc.directory.client.learn_peer`),
+        storing the peer (files written in a thread, atomically)."""
+        from .directory.client import directory_lookup_for, learn_peer
 
-        peers = self.config.peers
         if self._directory is None:
-            center = peers.public_key(CENTER_PEER_ID)
-            if center is None:
-                raise DirectoryError(
-                    f"cannot use the directory: no center key "
-                    f"{peers.peer_pubkey_path / (CENTER_PEER_ID + PUBKEY_SUFFIX)} "
-                    "(unsigned records are never trusted)")
-            assert self.config.find_peer_info_url is not None
-            self._directory = DirectoryLookup(self.config.find_peer_info_url, center,
-                                              timeout=self.settings.directory_timeout)
+            self._directory = directory_lookup_for(self.config)
         if refresh:
             self._directory.forget(peer_id)
-        record = await self._directory.lookup(peer_id)
-        if not accept_record(record, peers.public_key(peer_id),
-                             allow_key_change=self.settings.allow_key_change):
-            raise DirectoryError(f"the directory's key for {peer_id} differs from the one on "
-                                 "file; refused (set allow_key_change to accept key changes)")
-        known = peers.known_address(peer_id)
-        if known is not None and known.updated_at is not None \
-                and record.updated_at < known.updated_at:
-            raise DirectoryError(f"the directory's record for {peer_id} is older than the one "
-                                 "on file; refused (a replayed record?)")
-        address = PeerAddress(record.peer_id, record.host, record.port, record.updated_at)
-        on_file = peers.public_key(peer_id)
-        if known != address or known.updated_at != address.updated_at or on_file is None \
-                or not same_public_key(on_file, record.public_key):
-            files = peers.files_for(address, record.public_key)
-            await asyncio.to_thread(peers.write_files, files)
-            peers.add(address, record.public_key, persist=False)
-            log.info("learned peer %s at %s:%d from the directory (%s)", peer_id, record.host,
-                     record.port, record.fingerprint)
-        return record
+        return await learn_peer(self._directory, self.config.peers, peer_id,
+                                allow_key_change=self.settings.allow_key_change)
 
     async def _lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
         """The public key of a peer that sent an INIT but is not known: looked up in the

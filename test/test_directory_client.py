@@ -54,7 +54,7 @@ def test_save_new_peer(k: dict[str, Any], dirs: tuple[Path, Path]) -> None:
     assert keys.same_public_key(key, k["alice"].public_key())
     data = json.loads(peers.read_text())
     assert data["alice"] == {"peer_id": "alice", "host": "127.0.0.1", "port": 7001,
-                             "updated_at": 1000}
+                             "updated_at": 1000, "expires_at": EXPIRES}
     assert data["bob"]["port"] == 1  # other peers kept
     # no temporary files left behind
     assert [p.name for p in keydir.iterdir()] == ["alice.pubkey.pem"]

@@ -7,9 +7,10 @@ addresses, its server, and the client a peer uses.
   (wrappers of :mod:`p2psc.validators` that raise :class:`DirectoryError`);
 * :mod:`.update` -- the self-service address update request a peer signs with its own key;
 * :mod:`.client` -- verified lookups (``fetch_peer_record``, and ``DirectoryLookup``, which
-  merges concurrent lookups and caches failures: what :class:`P2PHandler` uses),
-  ``update_address``, the key-change policy ``accept_record``, and ``save_peer``, which
-  stores a looked-up peer in a peer folder through :mod:`p2psc.config`;
+  merges concurrent lookups and caches failures), ``update_address``, the key-change policy
+  ``accept_record``, the handler's trust policy ``learn_peer`` (with
+  ``directory_lookup_for``), and ``save_peer``, which stores a looked-up peer in a peer
+  folder through :mod:`p2psc.config`;
 * :mod:`.store` -- the server's SQLite store of registered peers, seen update nonces and the
   last accepted update time of each peer;
 * :mod:`.server` -- the aiohttp web app (``make_app``, ``start_server``, ``serve``): lookups,
