@@ -23,7 +23,8 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,18 @@ from .p2pexcept import ConfigError, UnknownPeerError
 
 log = logging.getLogger("p2psc.config")
 
-__all__ = ["Settings", "default_suite_name", "PeerAddress", "PeerConfig", "PeerStore",
-           "read_config_file", "substitute", "load_peer_config", "config_from_cwd",
-           "config_from_appublic",
-           "case_twin", "pubkey_file", "read_public_key", "read_known_peers", "known_peers_json",
-           "peer_files", "write_peer_files"]
+__all__ = ["DIRECTORY_CLOCK_SKEW", "Settings", "default_suite_name", "PeerAddress",
+           "PeerConfig", "PeerStore", "read_config_file", "substitute", "load_peer_config",
+           "config_from_cwd", "config_from_appublic", "case_twin", "pubkey_file",
+           "read_public_key", "read_known_peers", "known_peers_json", "peer_files",
+           "write_peer_files"]
 
 #: Largest JSON config file read (peers.json with thousands of peers stays far below).
 MAX_JSON_FILE_SIZE = 16 * 1024 * 1024
 _VAR_RE = re.compile(r"\$\[(.*?)\]\$")
+#: Seconds a directory record (and a key learned from one) stays usable after its
+#: ``expires_at``, for clock differences with the center (p2psc.directory.record.CLOCK_SKEW).
+DIRECTORY_CLOCK_SKEW = 300
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,20 +79,40 @@ class PeerAddress:
     peer_id: str
     host: str
     port: int
-    #: the directory record's time, for a peer learned from the directory (older records
-    #: are refused: no rollback to a retired key or address)
+    #: the directory record's time, for a peer learned from the directory: a record older
+    #: than the one on file is refused (no rollback to an older address). A key that the
+    #: directory retired can still be served until its record expires (``expires_at``).
     updated_at: int | None = field(default=None, compare=False)
+    #: the end of the directory record's validity (unix seconds), for a peer learned from the
+    #: directory: after it (+ DIRECTORY_CLOCK_SKEW) the key is not used for a handshake until
+    #: a fresh record is fetched. Absent for peers added by hand, which never expire.
+    expires_at: int | None = field(default=None, compare=False)
+
+    @property
+    def from_directory(self) -> bool:
+        """Learned from the directory (it has the record's ``updated_at`` or ``expires_at``)."""
+        return self.updated_at is not None or self.expires_at is not None
+
+    def expired(self, now: float) -> bool:
+        """Whether this is a directory-sourced entry whose record is no longer valid at
+        ``now`` (unix seconds): past ``expires_at`` + DIRECTORY_CLOCK_SKEW, or learned from a
+        v1 record without ``expires_at``. Entries added by hand never expire."""
+        if not self.from_directory:
+            return False
+        return self.expires_at is None or now > self.expires_at + DIRECTORY_CLOCK_SKEW
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"peer_id": self.peer_id, "host": self.host, "port": self.port}
         if self.updated_at is not None:
             record["updated_at"] = self.updated_at
+        if self.expires_at is not None:
+            record["expires_at"] = self.expires_at
         return record
 
 
 def _parse_address(obj: Any, where: str, expected_id: str | None = None) -> PeerAddress:
-    """A ``{"peer_id", "host", "port"[, "updated_at"]}`` record (the own record of xconfig, or
-    an entry of the known peers file), checked with :mod:`p2psc.validators`."""
+    """A ``{"peer_id", "host", "port"[, "updated_at"][, "expires_at"]}`` record (the own record
+    of xconfig, or an entry of the known peers file), checked with :mod:`p2psc.validators`."""
     if not isinstance(obj, Mapping):
         raise ConfigError(f"{where}: expected an object with peer_id, host and port")
     peer_id = obj.get("peer_id", expected_id)
@@ -101,10 +125,13 @@ def _parse_address(obj: Any, where: str, expected_id: str | None = None) -> Peer
     host = validators.check_host(obj.get("host"), f"{where}: peer {peer_id}: host")
     # port 0: listen on a free port (own record), or a peer that never listens (known peers)
     port = validators.check_port(obj.get("port"), f"{where}: peer {peer_id}: port", allow_zero=True)
-    updated_at = obj.get("updated_at")
-    if updated_at is not None and (isinstance(updated_at, bool) or not isinstance(updated_at, int)):
-        raise ConfigError(f"{where}: peer {peer_id}: updated_at must be a whole number")
-    return PeerAddress(peer_id, host, port, updated_at)
+    times = {}
+    for name in ("updated_at", "expires_at"):
+        value = obj.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}: peer {peer_id}: {name} must be a whole number")
+        times[name] = value
+    return PeerAddress(peer_id, host, port, **times)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -326,6 +353,8 @@ class PeerStore:
         self.peer_pubkey_path = peer_pubkey_path
         self._addresses = addresses
         self._public_keys = public_keys
+        #: unix time, for the expiry of directory-sourced keys (replaceable in tests)
+        self.clock: Callable[[], float] = time.time
 
     @classmethod
     def load(cls, known_peers_file: Path, peer_pubkey_path: Path) -> PeerStore:
@@ -341,7 +370,17 @@ class PeerStore:
         return cls(known_peers_file, peer_pubkey_path, addresses, public_keys)
 
     def public_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
-        """The peer's public key, or None when it is not known."""
+        """The peer's public key for a handshake, or None when it is not known, or when it was
+        learned from the directory and its record has expired (:meth:`PeerAddress.expired`):
+        then the handler looks the peer up again before trusting a key for it."""
+        addr = self._addresses.get(peer_id)
+        if addr is not None and addr.expired(self.clock()):
+            return None
+        return self._public_keys.get(peer_id)
+
+    def pinned_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
+        """The public key on file for the peer, expired or not: what a new directory record is
+        compared with (the key-change policy), never used for a handshake by itself."""
         return self._public_keys.get(peer_id)
 
     def address(self, peer_id: str) -> PeerAddress:

@@ -3,15 +3,14 @@ signed directory, with the trust policy for what the directory says (key changes
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .config import PeerAddress, PeerConfig
-from .keys import PUBKEY_SUFFIX, same_public_key, validate_peer_id
-from .p2pexcept import ConfigError, DirectoryError, P2PError, UnknownPeerError
+from .keys import validate_peer_id
+from .p2pexcept import ConfigError, P2PError, UnknownPeerError
 
 if TYPE_CHECKING:
     from .directory import DirectoryLookup, PeerRecord
@@ -52,8 +51,9 @@ class PeerResolver:
             return addr, key
         if config.find_peer_info_url is None:
             raise UnknownPeerError(f"unknown peer {peer_id!r}: not in {peers.known_peers_file} "
-                                   f"(or no public key in {peers.peer_pubkey_path}), and no "
-                                   "find_peer_info_url to look it up")
+                                   f"(or no public key in {peers.peer_pubkey_path}, or its "
+                                   "directory record expired), and no find_peer_info_url to "
+                                   "look it up")
         record = await self._directory_lookup(peer_id, refresh=refresh)
         return (PeerAddress(record.peer_id, record.host, record.port, record.updated_at),
                 record.public_key)
@@ -77,42 +77,15 @@ class PeerResolver:
             await directory.close()
 
     async def _directory_lookup(self, peer_id: str, *, refresh: bool = False) -> PeerRecord:
-        """Look ``peer_id`` up in the directory (signature checked by the client), apply the
-        key-change policy, and store the peer (files written in a thread, atomically)."""
-        from .directory import CENTER_PEER_ID, DirectoryLookup, accept_record
+        """Look ``peer_id`` up in the directory and apply the trust policy (signature, nonce,
+        expiry, key change, rollback, retirement; see :func:`p2psc.directory.client.learn_peer`),
+        storing the peer (files written in a thread, atomically)."""
+        from .directory.client import directory_lookup_for, learn_peer
 
         config = self._config
-        settings = config.settings
-        peers = config.peers
         if self._directory is None:
-            center = peers.public_key(CENTER_PEER_ID)
-            if center is None:
-                raise DirectoryError(
-                    f"cannot use the directory: no center key "
-                    f"{peers.peer_pubkey_path / (CENTER_PEER_ID + PUBKEY_SUFFIX)} "
-                    "(unsigned records are never trusted)")
-            assert config.find_peer_info_url is not None
-            self._directory = DirectoryLookup(config.find_peer_info_url, center,
-                                              timeout=settings.directory_timeout)
+            self._directory = directory_lookup_for(config)
         if refresh:
             self._directory.forget(peer_id)
-        record = await self._directory.lookup(peer_id)
-        if not accept_record(record, peers.public_key(peer_id),
-                             allow_key_change=settings.allow_key_change):
-            raise DirectoryError(f"the directory's key for {peer_id} differs from the one on "
-                                 "file; refused (set allow_key_change to accept key changes)")
-        known = peers.known_address(peer_id)
-        if known is not None and known.updated_at is not None \
-                and record.updated_at < known.updated_at:
-            raise DirectoryError(f"the directory's record for {peer_id} is older than the one "
-                                 "on file; refused (a replayed record?)")
-        address = PeerAddress(record.peer_id, record.host, record.port, record.updated_at)
-        on_file = peers.public_key(peer_id)
-        if known != address or known.updated_at != address.updated_at or on_file is None \
-                or not same_public_key(on_file, record.public_key):
-            files = peers.files_for(address, record.public_key)
-            await asyncio.to_thread(peers.write_files, files)
-            peers.add(address, record.public_key, persist=False)
-            log.info("learned peer %s at %s:%d from the directory (%s)", peer_id, record.host,
-                     record.port, record.fingerprint)
-        return record
+        return await learn_peer(self._directory, config.peers, peer_id,
+                                allow_key_change=config.settings.allow_key_change)

@@ -82,6 +82,9 @@ def test_errors_are_one_line_and_exit_codes(workdir: Path, tmp_path: Path,
         assert err.count("\n") == 1 and err.startswith("p2psc directory: "), err
         assert "Traceback" not in err
     assert cli("add", "x", "--port", "99999") == 2
+    for ttl in ("59", str(7 * 86400 + 1), "1h"):
+        assert cli("serve", "--workdir", w, "--record-ttl", ttl) == 2
+        assert "--record-ttl" in capsys.readouterr().err
     assert cli() == 2
     assert main(["directory", "list", "--help"]) == 0
 
@@ -92,7 +95,8 @@ def test_serve_lookup_and_update_commands(workdir: Path, tmp_path: Path) -> None
                "--port", "7001", "--workdir", w) == 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "p2psc.directory.cli", "directory", "serve", "--workdir", w,
-         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--port", "0", "--record-ttl", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
     try:
         line = _readline(proc, 15.0)
         assert line.startswith("p2psc directory: http://127.0.0.1:"), line
@@ -102,6 +106,7 @@ def test_serve_lookup_and_update_commands(workdir: Path, tmp_path: Path) -> None
         rec = asyncio.run(asyncio.wait_for(fetch_peer_record(
             url, "alice", keys.load_public_key(center_pub)), 10))
         assert rec.port == 7001
+        assert abs(rec.expires_at - (time.time() + 600)) < 30  # --record-ttl
         run = [sys.executable, "-m", "p2psc.directory.cli", "directory"]
         out = subprocess.run(run + ["update-address", "alice", "--url", url, "--prikey",
                                     str(workdir / "alice.pem"), "--host", "127.0.0.1",
@@ -111,7 +116,7 @@ def test_serve_lookup_and_update_commands(workdir: Path, tmp_path: Path) -> None
         out = subprocess.run(run + ["lookup", "alice", "--url", url, "--center-key",
                                     str(center_pub)], capture_output=True, text=True, timeout=30, check=False)
         assert out.returncode == 0 and "127.0.0.1:7009" in out.stdout, out.stderr
-        assert "signature verified" in out.stdout
+        assert "signature verified" in out.stdout and "valid until" in out.stdout
         out = subprocess.run(run + ["lookup", "ghost", "--url", url, "--center-key",
                                     str(center_pub)], capture_output=True, text=True, timeout=30, check=False)
         assert out.returncode == 1 and "does not know" in out.stderr

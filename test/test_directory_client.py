@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,16 @@ def k() -> dict[str, Any]:
     return {n: keys.generate_private_key(2048) for n in ("center", "alice", "mallory")}
 
 
+EXPIRES = int(time.time()) + 3600
+
+
 def record(k: dict[str, Any], peer_id: str = "alice", key: str = "alice", port: int = 7001,
            updated_at: int = 1000) -> PeerRecord:
     rec = sign_record(k["center"], {"peer_id": peer_id,
                                     "pubkey": keys.public_key_pem(k[key]).decode(),
-                                    "host": "127.0.0.1", "port": port, "updated_at": updated_at})
-    return verify_record(k["center"].public_key(), rec, peer_id)
+                                    "host": "127.0.0.1", "port": port, "updated_at": updated_at,
+                                    "expires_at": EXPIRES, "nonce": None})
+    return verify_record(k["center"].public_key(), rec, peer_id, nonce=None)
 
 
 @pytest.fixture
@@ -49,7 +54,7 @@ def test_save_new_peer(k: dict[str, Any], dirs: tuple[Path, Path]) -> None:
     assert keys.same_public_key(key, k["alice"].public_key())
     data = json.loads(peers.read_text())
     assert data["alice"] == {"peer_id": "alice", "host": "127.0.0.1", "port": 7001,
-                             "updated_at": 1000}
+                             "updated_at": 1000, "expires_at": EXPIRES}
     assert data["bob"]["port"] == 1  # other peers kept
     # no temporary files left behind
     assert [p.name for p in keydir.iterdir()] == ["alice.pubkey.pem"]

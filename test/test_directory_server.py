@@ -116,24 +116,28 @@ def test_unknown_peer_is_404_json(k: dict[str, Any], store: DirectoryStore) -> N
 def _forgeries(k: dict[str, Any]) -> dict[str, Any]:
     center, mallory = k["center"], k["mallory"]
     good = sign_record(center, {"peer_id": "alice", "pubkey": pem(k["alice"]),
-                                "host": "127.0.0.1", "port": 7001, "updated_at": 1_700_000_000})
+                                "host": "127.0.0.1", "port": 7001, "updated_at": 1_700_000_000,
+                                "expires_at": int(time.time()) + 3600, "nonce": None})
     return {
         "wrong signature": sign_record(mallory, {kk: v for kk, v in good.items() if kk != "sig"}),
         "swapped pubkey": {**good, "pubkey": pem(mallory)},
         "altered port": {**good, "port": 7999},
         "altered host": {**good, "host": "10.6.6.6"},
         "altered updated_at": {**good, "updated_at": good["updated_at"] + 1},
+        "altered expires_at": {**good, "expires_at": good["expires_at"] + 86400},
         "garbage signature": {**good, "sig": "AAAA"},
     }
 
 
 @pytest.mark.parametrize("kind", ["wrong signature", "swapped pubkey", "altered port",
-                                  "altered host", "altered updated_at", "garbage signature"])
+                                  "altered host", "altered updated_at", "altered expires_at",
+                                  "garbage signature"])
 def test_forged_records_refused(k: dict[str, Any], kind: str) -> None:
     forged = _forgeries(k)[kind]
 
     async def handler(request: web.Request) -> web.Response:
-        return web.json_response(forged)
+        # the forger copies the client's nonce in: only the signature can catch it
+        return web.json_response({**forged, "nonce": request.query["nonce"]})
 
     async def go() -> None:
         app = web.Application()
@@ -262,7 +266,9 @@ def test_update_moves_port_and_lookup_follows(k: dict[str, Any], store: Director
 def test_replayed_update_refused(k: dict[str, Any], store: DirectoryStore) -> None:
     async def go() -> None:
         async with directory(store, k["center"]) as (_, base):
-            req = make_update_request("alice", k["alice"], "127.0.0.1", 7201)
+            # signed a second earlier: updates must be newer than the last accepted one
+            req = make_update_request("alice", k["alice"], "127.0.0.1", 7201,
+                                      timestamp=int(time.time()) - 1)
             status, _, body = await raw("POST", base + UPDATE_PATH, json=req)
             assert status == 200 and body["port"] == 7201
             # alice moves on; an attacker replays the first request to move her back
@@ -270,6 +276,25 @@ def test_replayed_update_refused(k: dict[str, Any], store: DirectoryStore) -> No
             status, ctype, body = await raw("POST", base + UPDATE_PATH, json=req)
             assert (status, ctype) == (409, "application/json") and "replay" in body["error"]
             assert store.get("alice").port == 7202  # type: ignore[union-attr]
+    run(go())
+
+
+def test_out_of_order_update_refused(k: dict[str, Any], store: DirectoryStore) -> None:
+    """Issue 11 item 6: two signed updates, the newer delivered first; the older (delayed by
+    an on-path attacker) is then refused with 409 and the address stays the newer one."""
+    async def go() -> None:
+        async with directory(store, k["center"]) as (_, base):
+            now = int(time.time())
+            older = make_update_request("alice", k["alice"], "10.0.0.1", 7801, timestamp=now - 10)
+            newer = make_update_request("alice", k["alice"], "10.0.0.2", 7802, timestamp=now - 5)
+            status, _, body = await raw("POST", base + UPDATE_PATH, json=newer)
+            assert status == 200 and body["port"] == 7802
+            status, ctype, body = await raw("POST", base + UPDATE_PATH, json=older)
+            assert (status, ctype) == (409, "application/json"), body
+            assert "not newer" in body["error"] and "out of order" in body["error"]
+            entry = store.get("alice")
+            assert entry is not None and (entry.host, entry.port) == ("10.0.0.2", 7802)
+            assert store.last_update_ts("alice") == now - 5
     run(go())
 
 
@@ -385,7 +410,8 @@ def test_bad_input_gets_4xx_json(k: dict[str, Any], store: DirectoryStore) -> No
 
 def test_html_page_lists_peers_and_escapes(k: dict[str, Any], store: DirectoryStore) -> None:
     # The store validates what it writes; bypass it to simulate a tampered database.
-    store._db.execute("INSERT INTO peers VALUES (?, ?, ?, ?, ?)",
+    store._db.execute("INSERT INTO peers (peer_id, pubkey, host, port, updated_at) "
+                      "VALUES (?, ?, ?, ?, ?)",
                       ("<script>alert(1)</script>", "junk", "<img src=x onerror=y>", 1, 2**62))
 
     async def go() -> None:
@@ -476,12 +502,14 @@ def test_lookup_bounds_and_cancellation(k: dict[str, Any]) -> None:
 
     async def go() -> None:
         release = asyncio.Event()
-        real = sign_record(k["center"], {"peer_id": "alice", "pubkey": pem(k["alice"]),
-                                         "host": "127.0.0.1", "port": 1, "updated_at": 1})
 
         async def slow(request: web.Request) -> web.Response:
             hits.append(request.query["id"])
             await release.wait()
+            real = sign_record(k["center"], {"peer_id": "alice", "pubkey": pem(k["alice"]),
+                                             "host": "127.0.0.1", "port": 1, "updated_at": 1,
+                                             "expires_at": int(time.time()) + 60,
+                                             "nonce": request.query["nonce"]})
             return web.json_response(real)
 
         app = web.Application()
@@ -528,4 +556,149 @@ def test_close_cancels_lookups_in_progress(k: dict[str, Any]) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(waiter, WAIT)
             release.set()
+    run(go())
+
+
+# -- freshness: expiry, re-signing and the lookup nonce (issue 11 item 2) --------------------
+
+def test_lookup_carries_the_nonce_and_a_validity_window(k: dict[str, Any],
+                                                        store: DirectoryStore) -> None:
+    now = [1_800_000_000.0]
+
+    async def go() -> None:
+        async with directory(store, k["center"], clock=lambda: now[0],
+                             record_ttl=3600) as (_, base):
+            nonce = "5a" * 16
+            status, _, body = await raw("GET", base + LOOKUP_PATH + f"?id=alice&nonce={nonce}")
+            assert status == 200
+            assert (body["nonce"], body["expires_at"]) == (nonce, 1_800_000_000 + 3600)
+            # without a nonce: a signed null nonce (such an answer satisfies no nonce lookup)
+            status, _, body = await raw("GET", base + LOOKUP_PATH + "?id=alice")
+            assert status == 200 and body["nonce"] is None
+            for query in ("&nonce=" + "5A" * 16, "&nonce=abc", "&nonce=", "&nonce=" + "5a" * 17,
+                          f"&nonce={nonce}&nonce={nonce}"):
+                status, ctype, body = await raw("GET", base + LOOKUP_PATH + "?id=alice" + query)
+                assert (status, ctype) == (400, "application/json"), (query, body)
+                assert "nonce" in body["error"]
+            # the client checks the record at the time it is given (the record's clock here)
+            rec = await fetch_peer_record(base + LOOKUP_PATH, "alice", k["center"].public_key(),
+                                          nonce=nonce, clock=lambda: now[0])
+            assert (rec.nonce, rec.expires_at) == (nonce, 1_800_000_000 + 3600)
+    run(go())
+
+
+def test_server_resigns_past_the_threshold(k: dict[str, Any], store: DirectoryStore) -> None:
+    """Lookups without a nonce reuse a cached signature while it is valid for at least half the
+    TTL; past that, each lookup gets a record signed anew with a fresh expires_at. Lookups
+    with a nonce are always signed for the request, expiring TTL from now."""
+    t0 = 1_800_000_000
+    now = [float(t0)]
+    ttl = 3600
+
+    async def go() -> None:
+        async with directory(store, k["center"], clock=lambda: now[0],
+                             record_ttl=ttl) as (app, base):
+            state = app[STATE_KEY]
+
+            async def plain() -> Any:
+                status, _, body = await raw("GET", base + LOOKUP_PATH + "?id=alice")
+                assert status == 200
+                return body
+
+            first = await plain()
+            assert first["expires_at"] == t0 + ttl and state.signatures == 1
+            now[0] = t0 + ttl // 2  # exactly half the TTL left: still served from the cache
+            assert await plain() == first and state.signatures == 1
+            now[0] = t0 + ttl // 2 + 1  # past the threshold: signed anew
+            second = await plain()
+            assert second["expires_at"] == t0 + ttl // 2 + 1 + ttl and state.signatures == 2
+            assert second["sig"] != first["sig"]
+            now[0] += 10
+            assert await plain() == second and state.signatures == 2
+            for i in range(3):  # with a nonce: a fresh signature and expiry every time
+                now[0] += 1
+                status, _, body = await raw(
+                    "GET", base + LOOKUP_PATH + f"?id=alice&nonce={i:032x}")
+                assert status == 200 and body["expires_at"] == int(now[0]) + ttl
+            assert state.signatures == 5
+            # a changed entry (moved, new key) is signed at once, whatever the cache holds
+            store.put("alice", pem(k["bob"]), "127.0.0.9", 7009)
+            moved = await plain()
+            assert (moved["port"], moved["pubkey"]) == (7009, pem(k["bob"]))
+    run(go())
+
+
+def test_record_ttl_bounds(k: dict[str, Any], store: DirectoryStore) -> None:
+    for bad in (0, 59, 7 * 86400 + 1, 1.5, True):
+        with pytest.raises(DirectoryError, match="TTL"):
+            make_app(store, k["center"], record_ttl=bad)  # type: ignore[arg-type]
+    make_app(store, k["center"], record_ttl=60)
+    make_app(store, k["center"], record_ttl=7 * 86400)
+
+
+def test_replayed_old_answer_refused(k: dict[str, Any], store: DirectoryStore) -> None:
+    """An attacker who answers lookups replays a genuine, unexpired answer recorded earlier
+    (for another lookup, whose nonce it carries): the client refuses it."""
+    async def go() -> None:
+        async with directory(store, k["center"]) as (_, base):
+            status, _, recorded = await raw("GET", base + LOOKUP_PATH
+                                            + "?id=alice&nonce=" + "11" * 16)
+            assert status == 200
+            # the real directory moves alice on; the attacker keeps replaying the old answer
+            store.put("alice", pem(k["alice"]), "10.6.6.6", 6666)
+            seen: list[str] = []
+
+            async def replay(request: web.Request) -> web.Response:
+                seen.append(request.query.get("nonce", ""))
+                return web.json_response(recorded)
+            app = web.Application()
+            app.router.add_get(LOOKUP_PATH, replay)
+            async with running(app) as evil:
+                with pytest.raises(DirectoryError, match="another request") as ei:
+                    await fetch_peer_record(evil + LOOKUP_PATH, "alice",
+                                            k["center"].public_key())
+                assert not isinstance(ei.value, DirectorySignatureError)
+                async with DirectoryLookup(evil + LOOKUP_PATH, k["center"].public_key()) as dl:
+                    with pytest.raises(DirectoryError, match="another request"):
+                        await dl.lookup("alice")
+            # each lookup sent its own fresh nonce
+            assert len(seen) == 2 and len(set(seen)) == 2 and "11" * 16 not in seen
+            assert all(len(n) == 32 and int(n, 16) >= 0 for n in seen)
+    run(go())
+
+
+def test_expired_answer_refused(k: dict[str, Any], store: DirectoryStore) -> None:
+    """A record signed (for this very nonce) by a directory whose records have expired by the
+    client's clock: refused. The server's and the client's clocks are both injected."""
+    server_now = [1_800_000_000.0]
+
+    async def go() -> None:
+        async with directory(store, k["center"], clock=lambda: server_now[0],
+                             record_ttl=3600) as (_, base):
+            url = base + LOOKUP_PATH
+            ok = await fetch_peer_record(url, "alice", k["center"].public_key(),
+                                         clock=lambda: 1_800_000_000 + 3600 + 300)
+            assert ok.expires_at == 1_800_000_000 + 3600
+            with pytest.raises(DirectoryError, match="expired"):
+                await fetch_peer_record(url, "alice", k["center"].public_key(),
+                                        clock=lambda: 1_800_000_000 + 3600 + 301)
+            async with DirectoryLookup(url, k["center"].public_key(),
+                                       wall_clock=lambda: 1_900_000_000) as dl:
+                with pytest.raises(DirectoryError, match="expired"):
+                    await dl.lookup("alice")
+    run(go())
+
+
+def test_update_answer_carries_the_request_nonce(k: dict[str, Any],
+                                                 store: DirectoryStore) -> None:
+    async def go() -> None:
+        async with directory(store, k["center"]) as (_, base):
+            req = make_update_request("alice", k["alice"], "127.0.0.1", 7901,
+                                      timestamp=int(time.time()) - 1)
+            status, _, body = await raw("POST", base + UPDATE_PATH, json=req)
+            assert status == 200 and body["nonce"] == req["nonce"]
+            assert body["expires_at"] >= int(time.time()) + 86400 - 5
+            new = await update_address(base + UPDATE_PATH, "alice", k["alice"], "127.0.0.1",
+                                       7902, center_public_key=k["center"].public_key())
+            assert new["port"] == 7902 and len(new["nonce"]) == 32
     run(go())

@@ -100,7 +100,8 @@ def test_transactions_roll_back_on_error(pems: dict[str, str]) -> None:
             raise RuntimeError("crash half-way")
         assert s.count() == 1
         with pytest.raises(DirectoryError), s._tx() as db:
-            db.execute("INSERT INTO peers VALUES ('x', 'k', 'h', 99999, 0)")  # CHECK fails
+            db.execute("INSERT INTO peers (peer_id, pubkey, host, port, updated_at) "
+                       "VALUES ('x', 'k', 'h', 99999, 0)")  # CHECK fails
         assert s.count() == 1
 
 
@@ -111,6 +112,72 @@ def test_not_a_database(tmp_path: Path) -> None:
         DirectoryStore(bad)
     with pytest.raises(DirectoryError, match="does not exist"):
         open_store(tmp_path / "nope" / "d.sqlite3")
+
+
+def test_updates_apply_in_signed_order(pems: dict[str, str]) -> None:
+    """Issue 11 item 6: an older update delivered after a newer one is refused."""
+    with DirectoryStore(":memory:") as s:
+        s.put("alice", pems["a"], "h", 1)
+        assert s.last_update_ts("alice") == 0 and s.last_update_ts("ghost") is None
+        s.update_address("alice", "new", 2, timestamp=1000, nonce="n2", nonce_expires_at=10**10)
+        with pytest.raises(ReplayError, match="not newer"):
+            s.update_address("alice", "old", 3, timestamp=999, nonce="n1",
+                             nonce_expires_at=10**10)
+        with pytest.raises(ReplayError):  # the same second is not newer either
+            s.update_address("alice", "old", 3, timestamp=1000, nonce="n3",
+                             nonce_expires_at=10**10)
+        e = s.get("alice")
+        assert e is not None and (e.host, e.port) == ("new", 2)
+        assert s.last_update_ts("alice") == 1000
+        assert s.nonce_count() == 1  # the refused requests' nonces were rolled back
+        # an admin change keeps the last update's time: a delayed update is still refused
+        s.put("alice", pems["b"], "admin", 4)
+        assert s.last_update_ts("alice") == 1000
+        with pytest.raises(ReplayError):
+            s.update_address("alice", "old", 3, timestamp=999)
+        s.update_address("alice", "newer", 5, timestamp=1001)
+        assert s.get("alice").port == 5  # type: ignore[union-attr]
+
+
+_V1_SCHEMA = """
+CREATE TABLE peers (
+    peer_id    TEXT PRIMARY KEY,
+    pubkey     TEXT NOT NULL,
+    host       TEXT NOT NULL,
+    port       INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE seen_nonces (
+    peer_id    TEXT NOT NULL,
+    nonce      TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (peer_id, nonce)
+);
+CREATE INDEX seen_nonces_expiry ON seen_nonces (expires_at);
+PRAGMA user_version = 1;
+"""
+
+
+def test_v1_database_is_migrated(tmp_path: Path, pems: dict[str, str]) -> None:
+    db = tmp_path / "d.sqlite3"
+    con = sqlite3.connect(db)
+    con.executescript(_V1_SCHEMA)
+    con.execute("INSERT INTO peers VALUES ('alice', ?, 'h', 1, 5)", (pems["a"],))
+    con.execute("INSERT INTO seen_nonces VALUES ('alice', 'n', 99)")
+    con.commit()
+    con.close()
+    with DirectoryStore(db) as s:
+        e = s.get("alice")
+        assert e is not None and (e.host, e.port, e.updated_at) == ("h", 1, 5)
+        assert s.last_update_ts("alice") == 0 and s.nonce_count() == 1
+        s.update_address("alice", "h", 2, timestamp=10)
+        with pytest.raises(ReplayError):
+            s.update_address("alice", "h", 3, timestamp=9)
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    con.close()
+    with DirectoryStore(db) as s:  # opening a v2 database again changes nothing
+        assert s.last_update_ts("alice") == 10 and s.get("alice").port == 2  # type: ignore[union-attr]
 
 
 def test_newer_schema_refused(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ produce the same bytes through p2psc.config."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,16 @@ from p2psc.directory import PeerRecord, save_peer, sign_record, verify_record
 from p2psc.p2pexcept import ConfigError
 
 BOB = {"bob.test": {"peer_id": "bob.test", "host": "localhost", "port": 7002}}
+EXPIRES = int(time.time()) + 3600
 
 
 def record(pubkey_pem: str, host: str = "127.0.0.1", port: int = 7001,
            updated_at: int = 1000) -> PeerRecord:
     center = rsa_key("center")
     rec = sign_record(center, {"peer_id": "alice.test", "pubkey": pubkey_pem, "host": host,
-                               "port": port, "updated_at": updated_at})
-    return verify_record(center.public_key(), rec, "alice.test")
+                               "port": port, "updated_at": updated_at, "expires_at": EXPIRES,
+                               "nonce": None})
+    return verify_record(center.public_key(), rec, "alice.test", nonce=None)
 
 
 def folder(root: Path, name: str, table: dict[str, Any]) -> tuple[Path, Path]:
@@ -64,18 +67,19 @@ def test_save_peer_and_peer_store_write_identical_files(tmp_path: Path, pkcs1: b
     # 2. PeerStore.add, as `p2psc add-peer` does
     d2 = folder(tmp_path, "add", BOB)
     store = PeerStore.load(d2[1], d2[0])
-    store.add(PeerAddress(rec.peer_id, rec.host, rec.port, rec.updated_at), rec.public_key)
+    store.add(PeerAddress(rec.peer_id, rec.host, rec.port, rec.updated_at, rec.expires_at),
+              rec.public_key)
     # 3. PeerStore.files_for + write_files, as the handler does after a directory lookup
     d3 = folder(tmp_path, "handler", BOB)
     store = PeerStore.load(d3[1], d3[0])
-    address = PeerAddress(rec.peer_id, rec.host, rec.port, rec.updated_at)
+    address = PeerAddress(rec.peer_id, rec.host, rec.port, rec.updated_at, rec.expires_at)
     store.write_files(store.files_for(address, rec.public_key))
 
     first, second, third = files_of(*d1), files_of(*d2), files_of(*d3)
     assert first == second == third
     assert first["alice.test.pubkey.pem"] == keys.public_key_pem(alice)  # one PEM form
     table = {**BOB, "alice.test": {"peer_id": "alice.test", "host": "127.0.0.1", "port": 7001,
-                                   "updated_at": 1000}}
+                                   "updated_at": 1000, "expires_at": EXPIRES}}
     assert first["peers.json"] == (json.dumps(table, indent=2, sort_keys=True) + "\n").encode()
     # and what was written reads back as it was meant
     assert PeerStore.load(d1[1], d1[0]).address("alice.test") == address

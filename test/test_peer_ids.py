@@ -4,6 +4,8 @@ that differ only in case (one file on macOS and Windows) are never both held."""
 
 from __future__ import annotations
 
+import time
+
 import json
 from pathlib import Path
 
@@ -134,9 +136,12 @@ def test_the_directory_cannot_store_a_case_twin(tmp_path: Path) -> None:
     alice = make_peer(tmp_path, "alice.test")
     peer.know(alice)
     center = rsa_key("center")
+    now = int(time.time())
     record = verify_record(center.public_key(), sign_record(center, {
         "peer_id": "Alice.test", "host": "127.0.0.1", "port": 4000, "updated_at": 5,
-        "pubkey": keys.public_key_pem(rsa_key("mallory")).decode("ascii")}), "Alice.test")
+        "expires_at": now + 3600, "nonce": "ab" * 16,
+        "pubkey": keys.public_key_pem(rsa_key("mallory")).decode("ascii")}), "Alice.test",
+        nonce="ab" * 16, now=now)
     files = sorted(p.name for p in peer.pubkeys.iterdir())
     peers_json = (peer.workdir / "data" / "peers.json").read_text()
     with pytest.raises(ConfigError, match="differs only in case"):

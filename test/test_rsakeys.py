@@ -4,6 +4,8 @@ leading zero byte was stripped."""
 
 from __future__ import annotations
 
+import time
+
 import base64
 import random
 
@@ -46,8 +48,10 @@ def test_a_signature_without_its_leading_zero_byte_is_refused() -> None:
 
 def test_a_directory_record_signature_without_its_leading_zero_byte_is_refused() -> None:
     center = rsa_key("center")
+    now = int(time.time())
     fields = {"peer_id": "bob.test", "host": "127.0.0.1", "port": 4000,
-              "pubkey": keys.public_key_pem(rsa_key("bob")).decode("ascii"), "updated_at": 0}
+              "pubkey": keys.public_key_pem(rsa_key("bob")).decode("ascii"), "updated_at": 0,
+              "expires_at": now + 3600, "nonce": "cd" * 16}
     for t in range(1, 20_000):
         record = sign_record(center, {**fields, "updated_at": t})
         sig = base64.b64decode(record["sig"])
@@ -55,7 +59,8 @@ def test_a_directory_record_signature_without_its_leading_zero_byte_is_refused()
             break
     else:
         raise AssertionError("no record signature with a leading zero byte")
-    assert verify_record(center.public_key(), record, "bob.test").updated_at == t
+    assert verify_record(center.public_key(), record, "bob.test", nonce="cd" * 16,
+                         now=now).updated_at == t
     stripped = {**record, "sig": base64.b64encode(sig[1:]).decode("ascii")}
     with pytest.raises(DirectorySignatureError):
-        verify_record(center.public_key(), stripped, "bob.test")
+        verify_record(center.public_key(), stripped, "bob.test", nonce="cd" * 16, now=now)

@@ -27,7 +27,7 @@ from .. import keys
 from ..config import write_peer_files
 from ..p2pexcept import P2PError
 from ..validators import check_host, port_arg
-from .record import CENTER_PEER_ID
+from .record import CENTER_PEER_ID, DEFAULT_RECORD_TTL, MAX_RECORD_TTL, MIN_RECORD_TTL
 
 __all__ = ["add_directory_parser", "main", "run"]
 
@@ -92,7 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
             await serve(store, key, host=args.host, port=args.port, max_skew=args.max_skew,
-                        ready=ready)
+                        ready=ready, record_ttl=args.record_ttl)
 
     try:
         asyncio.run(run_until_signal())
@@ -138,7 +138,9 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
     from .client import fetch_peer_record
     center = keys.load_public_key(args.center_key)
     rec = asyncio.run(fetch_peer_record(args.url, args.peer_id, center, timeout=args.timeout))
-    print(f"{rec.peer_id}\t{rec.host}:{rec.port}\t{rec.fingerprint}\t(signature verified)")
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.expires_at))
+    print(f"{rec.peer_id}\t{rec.host}:{rec.port}\t{rec.fingerprint}\t(signature verified, "
+          f"valid until {until})")
     return 0
 
 
@@ -192,6 +194,10 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--port", type=port_arg, default=9999, help="listen port (default: 9999)")
     sp.add_argument("--max-skew", type=int, default=120, metavar="SECONDS",
                     help="clock difference accepted on updates (default: 120)")
+    sp.add_argument("--record-ttl", type=_ttl_arg, default=DEFAULT_RECORD_TTL, metavar="SECONDS",
+                    help=f"validity of a signed record, {MIN_RECORD_TTL}-{MAX_RECORD_TTL} "
+                         f"(default: {DEFAULT_RECORD_TTL}, 24 hours); a removed peer or a "
+                         "replaced key is refused by every client within this time")
     sp.set_defaults(func=_guarded(_cmd_serve))
 
     sp = sub.add_parser("add", help="register a peer, or replace its key and address")
@@ -230,6 +236,18 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=5.0)
     sp.set_defaults(func=_guarded(_cmd_update))
     return p
+
+
+def _ttl_arg(text: str) -> int:
+    """argparse type of ``--record-ttl``: whole seconds in the accepted range."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if not MIN_RECORD_TTL <= value <= MAX_RECORD_TTL:
+        raise argparse.ArgumentTypeError(f"must be from {MIN_RECORD_TTL} to {MAX_RECORD_TTL} "
+                                         "seconds")
+    return value
 
 
 def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -2,12 +2,15 @@
 key-change policy, and :func:`save_peer`, which stores a looked-up peer into the key folder
 and the known peers file (through :mod:`p2psc.config`, their one reader and writer).
 
-:class:`P2PHandler` (``find_peer_info_url`` set) uses :class:`DirectoryLookup` and
-:func:`accept_record` with its in-memory peer store. Code without a handler can do::
+:class:`P2PHandler` (``find_peer_info_url`` set) uses :func:`directory_lookup_for` and
+:func:`learn_peer` (the trust policy: signature, nonce, expiry, key change, rollback, and
+retiring a cached key the directory no longer vouches for) with its in-memory peer store.
+Code without a handler can do::
 
     center = keys.load_public_key(Path(peer_pubkey_path) / "p2psc_center.pubkey.pem")
     lookup = DirectoryLookup(find_peer_info_url, center, timeout=5.0, negative_ttl=30.0)
-    rec = await lookup.lookup(peer_id)           # DirectoryError on any failure
+    rec = await lookup.lookup(peer_id)           # DirectoryError on any failure (fresh nonce,
+                                                 # signature and expiry checked)
     ok = await asyncio.to_thread(save_peer, rec, peer_pubkey_path, known_peers_file,
                                  allow_key_change=config_allows_it)
     if not ok: refuse the peer (its key changed, or the record is older than the one on file)
@@ -26,6 +29,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -37,13 +41,23 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
 from .. import keys
-from ..config import PeerAddress, peer_files, read_known_peers, read_public_key, write_peer_files
+from ..config import (
+    PeerAddress,
+    PeerConfig,
+    PeerStore,
+    peer_files,
+    read_known_peers,
+    read_public_key,
+    write_peer_files,
+)
 from ..p2pexcept import ConfigError, DirectoryError, PeerNotInDirectory
 from .record import (
     CENTER_PEER_ID,
     MAX_RECORD_BODY,
+    NONCE_BYTES,
     DirectorySignatureError,
     PeerRecord,
+    check_nonce,
     check_peer_id,
     loads_strict,
     verify_record,
@@ -59,7 +73,9 @@ __all__ = [
     "PeerNotInDirectory",
     "PeerRecord",
     "accept_record",
+    "directory_lookup_for",
     "fetch_peer_record",
+    "learn_peer",
     "save_peer",
     "update_address",
     "update_url_for",
@@ -144,25 +160,32 @@ async def _request(method: str, url: URL, *, timeout: float, session: aiohttp.Cl
 
 async def fetch_peer_record(url: str, peer_id: str, center_public_key: rsa.RSAPublicKey, *,
                             timeout: float = DEFAULT_TIMEOUT,
-                            session: aiohttp.ClientSession | None = None) -> PeerRecord:
+                            session: aiohttp.ClientSession | None = None,
+                            nonce: str | None = None,
+                            clock: Callable[[], float] = time.time) -> PeerRecord:
     """Look ``peer_id`` up at the lookup URL (``find_peer_info_url``) and verify the record.
 
-    Sends ``GET url?id=peer_id`` (no redirects followed), bounded by ``timeout`` seconds in
-    total, and checks the center's signature with ``center_public_key``.
+    Sends ``GET url?id=peer_id&nonce=N`` (no redirects followed), bounded by ``timeout``
+    seconds in total, with a fresh random nonce ``N`` (16 bytes as 32 hex digits; ``nonce``
+    gives it, for tests), and checks the center's signature with ``center_public_key``, that
+    the record's signed nonce is ``N`` and that it has not expired at ``clock()`` (unix
+    seconds; see :func:`~p2psc.directory.record.verify_record`).
 
     Raises :class:`PeerNotInDirectory` on 404, :class:`DirectorySignatureError` when the
     signature does not verify, and :class:`DirectoryError` when the directory is down, slow,
-    answers another status, or sends a malformed, oversized or other-peer record.
+    answers another status, or sends a malformed, oversized, other-peer, expired or replayed
+    (other nonce) record.
     """
     peer_id = check_peer_id(peer_id)
-    u = _check_url(url).update_query(id=peer_id)
+    nonce = check_nonce(secrets.token_hex(NONCE_BYTES) if nonce is None else nonce)
+    u = _check_url(url).update_query(id=peer_id, nonce=nonce)
     status, body = await _request("GET", u, timeout=timeout, session=session)
     if status == 404:
         raise PeerNotInDirectory(f"the directory does not know peer {peer_id!r}")
     if status != 200:
         raise DirectoryError(f"directory answered HTTP {status} for peer {peer_id!r}"
                              f"{_error_message(body)}")
-    return verify_record(center_public_key, body, peer_id)
+    return verify_record(center_public_key, body, peer_id, nonce=nonce, now=clock())
 
 
 async def update_address(url: str, peer_id: str, private_key: rsa.RSAPrivateKey, host: str,
@@ -172,9 +195,10 @@ async def update_address(url: str, peer_id: str, private_key: rsa.RSAPrivateKey,
     """Move this peer's directory entry to ``host:port`` (self-service, signed with its own key).
 
     ``url`` is the update endpoint (``.../api/update_address``; see :func:`update_url_for`).
-    Returns the new record as JSON; with ``center_public_key`` it is verified first (and
-    returned as its :meth:`PeerRecord.to_dict`). Raises :class:`DirectoryError` when the
-    directory refuses (bad signature, stale timestamp, replay, unknown peer) or cannot be reached.
+    Returns the new record as JSON; with ``center_public_key`` it is verified first, with the
+    update request's nonce, which the server signs into it (and returned as its
+    :meth:`PeerRecord.to_dict`). Raises :class:`DirectoryError` when the directory refuses
+    (bad signature, stale timestamp, replay, out of order, unknown peer) or cannot be reached.
     """
     req = make_update_request(peer_id, private_key, host, port)
     status, body = await _request("POST", _check_url(url), timeout=timeout, session=session,
@@ -186,7 +210,7 @@ async def update_address(url: str, peer_id: str, private_key: rsa.RSAPrivateKey,
         raise DirectoryError(f"directory refused the address update (HTTP {status})"
                              f"{_error_message(body)}")
     if center_public_key is not None:
-        return verify_record(center_public_key, body, peer_id).to_dict()
+        return verify_record(center_public_key, body, peer_id, nonce=req["nonce"]).to_dict()
     return loads_strict(body, MAX_RECORD_BODY, "directory response")
 
 
@@ -199,16 +223,20 @@ class DirectoryLookup:
     * A failure (any :class:`DirectoryError`) is remembered for ``negative_ttl`` seconds and
       re-raised without asking the directory again; :meth:`forget` drops it.
     * Successes are not cached: store them with :func:`save_peer`.
+    * Every request carries a fresh nonce, and records are checked against ``wall_clock``
+      (unix seconds) for expiry (see :func:`fetch_peer_record`).
 
     ``session`` (an :class:`aiohttp.ClientSession`) is used if given, else one is created on
-    first use and closed by :meth:`close`. Must be used from a single event loop.
+    first use and closed by :meth:`close`. Must be used from a single event loop. ``clock``
+    (monotonic) times the negative cache.
     """
 
     def __init__(self, url: str, center_public_key: rsa.RSAPublicKey, *,
                  timeout: float = DEFAULT_TIMEOUT, negative_ttl: float = 30.0,
                  max_concurrent: int = 8, max_pending: int = 256, max_negative: int = 4096,
                  session: aiohttp.ClientSession | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         _check_url(url)
         self.url = url
         self.center_public_key = center_public_key
@@ -217,6 +245,7 @@ class DirectoryLookup:
         self.max_pending = max_pending
         self.max_negative = max_negative
         self._clock = clock
+        self.wall_clock = wall_clock
         self._session = session
         self._own_session = session is None
         self._sem = asyncio.Semaphore(max_concurrent)
@@ -270,7 +299,8 @@ class DirectoryLookup:
             self.requests += 1
             try:
                 return await fetch_peer_record(self.url, peer_id, self.center_public_key,
-                                               timeout=self.timeout, session=self._session)
+                                               timeout=self.timeout, session=self._session,
+                                               clock=self.wall_clock)
             except DirectoryError as exc:
                 log.warning("directory lookup of %s failed: %s", peer_id, exc)
                 raise
@@ -328,6 +358,92 @@ def accept_record(record: PeerRecord, current_key: rsa.RSAPublicKey | None, *,
     return True
 
 
+def _address_of(record: PeerRecord) -> PeerAddress:
+    """The known-peers entry of a verified record (with its time and its validity)."""
+    return PeerAddress(record.peer_id, record.host, record.port, record.updated_at,
+                       record.expires_at)
+
+
+def directory_lookup_for(config: PeerConfig) -> DirectoryLookup:
+    """The :class:`DirectoryLookup` of a peer (a handler): ``find_peer_info_url``, the center
+    key from ``peer_pubkey_path`` (:class:`DirectoryError` if there is none: unsigned records
+    are never trusted), ``directory_timeout``, and the peer store's clock for record expiry."""
+    peers = config.peers
+    center = peers.pinned_key(CENTER_PEER_ID)
+    if center is None:
+        raise DirectoryError(
+            f"cannot use the directory: no center key "
+            f"{peers.peer_pubkey_path / (CENTER_PEER_ID + keys.PUBKEY_SUFFIX)} "
+            "(unsigned records are never trusted)")
+    if config.find_peer_info_url is None:
+        raise DirectoryError("cannot use the directory: no find_peer_info_url")
+    return DirectoryLookup(config.find_peer_info_url, center,
+                           timeout=config.settings.directory_timeout,
+                           wall_clock=lambda: peers.clock())
+
+
+async def _store(peers: PeerStore, address: PeerAddress, key: rsa.RSAPublicKey) -> None:
+    """Write the peer's files atomically (in a thread), then update the in-memory store."""
+    files = peers.files_for(address, key)
+    await asyncio.to_thread(peers.write_files, files)
+    peers.add(address, key, persist=False)
+
+
+async def _retire(peers: PeerStore, peer_id: str, why: str) -> None:
+    """Mark a peer learned from the directory as expired (``expires_at`` 0, in memory and in
+    the known peers file): its key is kept as the pinned key but is not used for a handshake
+    until the directory vouches for the peer again. Peers added by hand are left alone."""
+    known = peers.known_address(peer_id)
+    key = peers.pinned_key(peer_id)
+    if known is None or key is None or not known.from_directory or known.expires_at == 0:
+        return
+    log.warning("directory: %s: %s; its key (%s) is no longer used", peer_id, why,
+                keys.fingerprint(key))
+    await _store(peers, PeerAddress(peer_id, known.host, known.port, known.updated_at, 0), key)
+
+
+async def learn_peer(lookup: DirectoryLookup, peers: PeerStore, peer_id: str, *,
+                     allow_key_change: bool = False) -> PeerRecord:
+    """Look ``peer_id`` up (a fresh nonce, signature and expiry checked), apply the trust
+    policy against what ``peers`` has on file, and store the peer with the record's
+    ``expires_at``. What a handler does for a peer it must (re)learn from the directory.
+
+    * The directory no longer knows the peer (404), or vouches for another key than the
+      pinned one and ``allow_key_change`` is false: the peer's directory-sourced entry is
+      retired at once (its key is not used for a handshake until a record vouches for it
+      again), and :class:`PeerNotInDirectory` / :class:`DirectoryError` is raised.
+    * A record older (``updated_at``) than the one on file is refused (no rollback).
+    * Otherwise the record is stored and returned.
+
+    The pinned key (:meth:`PeerStore.pinned_key`) is the comparison point even when its
+    record has expired. Entries added by hand are never retired.
+    """
+    try:
+        record = await lookup.lookup(peer_id)
+    except PeerNotInDirectory:
+        await _retire(peers, peer_id, "the directory no longer knows this peer")
+        raise
+    if not accept_record(record, peers.pinned_key(peer_id), allow_key_change=allow_key_change):
+        await _retire(peers, peer_id, f"the directory now vouches for another key "
+                                      f"({record.fingerprint})")
+        raise DirectoryError(f"the directory's key for {peer_id} differs from the one on "
+                             "file; refused (set allow_key_change to accept key changes)")
+    known = peers.known_address(peer_id)
+    if known is not None and known.updated_at is not None \
+            and record.updated_at < known.updated_at:
+        raise DirectoryError(f"the directory's record for {peer_id} is older than the one "
+                             "on file; refused (a replayed record?)")
+    address = _address_of(record)
+    on_file = peers.pinned_key(peer_id)
+    if known != address or known.updated_at != address.updated_at \
+            or known.expires_at != address.expires_at or on_file is None \
+            or not keys.same_public_key(on_file, record.public_key):
+        await _store(peers, address, record.public_key)
+        log.info("learned peer %s at %s:%d from the directory (%s), valid until %d", peer_id,
+                 record.host, record.port, record.fingerprint, record.expires_at)
+    return record
+
+
 # save_peer is blocking file I/O: call it with asyncio.to_thread. This lock serializes the
 # read-modify-write of the known peers file between threads of one process.
 _save_lock = threading.Lock()
@@ -336,7 +452,8 @@ _save_lock = threading.Lock()
 def save_peer(record: PeerRecord, peer_pubkey_path: PathLike, known_peers_file: PathLike, *,
               allow_key_change: bool = False) -> bool:
     """Store a verified directory record: its key as ``<peer_pubkey_path>/<peer_id>.pubkey.pem``
-    and ``{"peer_id", "host", "port", "updated_at"}`` under its id in ``known_peers_file``.
+    and ``{"peer_id", "host", "port", "updated_at", "expires_at"}`` under its id in
+    ``known_peers_file`` (a handler does not use the key for a handshake after ``expires_at``).
 
     Both writes are atomic (temporary file, then rename); the key file is written first.
     Returns ``False``, writing nothing, when:
@@ -365,7 +482,7 @@ def save_peer(record: PeerRecord, peer_pubkey_path: PathLike, known_peers_file: 
             log.warning("directory: ignored a record for %s older than the one on file "
                         "(updated_at %d < %d)", record.peer_id, record.updated_at, prev.updated_at)
             return False
-        address = PeerAddress(record.peer_id, record.host, record.port, record.updated_at)
+        address = _address_of(record)
         files = peer_files(key_dir, peers_path, peers, address,
                            record.public_key if write_key else None)
         try:

@@ -1,13 +1,19 @@
 """The directory record: its fields, its canonical encoding, and the center's signature over it.
 
-A record is the JSON object ``{"peer_id", "pubkey", "host", "port", "updated_at", "sig"}``.
+A record (format v2) is the JSON object
+``{"peer_id", "pubkey", "host", "port", "updated_at", "expires_at", "nonce", "sig"}``.
 ``sig`` is base64 (standard alphabet, padded) of the center's RSA-PSS-SHA256 signature over
-:func:`canonical_record_bytes` of the other five fields::
+:func:`canonical_record_bytes` of the other seven fields::
 
-    b"p2psc directory record v1\\n" + json.dumps(fields, sort_keys=True,
+    b"p2psc directory record v2\\n" + json.dumps(fields, sort_keys=True,
                                                  separators=(",", ":"), ensure_ascii=True)
 
-Parsing is strict: exactly these six keys, exact types, bounded sizes, no duplicate keys,
+``expires_at`` (unix seconds) ends the record's validity; ``nonce`` is the 32 hex digits the
+client sent with its lookup (or ``null`` for a lookup without one), so an answer cannot be
+replayed to a client that asked with another nonce. v1 records (prefix ``... v1``, no
+``expires_at``, no ``nonce``) never expired; they are refused.
+
+Parsing is strict: exactly these eight keys, exact types, bounded sizes, no duplicate keys,
 and the ``peer_id`` must be the one that was asked for. See docs/DIRECTORY.md.
 """
 
@@ -16,6 +22,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,21 +31,29 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import keys, validators
+from ..config import DIRECTORY_CLOCK_SKEW
 from ..p2pexcept import ConfigError, DirectoryError, DirectorySignatureError, SignCheckError
 from ..validators import MAX_HOST_LEN
 
 __all__ = [
     "CENTER_PEER_ID",
+    "CLOCK_SKEW",
+    "DEFAULT_RECORD_TTL",
     "MAX_HOST_LEN",
     "MAX_PUBKEY_LEN",
     "MAX_RECORD_BODY",
+    "MAX_RECORD_TTL",
+    "MIN_RECORD_TTL",
+    "NONCE_BYTES",
     "RECORD_FIELDS",
     "RECORD_PREFIX",
+    "RECORD_PREFIX_V1",
     "DirectorySignatureError",
     "PeerRecord",
     "canonical_json",
     "canonical_record_bytes",
     "check_host",
+    "check_nonce",
     "check_peer_id",
     "check_port",
     "check_pubkey_pem",
@@ -46,10 +62,25 @@ __all__ = [
     "verify_record",
 ]
 
-#: Domain-separation prefix of the signed record encoding.
-RECORD_PREFIX = b"p2psc directory record v1\n"
+#: Domain-separation prefix of the signed record encoding (format v2: with expires_at and nonce).
+RECORD_PREFIX = b"p2psc directory record v2\n"
+#: The prefix of format v1 (records without expiry), never signed nor accepted any more.
+RECORD_PREFIX_V1 = b"p2psc directory record v1\n"
 #: The signed fields, i.e. every record field except ``sig``.
-RECORD_FIELDS = ("host", "peer_id", "port", "pubkey", "updated_at")
+RECORD_FIELDS = ("expires_at", "host", "nonce", "peer_id", "port", "pubkey", "updated_at")
+_V1_FIELDS = frozenset({"host", "peer_id", "port", "pubkey", "updated_at", "sig"})
+#: Validity of a signed record by default (``p2psc directory serve --record-ttl``), seconds.
+DEFAULT_RECORD_TTL = 24 * 3600
+#: Bounds of the server's record validity. A client refuses a record valid for longer than
+#: MAX_RECORD_TTL (+ the clock skew) from now, whatever the server was configured with.
+MIN_RECORD_TTL = 60
+MAX_RECORD_TTL = 7 * 24 * 3600
+#: Clock difference tolerated between a client and the center: a record is still accepted
+#: CLOCK_SKEW seconds after its expires_at (the same rule applies to a cached key).
+CLOCK_SKEW = DIRECTORY_CLOCK_SKEW
+#: Lookup nonce length in bytes (sent as 32 lowercase hex digits).
+NONCE_BYTES = 16
+_NONCE_RE = re.compile(f"[0-9a-f]{{{2 * NONCE_BYTES}}}")
 #: Largest record body (HTTP response body or JSON text) accepted, in bytes.
 MAX_RECORD_BODY = 16 * 1024
 #: Longest PEM public key accepted (an 8192-bit SubjectPublicKeyInfo PEM is about 1.5 KB).
@@ -84,6 +115,13 @@ def check_timestamp(value: object, what: str = "updated_at") -> int:
     """Return a non-negative integer of unix seconds or raise."""
     if type(value) is not int or not 0 <= value <= MAX_TIMESTAMP:
         raise DirectoryError(f"{what}: must be a non-negative integer (unix seconds)")
+    return value
+
+
+def check_nonce(value: object, what: str = "nonce") -> str:
+    """Return a nonce of 32 lowercase hex digits (16 bytes) or raise :class:`DirectoryError`."""
+    if not isinstance(value, str) or not _NONCE_RE.fullmatch(value):
+        raise DirectoryError(f"{what}: must be {2 * NONCE_BYTES} lowercase hex digits")
     return value
 
 
@@ -145,7 +183,7 @@ def canonical_json(fields: Mapping[str, Any]) -> bytes:
 
 
 def canonical_record_bytes(fields: Mapping[str, Any]) -> bytes:
-    """The bytes the center signs: :data:`RECORD_PREFIX` + canonical JSON of the five fields.
+    """The bytes the center signs: :data:`RECORD_PREFIX` + canonical JSON of the seven fields.
 
     ``fields`` may contain ``sig`` (it is left out); any other key is an error.
     """
@@ -157,10 +195,10 @@ def canonical_record_bytes(fields: Mapping[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class PeerRecord:
-    """A directory record whose center signature has been verified.
+    """A directory record whose center signature, freshness and nonce have been verified.
 
     ``public_key`` is the parsed ``pubkey``; ``sig`` is kept so the record can be stored or
-    passed on and re-verified later.
+    passed on and re-verified later (until ``expires_at``).
     """
 
     peer_id: str
@@ -168,6 +206,8 @@ class PeerRecord:
     host: str
     port: int
     updated_at: int
+    expires_at: int
+    nonce: str | None
     sig: str
     public_key: rsa.RSAPublicKey = field(repr=False, compare=False)
 
@@ -177,9 +217,10 @@ class PeerRecord:
         return keys.fingerprint(self.public_key)
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as its JSON object (the six wire fields)."""
+        """The record as its JSON object (the eight wire fields)."""
         return {"peer_id": self.peer_id, "pubkey": self.pubkey, "host": self.host,
-                "port": self.port, "updated_at": self.updated_at, "sig": self.sig}
+                "port": self.port, "updated_at": self.updated_at, "expires_at": self.expires_at,
+                "nonce": self.nonce, "sig": self.sig}
 
 
 def _validated_fields(obj: Mapping[str, Any]) -> tuple[dict[str, Any], rsa.RSAPublicKey]:
@@ -189,13 +230,16 @@ def _validated_fields(obj: Mapping[str, Any]) -> tuple[dict[str, Any], rsa.RSAPu
         "host": check_host(obj.get("host")),
         "port": check_port(obj.get("port")),
         "updated_at": check_timestamp(obj.get("updated_at")),
+        "expires_at": check_timestamp(obj.get("expires_at"), "expires_at"),
+        "nonce": None if obj.get("nonce") is None else check_nonce(obj.get("nonce")),
     }
     pub = check_pubkey_pem(fields["pubkey"])
     return fields, pub
 
 
 def sign_record(center_private_key: rsa.RSAPrivateKey, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the five record fields and return the record JSON object with the center's ``sig``."""
+    """Validate the seven record fields and return the record JSON object with the center's
+    ``sig``. ``nonce`` may be ``None`` (a lookup without a nonce)."""
     if set(fields) - {"sig"} != set(RECORD_FIELDS):
         raise DirectoryError(f"record fields must be exactly {', '.join(RECORD_FIELDS)}")
     clean, _ = _validated_fields(fields)
@@ -214,17 +258,29 @@ def decode_sig(value: object, what: str = "sig") -> bytes:
 
 
 def verify_record(center_public_key: rsa.RSAPublicKey, obj: Mapping[str, Any] | bytes | str,
-                  expected_peer_id: str) -> PeerRecord:
+                  expected_peer_id: str, *, nonce: str | None,
+                  now: float | None = None) -> PeerRecord:
     """Check a record (a parsed JSON object, or its JSON text) and return it as a :class:`PeerRecord`.
 
-    Raises :class:`DirectoryError` when it is malformed, oversized or for another peer, and
-    :class:`DirectorySignatureError` (a :class:`DirectoryError` only) when the center's
-    signature does not verify. Nothing from an unverified record is ever returned.
+    ``nonce`` is the nonce the client sent with its lookup: the record's signed ``nonce`` must
+    be exactly that (an answer to another request, or a replayed one, is refused). ``None``
+    checks no nonce: only for a record that was not fetched with one (e.g. re-verifying a
+    stored record). ``now`` (unix seconds, default :func:`time.time`) must not be more than
+    :data:`CLOCK_SKEW` seconds past ``expires_at``, and ``expires_at`` not more than
+    :data:`MAX_RECORD_TTL` + :data:`CLOCK_SKEW` seconds ahead of it.
+
+    Raises :class:`DirectoryError` when it is malformed, oversized, for another peer, in the
+    old v1 format, expired, or for another nonce, and :class:`DirectorySignatureError` (a
+    :class:`DirectoryError` only) when the center's signature does not verify. The signature is
+    checked before the nonce and the time. Nothing from an unverified record is ever returned.
     """
     if isinstance(obj, (bytes, bytearray, str)):
         obj = loads_strict(obj, MAX_RECORD_BODY, "directory record")
     if not isinstance(obj, Mapping):
         raise DirectoryError("directory record: not a JSON object")
+    if set(obj) == _V1_FIELDS:
+        raise DirectoryError("directory record in the old v1 format (no expires_at, no nonce): "
+                             "refused, v1 records never expire; upgrade the directory server")
     if set(obj) != {*RECORD_FIELDS, "sig"}:
         raise DirectoryError("directory record: fields must be exactly "
                              f"{', '.join(sorted({*RECORD_FIELDS, 'sig'}))}")
@@ -238,4 +294,16 @@ def verify_record(center_public_key: rsa.RSAPublicKey, obj: Mapping[str, Any] | 
     except SignCheckError as exc:
         raise DirectorySignatureError(f"{exc} for peer {expected_peer_id!r} "
                                       "(forged or altered record, or wrong center key)") from None
+    if nonce is not None and fields["nonce"] != nonce:
+        raise DirectoryError(f"directory record for {expected_peer_id!r} answers another "
+                             "request (its signed nonce is not the one sent): a replayed answer")
+    t = time.time() if now is None else now
+    if t > fields["expires_at"] + CLOCK_SKEW:
+        raise DirectoryError(f"directory record for {expected_peer_id!r} expired at "
+                             f"{fields['expires_at']} (now {int(t)}, {CLOCK_SKEW} s of clock "
+                             "skew allowed): a stale or replayed record")
+    if fields["expires_at"] > t + MAX_RECORD_TTL + CLOCK_SKEW:
+        raise DirectoryError(f"directory record for {expected_peer_id!r} is valid until "
+                             f"{fields['expires_at']}, more than {MAX_RECORD_TTL} s from now "
+                             f"({int(t)}): refused")
     return PeerRecord(public_key=pub, sig=obj["sig"], **fields)

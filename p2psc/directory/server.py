@@ -2,7 +2,8 @@
 
 Endpoints (see docs/DIRECTORY.md):
 
-* ``GET /api/get_peer_info?id=<peer_id>`` -> the center-signed record (404 if unknown);
+* ``GET /api/get_peer_info?id=<peer_id>[&nonce=<32 hex>]`` -> the center-signed record, valid
+  until its ``expires_at`` and carrying the client's nonce (404 if unknown);
   ``/api/get_peer_info.dspy`` is an alias for the original README's URL.
 * ``POST /api/update_address`` -> a registered peer moves its own host/port (signed by itself).
 * ``GET /`` -> a plain HTML page listing the peers, their key fingerprints and addresses.
@@ -30,7 +31,11 @@ from .. import keys
 from ..p2pexcept import DirectoryError, P2PError
 from .record import (
     CENTER_PEER_ID,
+    DEFAULT_RECORD_TTL,
+    MAX_RECORD_TTL,
+    MIN_RECORD_TTL,
     DirectorySignatureError,
+    check_nonce,
     check_peer_id,
     loads_strict,
     sign_record,
@@ -44,6 +49,7 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_MAX_SKEW",
     "DEFAULT_PORT",
+    "DEFAULT_RECORD_TTL",
     "LOOKUP_PATH",
     "UPDATE_PATH",
     "make_app",
@@ -57,7 +63,7 @@ DEFAULT_PORT = 9999
 DEFAULT_MAX_SKEW = 120
 #: Most peers shown on the HTML page.
 MAX_LISTED = 1000
-#: Signed records kept in memory (keyed by their exact content).
+#: Signed records of lookups without a nonce kept in memory (keyed by the entry's content).
 SIG_CACHE_SIZE = 4096
 LOOKUP_PATH = "/api/get_peer_info"
 UPDATE_PATH = "/api/update_address"
@@ -73,33 +79,49 @@ class _State:
     """The center key, the clock and the signature cache shared by the handlers."""
 
     def __init__(self, store: DirectoryStore, center_private_key: rsa.RSAPrivateKey,
-                 max_skew: int, clock: Callable[[], float], max_body: int) -> None:
+                 max_skew: int, clock: Callable[[], float], max_body: int,
+                 record_ttl: int) -> None:
         self.store = store
         self.max_body = max_body
         self._lock = threading.Lock()
         self.key = center_private_key
         self.max_skew = max_skew
         self.clock = clock
+        self.record_ttl = record_ttl
         self._sigs: OrderedDict[PeerEntry, dict[str, Any]] = OrderedDict()
         self._fingerprints: OrderedDict[str, str] = OrderedDict()
         self.lookups = 0  # lookups served (the tests count requests with it)
+        self.signatures = 0  # records signed (RSA private-key operations)
 
-    def signed(self, entry: PeerEntry) -> dict[str, Any]:
-        """The signed record of ``entry``; RSA signing happens once per distinct record, so
-        repeated lookups cost no private-key operation. Runs in a worker thread."""
-        with self._lock:
-            rec = self._sigs.get(entry)
-        if rec is None:
-            rec = sign_record(self.key, entry.fields())
+    def signed(self, entry: PeerEntry, nonce: str | None = None) -> dict[str, Any]:
+        """The signed record of ``entry``, valid from now for at least half the record TTL.
+
+        With a ``nonce`` the record is signed for this request (one RSA private-key operation).
+        Without one, a signature cached for the same entry content is reused while it has at
+        least ``record_ttl / 2`` seconds left; otherwise the record is signed anew with
+        ``expires_at = now + record_ttl`` and cached. Runs in a worker thread.
+        """
+        now = int(self.clock())
+        if nonce is None:
             with self._lock:
+                rec = self._sigs.get(entry)
+            if rec is not None and \
+                    now + self.record_ttl // 2 <= rec["expires_at"] <= now + self.record_ttl:
+                return rec
+        rec = sign_record(self.key, {**entry.fields(), "expires_at": now + self.record_ttl,
+                                     "nonce": nonce})
+        with self._lock:
+            self.signatures += 1
+            if nonce is None:
                 self._sigs[entry] = rec
+                self._sigs.move_to_end(entry)
                 while len(self._sigs) > SIG_CACHE_SIZE:
                     self._sigs.popitem(last=False)
         return rec
 
-    def lookup(self, peer_id: str) -> dict[str, Any] | None:
+    def lookup(self, peer_id: str, nonce: str | None) -> dict[str, Any] | None:
         entry = self.store.get(peer_id)
-        return None if entry is None else self.signed(entry)
+        return None if entry is None else self.signed(entry, nonce)
 
     def fingerprint(self, pubkey_pem: str) -> str:
         with self._lock:
@@ -161,12 +183,16 @@ async def _get_peer_info(request: web.Request) -> web.Response:
     ids = request.query.getall("id", [])
     if len(ids) != 1:
         return _error(400, "give exactly one id parameter")
+    nonces = request.query.getall("nonce", [])
+    if len(nonces) > 1:
+        return _error(400, "give at most one nonce parameter")
     try:
         peer_id = check_peer_id(ids[0], "id")
+        nonce = check_nonce(nonces[0]) if nonces else None
     except DirectoryError as exc:
         return _error(400, str(exc))
     state.lookups += 1
-    rec = await _blocking(state.lookup, peer_id)
+    rec = await _blocking(state.lookup, peer_id, nonce)
     if rec is None:
         return _error(404, f"unknown peer {peer_id!r}")
     return web.json_response(rec, headers=_JSON_HEADERS)
@@ -197,13 +223,14 @@ async def _update_address(request: web.Request) -> web.Response:
     try:
         new = await _blocking(functools.partial(
             state.store.update_address, req.peer_id, req.host, req.port, updated_at=now,
-            nonce=req.nonce, nonce_expires_at=max(req.timestamp, now) + state.max_skew + 1))
-    except ReplayError:
-        log.warning("directory: replayed update for %s refused", req.peer_id)
-        return _error(409, "nonce already used (replayed request)")
+            nonce=req.nonce, nonce_expires_at=max(req.timestamp, now) + state.max_skew + 1,
+            timestamp=req.timestamp))
+    except ReplayError as exc:  # a nonce seen before, or a timestamp not newer than the last
+        log.warning("directory: update for %s refused: %s", req.peer_id, exc)
+        return _error(409, str(exc))
     except UnknownEntryError:  # removed between the two statements
         return _error(404, f"unknown peer {req.peer_id!r}")
-    rec = await _blocking(state.signed, new)
+    rec = await _blocking(state.signed, new, req.nonce)  # the answer carries the request's nonce
     return web.json_response(rec, headers=_JSON_HEADERS)
 
 
@@ -217,8 +244,8 @@ code{{font-size:90%}}</style></head>
 </tr></thead><tbody>
 {rows}
 </tbody></table>
-<p>Lookups: <code>GET {lookup}?id=PEER_ID</code> returns the record signed by the center key
-(<code>{center}</code>).</p>
+<p>Lookups: <code>GET {lookup}?id=PEER_ID&amp;nonce=32_HEX_DIGITS</code> returns the record
+signed by the center key (<code>{center}</code>), valid for {ttl} s.</p>
 </body></html>
 """
 
@@ -243,7 +270,7 @@ async def _index(request: web.Request) -> web.Response:
     if total > len(listed):
         summary += f" (the first {len(listed):d} are shown)"
     page = _PAGE.format(summary=e(summary), rows=rows, lookup=e(LOOKUP_PATH),
-                        center=e(CENTER_PEER_ID))
+                        center=e(CENTER_PEER_ID), ttl=state.record_ttl)
     return web.Response(text=page, content_type="text/html", charset="utf-8", headers={
         "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
@@ -251,17 +278,25 @@ async def _index(request: web.Request) -> web.Response:
 
 def make_app(store: DirectoryStore, center_private_key: rsa.RSAPrivateKey, *,
              max_skew: int = DEFAULT_MAX_SKEW, clock: Callable[[], float] = time.time,
-             client_max_size: int = MAX_UPDATE_BODY) -> web.Application:
+             client_max_size: int = MAX_UPDATE_BODY,
+             record_ttl: int = DEFAULT_RECORD_TTL) -> web.Application:
     """Build the directory web application.
 
     ``store`` holds the peers; ``center_private_key`` signs every record; ``max_skew`` bounds
-    the clock difference accepted on update timestamps; ``clock`` is injectable for tests;
-    ``client_max_size`` caps request bodies (aiohttp answers 413 beyond it, before buffering).
-    The app's ``lookups`` counter (``app[STATE_KEY].lookups``) counts lookup requests.
+    the clock difference accepted on update timestamps; ``clock`` (unix seconds) is injectable
+    for tests; ``client_max_size`` caps request bodies (aiohttp answers 413 beyond it, before
+    buffering); ``record_ttl`` is the validity of a signed record in seconds
+    (:data:`MIN_RECORD_TTL` .. :data:`MAX_RECORD_TTL`; :class:`DirectoryError` otherwise).
+    ``app[STATE_KEY].lookups`` counts lookup requests, ``.signatures`` records signed.
     """
+    if isinstance(record_ttl, bool) or not isinstance(record_ttl, int) \
+            or not MIN_RECORD_TTL <= record_ttl <= MAX_RECORD_TTL:
+        raise DirectoryError(f"record TTL must be a whole number of seconds from "
+                             f"{MIN_RECORD_TTL} to {MAX_RECORD_TTL}, not {record_ttl!r}")
     app = web.Application(middlewares=[_json_errors], client_max_size=client_max_size)
     app[STORE_KEY] = store
-    app[STATE_KEY] = _State(store, center_private_key, max_skew, clock, client_max_size)
+    app[STATE_KEY] = _State(store, center_private_key, max_skew, clock, client_max_size,
+                            record_ttl)
     app.router.add_get(LOOKUP_PATH, _get_peer_info)
     app.router.add_get(LOOKUP_PATH + ".dspy", _get_peer_info)
     app.router.add_post(UPDATE_PATH, _update_address)
@@ -293,11 +328,11 @@ async def start_server(app: web.Application, host: str = DEFAULT_HOST, port: int
 
 async def serve(store: DirectoryStore, center_private_key: rsa.RSAPrivateKey, *,
                 host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                max_skew: int = DEFAULT_MAX_SKEW, ready: Callable[[int], None] | None = None
-                ) -> None:
+                max_skew: int = DEFAULT_MAX_SKEW, ready: Callable[[int], None] | None = None,
+                record_ttl: int = DEFAULT_RECORD_TTL) -> None:
     """Run the directory server until cancelled; ``ready(port)`` is called once it listens."""
-    runner, bound = await start_server(make_app(store, center_private_key, max_skew=max_skew),
-                                       host, port)
+    runner, bound = await start_server(make_app(store, center_private_key, max_skew=max_skew,
+                                                record_ttl=record_ttl), host, port)
     log.info("directory: serving on http://%s:%d/ (center key %s)", host, bound,
              keys.fingerprint(center_private_key))
     try:

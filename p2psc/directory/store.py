@@ -1,4 +1,5 @@
-"""The directory's SQLite store: registered peers and the seen update nonces.
+"""The directory's SQLite store: registered peers, the seen update nonces, and the timestamp
+of each peer's last accepted address update.
 
 One database file (stdlib :mod:`sqlite3`, rollback journal, so no extra server and no sidecar
 files at rest). Every write is a single ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction, rolled
@@ -36,7 +37,8 @@ CREATE TABLE IF NOT EXISTS peers (
     pubkey     TEXT NOT NULL,
     host       TEXT NOT NULL,
     port       INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
-    updated_at INTEGER NOT NULL
+    updated_at INTEGER NOT NULL,
+    last_update_ts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS seen_nonces (
     peer_id    TEXT NOT NULL,
@@ -46,7 +48,9 @@ CREATE TABLE IF NOT EXISTS seen_nonces (
 );
 CREATE INDEX IF NOT EXISTS seen_nonces_expiry ON seen_nonces (expires_at);
 """
-_SCHEMA_VERSION = 1
+#: v1: peers and seen_nonces. v2: ``peers.last_update_ts``, the signed timestamp of the last
+#: accepted address update (v1 databases are migrated when opened).
+_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,12 @@ class DirectoryStore:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(peers)")}
+            if "last_update_ts" not in columns:  # a v1 database: migrate it in place
+                db.execute("ALTER TABLE peers ADD COLUMN last_update_ts INTEGER NOT NULL "
+                           "DEFAULT 0")
+                log.info("directory: %s: database schema v%d migrated to v%d", self.path,
+                         version, _SCHEMA_VERSION)
             db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager
@@ -141,7 +151,11 @@ class DirectoryStore:
 
     def put(self, peer_id: str, pubkey_pem: str, host: str, port: int, *,
             updated_at: int | None = None) -> PeerEntry:
-        """Add a peer, or replace its key and address; every field is validated first."""
+        """Add a peer, or replace its key and address; every field is validated first.
+
+        A replaced entry keeps the timestamp of its last accepted address update, so an update
+        signed before this call but delivered after it is still refused if not newer.
+        """
         entry = PeerEntry(
             peer_id=check_peer_id(peer_id),
             pubkey=pubkey_pem,
@@ -151,8 +165,10 @@ class DirectoryStore:
         )
         check_pubkey_pem(pubkey_pem)
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO peers (peer_id, pubkey, host, port, updated_at) "
-                       "VALUES (?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO peers (peer_id, pubkey, host, port, updated_at) "
+                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT (peer_id) DO UPDATE SET "
+                       "pubkey = excluded.pubkey, host = excluded.host, port = excluded.port, "
+                       "updated_at = excluded.updated_at",
                        (entry.peer_id, entry.pubkey, entry.host, entry.port, entry.updated_at))
         log.info("directory: stored peer %s at %s:%d", entry.peer_id, entry.host, entry.port)
         return entry
@@ -183,13 +199,24 @@ class DirectoryStore:
         """Number of registered peers."""
         return int(self._read("SELECT COUNT(*) FROM peers")[0][0])
 
+    def last_update_ts(self, peer_id: str) -> int | None:
+        """The timestamp of the peer's last accepted address update (0 if none yet), or
+        ``None`` if the peer is not registered."""
+        rows = self._read("SELECT last_update_ts FROM peers WHERE peer_id = ?", (peer_id,))
+        return int(rows[0][0]) if rows else None
+
     def update_address(self, peer_id: str, host: str, port: int, *, updated_at: int | None = None,
-                       nonce: str | None = None, nonce_expires_at: int | None = None) -> PeerEntry:
+                       nonce: str | None = None, nonce_expires_at: int | None = None,
+                       timestamp: int | None = None) -> PeerEntry:
         """Change a registered peer's host and port (never its key), in one transaction.
 
         With ``nonce``, also records it as seen until ``nonce_expires_at`` and raises
         :class:`ReplayError` if it was already seen (expired nonces are purged first).
-        Raises :class:`UnknownEntryError` if the peer is not registered; nothing is written then.
+        With ``timestamp`` (the update request's own signed time), also raises
+        :class:`ReplayError` ("not newer ...") unless it is newer than the last accepted one,
+        which it then becomes: updates apply in the order they were signed, never rolled back.
+        Raises :class:`UnknownEntryError` if the peer is not registered. Nothing is written
+        when anything is raised.
         """
         check_host(host)
         check_port(port)
@@ -205,10 +232,19 @@ class DirectoryStore:
                                 else nonce_expires_at))
                 except sqlite3.IntegrityError:
                     raise ReplayError("update nonce already used (replayed request)") from None
-            n = db.execute("UPDATE peers SET host = ?, port = ?, updated_at = ? WHERE peer_id = ?",
-                           (host, port, ts, peer_id)).rowcount
-            if n != 1:
+            last = db.execute("SELECT last_update_ts FROM peers WHERE peer_id = ?",
+                              (peer_id,)).fetchone()
+            if last is None:
                 raise UnknownEntryError(f"peer {peer_id!r} is not registered")
+            if timestamp is not None:
+                check_timestamp(timestamp, "timestamp")
+                if timestamp <= last[0]:
+                    raise ReplayError(
+                        f"not newer than the last accepted update (out of order): update "
+                        f"timestamp {timestamp} <= {last[0]}, a delayed or replayed request")
+            db.execute("UPDATE peers SET host = ?, port = ?, updated_at = ?, "
+                       "last_update_ts = MAX(last_update_ts, ?) WHERE peer_id = ?",
+                       (host, port, ts, last[0] if timestamp is None else timestamp, peer_id))
             row = db.execute("SELECT peer_id, pubkey, host, port, updated_at FROM peers "
                              "WHERE peer_id = ?", (peer_id,)).fetchone()
         log.info("directory: peer %s moved to %s:%d", peer_id, host, port)

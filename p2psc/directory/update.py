@@ -10,14 +10,14 @@ the peer's own RSA-PSS-SHA256 signature over::
     b"p2psc directory update v1\\n" + canonical JSON of the other five fields
 
 (sorted keys, separators ``(",", ":")``, ASCII). The server checks the signature with the
-public key it has on file for ``peer_id``, the timestamp against its clock, and that the
-nonce was not seen before. See docs/DIRECTORY.md.
+public key it has on file for ``peer_id``, the timestamp against its clock and against the
+last update it accepted for the peer (it must be newer), and that the nonce was not seen
+before. Its answer is the new record, signed with this request's nonce. See docs/DIRECTORY.md.
 """
 
 from __future__ import annotations
 
 import base64
-import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -29,9 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .. import keys
 from ..p2pexcept import DirectoryError, SignCheckError
 from .record import (
+    NONCE_BYTES,
     DirectorySignatureError,
     canonical_json,
     check_host,
+    check_nonce,
     check_peer_id,
     check_port,
     check_timestamp,
@@ -55,10 +57,6 @@ UPDATE_PREFIX = b"p2psc directory update v1\n"
 UPDATE_FIELDS = ("host", "nonce", "peer_id", "port", "timestamp")
 #: Largest update request body the server reads, in bytes.
 MAX_UPDATE_BODY = 4 * 1024
-#: Nonce length in bytes (sent as 32 lowercase hex digits).
-NONCE_BYTES = 16
-
-_NONCE_RE = re.compile(f"[0-9a-f]{{{2 * NONCE_BYTES}}}")
 
 
 @dataclass(frozen=True)
@@ -103,10 +101,8 @@ def make_update_request(peer_id: str, private_key: rsa.RSAPrivateKey, host: str,
         "port": check_port(port),
         "timestamp": check_timestamp(int(time.time()) if timestamp is None else timestamp,
                                      "timestamp"),
-        "nonce": secrets.token_hex(NONCE_BYTES) if nonce is None else nonce,
+        "nonce": check_nonce(secrets.token_hex(NONCE_BYTES) if nonce is None else nonce),
     }
-    if not _NONCE_RE.fullmatch(str(fields["nonce"])):
-        raise DirectoryError(f"nonce: must be {2 * NONCE_BYTES} lowercase hex digits")
     sig = keys.sign(private_key, canonical_update_bytes(fields))
     return {**fields, "sig": base64.b64encode(sig).decode("ascii")}
 
@@ -117,9 +113,7 @@ def parse_update_request(obj: Mapping[str, Any]) -> UpdateRequest:
     if set(obj) != {*UPDATE_FIELDS, "sig"}:
         raise DirectoryError("update request: fields must be exactly "
                              f"{', '.join(sorted({*UPDATE_FIELDS, 'sig'}))}")
-    nonce = obj["nonce"]
-    if not isinstance(nonce, str) or not _NONCE_RE.fullmatch(nonce):
-        raise DirectoryError(f"nonce: must be {2 * NONCE_BYTES} lowercase hex digits")
+    nonce = check_nonce(obj["nonce"])
     return UpdateRequest(
         peer_id=check_peer_id(obj["peer_id"]),
         host=check_host(obj["host"]),
