@@ -42,8 +42,9 @@ UP = TypeVar("UP", bound=UdpP2P)
 class P2PHandler:
     """One peer: its RSA key, its known peers, and the connections it makes or accepts.
 
-    - ``P2PHandler(loop=None)``: the config of appPublic's ``getConfig()`` (as the original
-      README sets up, from ``./conf/config.json``);
+    - ``P2PHandler(loop=None)``: ``./conf/config.json``, the file the original README gives
+      appPublic's ``getConfig()``, read by p2psc itself (``$[workdir]$`` is the current folder;
+      no config text is evaluated);
     - ``P2PHandler(workdir=DIR)``: reads ``DIR/conf/config.json`` itself (several peers can
       live in one process);
     - ``P2PHandler(config=mapping)``: the same keys as conf/config.json.

@@ -51,7 +51,9 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
     :meth:`on_peer_handshaked`) and, if needed, :meth:`on_peer_closed`.
 
     One :meth:`send` is one datagram: it arrives as one ``on_recv`` or not at all, never
-    twice, never corrupted, never from an unauthenticated source. Payloads over
+    twice, never altered. Who sent it is the peer whose session keys opened it, given to
+    :meth:`on_datagram` (and by :attr:`current_peer` inside ``on_recv``), never a guess from the
+    source address, which anyone on the path can forge. Payloads over
     ``udp_max_payload`` (default 1200 bytes) raise :class:`MessageTooLarge`. A client's sends
     before its handshake completes are queued (``pending_max_messages`` /
     ``pending_max_bytes``; past that :class:`ChannelNotReady`) and flushed when it completes.
@@ -67,6 +69,7 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         self._sock: socket.socket | None = None            # set by attach()
         self._target: tuple[Any, Any] | None = None        # client: (address, public key)
         self._rbuf: bytearray | None = None
+        self._delivering: tuple[str, Any] | None = None  # (peer, addr) inside on_datagram
 
     # -- hooks for applications ---------------------------------------------------------------
 
@@ -78,8 +81,15 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         the default calls :meth:`on_handshaked`."""
         self.on_handshaked()
 
+    def on_datagram(self, data: bytes, peer_id: str, addr: Any) -> None:
+        """Called with each datagram's payload, decrypted and authenticated, with the id of
+        the peer whose session opened it and the address it came from. The default calls
+        :meth:`on_recv`; override this one to know who sent what."""
+        self.on_recv(data, addr)
+
     def on_recv(self, data: bytes, addr: Any) -> None:
-        """Called with each datagram's payload, decrypted and authenticated."""
+        """Called with each datagram's payload, decrypted and authenticated (the sender is
+        :attr:`current_peer`); a reply ``self.send(data, addr)`` from here goes to that peer."""
 
     def on_peer_closed(self, peer_id: str, error: Exception | None) -> None:
         """Called when a peer's session ends: ``error`` None for its authenticated CLOSE,
@@ -97,21 +107,33 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         """The sans-IO protocol state (for inspection)."""
         return self._ep
 
+    @property
+    def current_peer(self) -> str | None:
+        """Inside :meth:`on_datagram` / :meth:`on_recv`: the authenticated id of the peer that
+        sent the datagram being delivered; else None."""
+        return self._delivering[0] if self._delivering is not None else None
+
     def peer_of(self, addr: Any) -> str | None:
-        """The id of the authenticated peer last seen at ``addr``, or None."""
+        """The id of the peer whose live session is at ``addr``, or None. An address moves
+        only with its own session's newest authenticated datagram, never to another peer."""
         return self._ep.peer_at(addr) if self._ep is not None else None
 
     def send(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
-        """Send one datagram: a client to its peer by default; a server must name ``addr``
-        (an authenticated peer's address) or use :meth:`send_to_peer`."""
+        """Send one datagram: a client to its peer by default. A server names ``addr``:
+        from inside ``on_recv``, the address of the datagram being delivered means its
+        sender's session (:attr:`current_peer`), whatever address it came from; elsewhere,
+        the session at that address. :meth:`send_to_peer` names the peer instead."""
         ep = self._open_endpoint(data)
         now = self._loop.time()  # type: ignore[union-attr]
+        delivering = self._delivering
         if addr is None or (self.peer_id is not None and self._target is not None
                             and addr == self._target[0]):
             if self.peer_id is None:
                 raise MissRemoteAddr("a server must name the address: send(data, addr) or "
                                      "send_to_peer(peer_id, data)")
             r = ep.send(self.peer_id, data, now)
+        elif delivering is not None and addr == delivering[1]:
+            r = ep.send(delivering[0], data, now)  # the reply goes to the sender's session
         else:
             r = ep.send_to_addr(addr, data, now)
         self._sent(ep, r)
@@ -302,15 +324,18 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
             self._flush()
 
     def _dispatch(self, events: list[Event]) -> None:
-        on_recv = self.on_recv
+        on_datagram = self.on_datagram
         for ev in events:
             if self._closed:
                 return
             if type(ev) is DatagramReceived:
+                self._delivering = (ev.peer_id, ev.addr)
                 try:
-                    on_recv(ev.data, ev.addr)
+                    on_datagram(ev.data, ev.peer_id, ev.addr)
                 except Exception:
                     log.exception("%s: exception in on_recv", self.myid)
+                finally:
+                    self._delivering = None
             elif type(ev) is HandshakeComplete:
                 if ev.rekey:
                     continue

@@ -193,3 +193,120 @@ def test_a_reconnecting_peer_supersedes_its_old_session(cap: int) -> None:
             if isinstance(e, DatagramReceived)] == [b"to the new socket"]
     live = [x for x in bob.sessions.values() if x.peer_id == "alice.test" and not x.retired]
     assert len(live) == 1 and live[0].addr == ELSEWHERE
+
+
+# -- the same attacks over real sockets on 127.0.0.1, through relays ---------------------------
+
+def test_spoofing_and_relaying_over_real_sockets(tmp_path: Any) -> None:
+    """Bob serves UDP; alice and mallory (both known to bob) reach him through relays, so bob
+    sees alice at her relay's upstream address. Mallory (1) injects a datagram of her own
+    session from alice's address (the spoof) and (2) forwards one of alice's datagrams from her
+    own address (the relay). Bob's application is told the right peer for every datagram, its
+    replies by address reach the right peer, and none is sealed for the wrong one."""
+    import asyncio
+
+    from conftest import make_peer, run
+    from p2psc.p2phandler import P2PHandler
+    from p2psc.udp_p2p import UdpP2P
+    from udp_util import Collector, UdpRelay, udp_port
+
+    bob_dir = make_peer(tmp_path, "bob.test")
+    alice_dir = make_peer(tmp_path, "alice.test")
+    mallory_dir = make_peer(tmp_path, "mallory.test")
+    for d in (alice_dir, mallory_dir):
+        bob_dir.know(d)
+
+    class Bob(UdpP2P):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.got: list[tuple[bytes, str, Any, str | None]] = []
+
+        def on_datagram(self, data: bytes, peer_id: str, addr: Any) -> None:
+            self.got.append((data, peer_id, addr, self.current_peer))
+            super().on_datagram(data, peer_id, addr)
+
+        def on_recv(self, data: bytes, addr: Any) -> None:
+            self.send(b"re:" + data, addr)  # the README's reply, by address
+
+    async def main() -> None:
+        bob = P2PHandler(workdir=bob_dir.workdir)
+        _, bproto = await bob.run_as_udp_server(ProtocolClass=Bob, host="127.0.0.1", port=0)
+        port = udp_port(bob)
+        held: list[bytes] = []
+
+        def alice_policy(direction: str, data: bytes) -> list[bytes] | None:
+            if direction == "c2s" and data.startswith(b"\x04") and not held:
+                held.append(data)  # mallory captures alice's next DATA (it does not arrive)
+                return []
+            return None
+
+        relays = {"alice.test": await UdpRelay(port, policy=alice_policy).start(),
+                  "mallory.test": await UdpRelay(port).start()}
+        clients = {}
+        for d in (alice_dir, mallory_dir):
+            d.know(bob_dir, port=relays[d.peer_id].port)
+            h = P2PHandler(workdir=d.workdir)
+            _, proto = await h.connect_udp_peer("bob.test", ProtocolClass=Collector)
+            await asyncio.wait_for(proto.wait_handshaked(), 10)
+            clients[d.peer_id] = (h, proto)
+        alice, mallory = clients["alice.test"][1], clients["mallory.test"][1]
+        a_addr = ("127.0.0.1", relays["alice.test"].back.transport.get_extra_info("sockname")[1])
+        m_addr = ("127.0.0.1", relays["mallory.test"].back.transport.get_extra_info("sockname")[1])
+
+        async def settle(n: int) -> None:
+            for _ in range(200):
+                if len(bproto.got) >= n:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"bob got {bproto.got}")
+
+        # (1) the spoof: one of mallory's own datagrams, sent from alice's address
+        before = len(relays["mallory.test"].captured["c2s"])
+        relays["mallory.test"].policy = lambda d, data: [] if d == "c2s" else None
+        mallory.send(b"mallory as alice")
+        for _ in range(100):
+            if len(relays["mallory.test"].captured["c2s"]) > before:
+                break
+            await asyncio.sleep(0.01)
+        spoofed = relays["mallory.test"].captured["c2s"][-1]
+        relays["mallory.test"].policy = None
+        relays["alice.test"].back.transport.sendto(spoofed, ("127.0.0.1", port))
+        await settle(1)
+        assert bproto.got[0] == (b"mallory as alice", "mallory.test", a_addr, "mallory.test")
+        # the reply went to mallory's session (mallory reads it), not sealed for alice's address
+        await asyncio.wait_for(mallory.expect(1), 5)
+        assert mallory.received == [b"re:mallory as alice"]
+        assert bproto.peer_of(a_addr) == "alice.test"
+        # (2) the relay: alice's captured datagram, forwarded from mallory's address
+        alice.send(b"alice's words")
+        for _ in range(100):
+            if held:
+                break
+            await asyncio.sleep(0.01)
+        relays["mallory.test"].back.transport.sendto(held[0], ("127.0.0.1", port))
+        await settle(2)
+        assert bproto.got[1] == (b"alice's words", "alice.test", m_addr, "alice.test")
+        await asyncio.wait_for(alice.expect(1), 5)
+        assert alice.received == [b"re:alice's words"]  # the reply reached alice, at home
+        # mallory's own next message is still hers; alice's is still alice's
+        mallory.send(b"mallory again")
+        alice.send(b"alice again")
+        await settle(4)
+        assert sorted(g[:3] for g in bproto.got[2:]) == [
+            (b"alice again", "alice.test", a_addr), (b"mallory again", "mallory.test", m_addr)]
+        await asyncio.wait_for(alice.expect(2), 5)
+        await asyncio.wait_for(mallory.expect(2), 5)
+        assert alice.received == [b"re:alice's words", b"re:alice again"]
+        assert mallory.received == [b"re:mallory as alice", b"re:mallory again"]
+        # a reply by address, outside any callback, goes to the session at that address
+        bproto.send(b"to alice's address", a_addr)
+        await asyncio.wait_for(alice.expect(3), 5)
+        assert alice.received[-1] == b"to alice's address"
+        assert mallory.received == [b"re:mallory as alice", b"re:mallory again"]
+        for h, _ in clients.values():
+            await h.close()
+        for r in relays.values():
+            r.close()
+        await bob.close()
+
+    run(main(), timeout=30)
