@@ -34,6 +34,9 @@ class TcpPeer(Protocol):
     def drop_pending(self, error: P2PError) -> None:
         """Give up on a connection whose handshake is pending."""
 
+    def fail(self, error: P2PError) -> None:
+        """End the connection for ``error`` (logged; nothing more is sent)."""
+
     def close(self) -> None:
         """Close gracefully."""
 

@@ -7,7 +7,7 @@ from collections.abc import Set
 
 from ._host import TcpPeer
 from .config import Settings
-from .p2pexcept import HandshakeError
+from .p2pexcept import HandshakeError, LimitExceeded
 
 # the handler's logger: these are the handler's messages, as before the split
 log = logging.getLogger("p2psc.p2phandler")
@@ -18,13 +18,15 @@ __all__ = ["ConnectionRegistry"]
 class ConnectionRegistry:
     """Every live TCP protocol of a handler; the accepted ones whose handshake is pending,
     oldest first and at most ``max_pending_handshakes`` of them (the oldest is dropped to make
-    room); and, per peer, the latest handshaked one."""
+    room); and, per peer, its handshaked ones, at most ``max_connections_per_peer`` (the
+    oldest is closed with :class:`LimitExceeded` when a new one completes its handshake)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._protocols: set[TcpPeer] = set()
         self._pending: dict[TcpPeer, None] = {}  # insertion order: oldest first
         self._peer_conns: dict[str, TcpPeer] = {}
+        self._by_peer: dict[str, dict[TcpPeer, None]] = {}  # handshaked, oldest first
 
     @property
     def protocols(self) -> Set[TcpPeer]:
@@ -59,16 +61,37 @@ class ConnectionRegistry:
     def handshaked(self, proto: TcpPeer) -> None:
         """``proto`` completed its handshake: it is now the peer's latest connection."""
         self._pending.pop(proto, None)
-        if proto.peer_id is not None:
-            self._peer_conns[proto.peer_id] = proto
+        peer_id = proto.peer_id
+        if peer_id is None:
+            return
+        self._peer_conns[peer_id] = proto
+        mine = self._by_peer.setdefault(peer_id, {})
+        mine[proto] = None
+        limit = self._settings.max_connections_per_peer
+        while limit and len(mine) > limit:
+            oldest = next(iter(mine))
+            del mine[oldest]
+            log.warning("%s: %d connections (max_connections_per_peer); closing the oldest",
+                        peer_id, limit + 1)
+            oldest.fail(LimitExceeded(
+                f"closed: {peer_id} has {limit} newer connections (max_connections_per_peer)"))
 
     def remove(self, proto: TcpPeer) -> None:
         """A connection ended."""
         self._protocols.discard(proto)
         self._pending.pop(proto, None)
         peer_id = proto.peer_id
-        if peer_id is not None and self._peer_conns.get(peer_id) is proto:
+        if peer_id is None:
+            return
+        mine = self._by_peer.get(peer_id)
+        if mine is not None:
+            mine.pop(proto, None)
+            if not mine:
+                del self._by_peer[peer_id]
+        if self._peer_conns.get(peer_id) is proto:
             del self._peer_conns[peer_id]
+            if mine:  # the latest of those left
+                self._peer_conns[peer_id] = next(reversed(mine))
 
     def close_all(self) -> None:
         """Close every live connection (gracefully: each sends its CLOSE)."""

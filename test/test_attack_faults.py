@@ -249,6 +249,8 @@ def test_load_1000_connections_100_messages_each(pair: Any, tmp_path: Any) -> No
     clients every echo; no errors; all 1,000 are open at once; after they close, the
     server's connections are all gone and its Python heap is back near its baseline."""
     server_dir, client_dir = pair
+    for d in (server_dir, client_dir):  # one peer, 1,000 connections: above the default cap
+        d.update_conf(max_connections_per_peer=N_CONN)
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:

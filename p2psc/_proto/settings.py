@@ -39,7 +39,7 @@ class Settings:
     #: bytes the buffers of partly received records may hold in one handler (0: no limit)
     max_partial_record_bytes: int = 128 * 1024 * 1024
     #: handshaked TCP connections with one peer, at most; the oldest goes (0: no limit)
-    max_connections_per_peer: int = 16
+    max_connections_per_peer: int = 64
     #: Accepted connections whose handshake has not completed, at most; when full, the oldest
     #: is dropped to make room (0: no limit). Bounds what a flood of half-open connections holds.
     max_pending_handshakes: int = 1024

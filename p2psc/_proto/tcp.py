@@ -101,7 +101,7 @@ def _no_lookup(_peer_id: str) -> None:
 class _Direction:
     """One direction's record cipher, sequence number and secret (for key updates)."""
 
-    __slots__ = ("suite", "secret", "cipher", "seal", "open", "seq", "since")
+    __slots__ = ("suite", "secret", "cipher", "seq", "since")
 
     def __init__(self, result: HandshakeResult, secret: bytes, now: float):
         self.suite = result.suite
@@ -112,8 +112,6 @@ class _Direction:
 
     def _set_cipher(self, cipher: RecordCipher) -> None:
         self.cipher = cipher
-        self.seal = cipher.seal  # bound once: the per-record path makes no attribute lookups
-        self.open = cipher.open
 
     def ratchet(self, now: float) -> None:
         self.secret = next_secret(self.secret)
@@ -239,7 +237,7 @@ class Connection:
         d = self._send
         assert d is not None
         header = _HEADER.pack(len(data) + d.suite.tag_len, rtype)
-        ct = d.seal(d.seq, data, header)
+        ct = d.cipher.seal(d.seq, data, header)
         d.seq += 1
         out = self._out
         out.append(header)
@@ -525,7 +523,7 @@ class Connection:
                 # the fast path: one application message
                 d = self._recv
                 assert d is not None
-                pt = d.open(d.seq, view[pos + HEADER_LEN:end], view[pos:pos + HEADER_LEN])
+                pt = d.cipher.open(d.seq, view[pos + HEADER_LEN:end], view[pos:pos + HEADER_LEN])
                 d.seq += 1
                 append(MessageReceived(pt))
                 pos = end
@@ -591,7 +589,7 @@ class Connection:
     def _open(self, header: memoryview, body: memoryview) -> bytes:
         d = self._recv
         assert d is not None
-        pt = d.open(d.seq, body, header)
+        pt = d.cipher.open(d.seq, body, header)
         d.seq += 1
         return pt
 

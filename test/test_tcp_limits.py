@@ -1,0 +1,125 @@
+"""Issue 11, item 4, over real sockets on 127.0.0.1: a record header no longer buys memory, the
+handler-wide budget for partly received records closes the connection that would pass it,
+and one peer holds at most ``max_connections_per_peer`` connections."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import struct
+import tracemalloc
+from typing import Any
+
+from attack_util import Client, assert_still_serving, recorder, wait_until
+from conftest import point_at, run, server_port
+from p2psc._proto.tcp import RecordType
+from p2psc.p2pexcept import LimitExceeded
+from p2psc.p2phandler import P2PHandler
+
+MiB = 1024 * 1024
+
+
+def test_64_headers_declaring_16_mib_cost_what_arrived(pair: Any, tmp_path: Any) -> None:
+    """The review's attack: 64 handshaked connections each send a 5-byte header declaring a
+    16 MiB record, then nothing (it took the server from 35 to 1,060 MiB). Now the server's
+    Python heap grows by about 256 KiB per connection, and it still serves others. (One peer
+    may now hold only max_connections_per_peer connections: the cap is raised here so that the
+    buffers alone are measured.)"""
+    server_dir, client_dir = pair
+    for d in (server_dir, client_dir):  # (the cap holds on both ends)
+        d.update_conf(max_connections_per_peer=64)
+
+    async def main() -> None:
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=recorder(), host="127.0.0.1", port=0)
+        point_at(client_dir, server_dir, server_port(server))
+        client = P2PHandler(workdir=client_dir.workdir)
+        protos = []
+        for _ in range(64):
+            _, p = await client.connect_peer("server.test", ProtocolClass=Client)
+            await asyncio.wait_for(p.wait_handshaked(), 5)
+            protos.append(p)
+        await wait_until(lambda: sum(c.handshaked for c in server.connections.protocols) == 64,
+                         5, f"64 handshaked ({len(server.connections.protocols)} "
+                            f"{sum(c.handshaked for c in server.connections.protocols)})")
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            header = struct.pack(">IB", 16 * MiB, RecordType.DATA)
+            for p in protos:
+                p.transport.raw.write(header)  # type: ignore[union-attr]
+            await asyncio.sleep(0.3)
+            grown, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        per_conn = (grown - base) / 64
+        assert per_conn < 512 * 1024, f"{per_conn / 1024:.0f} KiB per connection"
+        await assert_still_serving(server, server_dir, tmp_path)
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=60)
+
+
+def test_the_partial_record_budget_closes_the_connection_that_would_pass_it(
+        pair: Any, tmp_path: Any) -> None:
+    server_dir, client_dir = pair
+    # budget 20 MiB, messages up to 16 MiB: two half-sent 12 MiB records cannot both fit
+    server_dir.update_conf(max_partial_record_bytes=20 * MiB, max_message_size=16 * MiB)
+
+    async def main() -> None:
+        R = recorder()
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=R, host="127.0.0.1", port=0)
+        point_at(client_dir, server_dir, server_port(server))
+        client = P2PHandler(workdir=client_dir.workdir)
+        a = (await client.connect_peer("server.test", ProtocolClass=Client))[1]
+        b = (await client.connect_peer("server.test", ProtocolClass=Client))[1]
+        for p in (a, b):
+            await asyncio.wait_for(p.wait_handshaked(), 5)
+        header = struct.pack(">IB", 12 * MiB, RecordType.DATA)
+        a.transport.raw.write(header + bytes(7 * MiB))  # type: ignore[union-attr]
+        await asyncio.sleep(0.3)
+        b.transport.raw.write(header + bytes(7 * MiB))  # type: ignore[union-attr]
+        err = await asyncio.wait_for(b.closed, 5)
+        assert err is not None  # b was aborted by the server
+        closes = [v for k, v in R.log if k == "closed"]
+        assert len(closes) == 1 and type(closes[0]) is LimitExceeded
+        assert "max_partial_record_bytes" in str(closes[0])
+        assert not a.closed.done()  # a is unaffected
+        await assert_still_serving(server, server_dir, tmp_path)
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=60)
+
+
+def test_one_peer_holds_at_most_max_connections_per_peer(pair: Any, tmp_path: Any) -> None:
+    server_dir, client_dir = pair
+    server_dir.update_conf(max_connections_per_peer=3)
+
+    async def main() -> None:
+        R = recorder()
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=R, host="127.0.0.1", port=0)
+        point_at(client_dir, server_dir, server_port(server))
+        client = P2PHandler(workdir=client_dir.workdir)
+        protos = []
+        for _ in range(5):
+            _, p = await client.connect_peer("server.test", ProtocolClass=Client)
+            await asyncio.wait_for(p.wait_handshaked(), 5)
+            protos.append(p)
+        await asyncio.wait_for(asyncio.gather(protos[0].closed, protos[1].closed), 5)
+        closes = [v for k, v in R.log if k == "closed"]
+        assert [type(e) for e in closes] == [LimitExceeded, LimitExceeded]
+        assert "max_connections_per_peer" in str(closes[0])
+        for i, p in enumerate(protos[2:]):  # the three newest still work
+            p.send(b"n%d" % i)
+            assert await asyncio.wait_for(p.got, 5) == b"recv:n%d" % i
+        assert server.get_peer_conn("client.test") is not None
+        await assert_still_serving(server, server_dir, tmp_path)  # another peer connects
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=60)
