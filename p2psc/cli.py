@@ -351,7 +351,7 @@ def cmd_add_peer(args: argparse.Namespace) -> int:
         own = None
     if own is not None and own == args.peer_id:
         raise CliError(f"{args.peer_id} is this peer's own id")
-    old = store.public_key(args.peer_id)
+    old = store.pinned_key(args.peer_id)  # (a directory-sourced key counts, expired or not)
     if old is not None and not keys.same_public_key(old, key) and not args.replace:
         raise CliError(f"a different key is on file for {args.peer_id} "
                        f"({keys.fingerprint(old)}); use --replace to change it")
@@ -364,7 +364,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     _, store = _peer_store(args)
     for peer_id in store.known_ids():
         addr = store.address(peer_id)
-        key = store.public_key(peer_id)
+        key = store.pinned_key(peer_id)
         fp = keys.fingerprint(key) if key is not None else "(no public key)"
         print(f"{peer_id}\t{addr.host}:{addr.port}\t{fp}")
     return EXIT_OK

@@ -612,3 +612,20 @@ def test_replay_window_edges() -> None:
     assert not w.check(5)
     with pytest.raises(ValueError):
         ReplayWindow(100)
+
+
+def test_one_udp_init_costs_one_rsa_verification(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 ("also"): the responder verifies an INIT's signature once (it did twice: once
+    before the rate limit, once again inside the handshake's checks). The initiator verifies
+    RESP once; so a whole handshake costs exactly one verification on each side."""
+    net = Net(monkeypatch)
+    net.connect()
+    init = net.a_out()
+    before = net.rsa_verify_ops
+    assert net.to_b(init) == []
+    assert net.rsa_verify_ops - before == 1  # bob: INIT
+    before = net.rsa_verify_ops
+    net.to_a(net.b_out())
+    assert net.rsa_verify_ops - before == 1  # alice: RESP
+    net.pump()
+    assert [type(e) for e in net.b.take_events()] == [HandshakeComplete]

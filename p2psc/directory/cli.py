@@ -63,7 +63,7 @@ def _open_store(args: argparse.Namespace) -> Any:
 def _cmd_init_center(args: argparse.Namespace) -> int:
     key_path = _key_path(args)
     pub_path = key_path.parent / CENTER_PUBKEY_NAME
-    key_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (umask may loosen it)
     key = keys.generate_private_key(args.bits)
     keys.write_private_key(key_path, key, _password())  # mode 0600, refuses to overwrite
     write_peer_files([(pub_path, keys.public_key_pem(key))])
