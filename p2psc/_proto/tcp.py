@@ -101,10 +101,11 @@ def _no_lookup(_peer_id: str) -> None:
 class _Direction:
     """One direction's record cipher, sequence number and secret (for key updates)."""
 
-    __slots__ = ("suite", "secret", "cipher", "seq", "since")
+    __slots__ = ("suite", "secret", "cipher", "tag_len", "seq", "since")
 
     def __init__(self, result: HandshakeResult, secret: bytes, now: float):
         self.suite = result.suite
+        self.tag_len = result.suite.tag_len
         self.secret = secret
         self._set_cipher(result.suite.make_cipher(secret))
         self.seq = 0
@@ -236,7 +237,7 @@ class Connection:
     def _write_sealed(self, rtype: int, data: bytes | bytearray | memoryview) -> None:
         d = self._send
         assert d is not None
-        header = _HEADER.pack(len(data) + d.suite.tag_len, rtype)
+        header = _HEADER.pack(len(data) + d.tag_len, rtype)
         ct = d.cipher.seal(d.seq, data, header)
         d.seq += 1
         out = self._out
