@@ -8,7 +8,7 @@ never on the handler's module, so that the handler can import them and not the o
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -85,6 +85,7 @@ class ProtocolHost(Protocol):
     def udp_unregister(self, proto: UdpPeer) -> None:
         """A UDP endpoint's socket closed."""
 
-    async def lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
-        """The public key of a peer that sent an INIT but is not known (looked up in the
-        directory when there is one), or None."""
+    async def lookup_unknown_peer(self, peer_id: str, source: Any) -> rsa.RSAPublicKey | None:
+        """The public key of a peer that sent an INIT from address ``source`` but is not known
+        (looked up in the directory when there is one, within ``source``'s lookup budget), or
+        None."""

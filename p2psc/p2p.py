@@ -401,7 +401,7 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
 
     async def _resolve_peer_key(self, peer_id: str) -> None:
         try:
-            key = await self.handler.lookup_unknown_peer(peer_id)
+            key = await self.handler.lookup_unknown_peer(peer_id, self._peername)
         except P2PError as exc:
             log.info("%s: lookup of %s failed: %s", self._describe(), peer_id, exc)
             key = None

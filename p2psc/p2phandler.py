@@ -236,11 +236,12 @@ class P2PHandler:
 
     # -- used by the protocols (p2psc._host.ProtocolHost) ----------------------------------------
 
-    async def lookup_unknown_peer(self, peer_id: str) -> rsa.RSAPublicKey | None:
-        """The public key of a peer that sent an INIT but is not known: looked up in the
-        directory when one is configured (lookups merged, failures cached briefly), else None
-        (used by the protocols)."""
-        return await self.resolver.lookup_unknown(peer_id)
+    async def lookup_unknown_peer(self, peer_id: str, source: Any) -> rsa.RSAPublicKey | None:
+        """The public key of a peer that sent an INIT from address ``source`` but is not
+        known: looked up in the directory when one is configured and ``source`` has not spent
+        its lookup budget (``lookup_rate_per_addr``, ``lookup_burst_per_addr``; lookups
+        merged, failures cached briefly), else None (used by the protocols)."""
+        return await self.resolver.lookup_unknown(peer_id, source)
 
     def peer_public_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
         """The public key on file for ``peer_id``, or None (used by the protocols)."""

@@ -357,11 +357,11 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
             elif type(ev) is Closed:
                 self._call_hook(self.on_peer_closed, ev.peer_id, ev.error)
             elif type(ev) is PeerKeyNeeded:
-                self._start_task(self._lookup(ev.peer_id, ev.token))
+                self._start_task(self._lookup(ev.peer_id, ev.token, ev.addr))
 
-    async def _lookup(self, peer_id: str, token: bytes) -> None:
+    async def _lookup(self, peer_id: str, token: bytes, addr: Any) -> None:
         try:
-            key = await self.handler.lookup_unknown_peer(peer_id)
+            key = await self.handler.lookup_unknown_peer(peer_id, addr)
         except P2PError as exc:
             log.info("%s: lookup of %s failed: %s", self.myid, peer_id, exc)
             key = None

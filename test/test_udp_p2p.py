@@ -408,12 +408,14 @@ def test_unknown_initiator_looked_up_through_the_handler(tmp_path: Path) -> None
     server_dir = make_peer(tmp_path, "server.test")
     client_dir = make_peer(tmp_path, "client.test")   # the server does not know the client
     asked: list[str] = []
+    sources: list[Any] = []
 
     async def main() -> None:
         server, sproto = await start_server(server_dir)
 
-        async def lookup(peer_id: str) -> Any:
+        async def lookup(peer_id: str, source: Any) -> Any:
             asked.append(peer_id)
+            sources.append(source)
             return rsa_key("client.test").public_key() if peer_id == "client.test" else None
 
         server.lookup_unknown_peer = lookup  # type: ignore[method-assign]
@@ -422,6 +424,8 @@ def test_unknown_initiator_looked_up_through_the_handler(tmp_path: Path) -> None
         cproto.send(b"looked up")
         await asyncio.wait_for(cproto.expect(1), 5)
         assert asked == ["client.test"]
+        # the INIT's source address goes along (the lookup budget is charged to it)
+        assert sources == [("127.0.0.1", cproto.transport.get_extra_info("sockname")[1])]
         assert sproto.handshaked_peers[0][0] == "client.test"
         await client.close()
         await server.close()

@@ -543,6 +543,7 @@ def test_unknown_peer_key_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
     net.to_b(net.a_out())
     ev = net.b.take_events()
     assert len(ev) == 1 and isinstance(ev[0], PeerKeyNeeded) and ev[0].peer_id == "a.test"
+    assert ev[0].addr == A_ADDR  # the INIT's source: the lookup budget is charged to it
     assert net.b_out() == []
     net.b.provide_peer_key(ev[0].token, rsa_key("a.test").public_key(), net.now)
     net.pump()

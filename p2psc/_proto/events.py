@@ -57,10 +57,12 @@ class HandshakeFailed(Event):
 class PeerKeyNeeded(Event):
     """An INIT came from ``peer_id``, whose public key is not known: answer with the core
     object's ``provide_peer_key`` (the key, or None to refuse). UDP adds the INIT's
-    ``token`` to pass back."""
+    ``token`` to pass back and its source address ``addr`` (TCP leaves it None: the adapter
+    knows the connection's peer address)."""
 
     peer_id: str
     token: bytes = b""
+    addr: Any = None
 
 
 @dataclass(slots=True)

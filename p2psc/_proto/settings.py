@@ -45,6 +45,11 @@ class Settings:
     max_pending_handshakes: int = 1024
     allow_key_change: bool = False
     directory_timeout: float = 5.0
+    #: directory lookups an INIT from an unknown peer id may cause, per second per source IP
+    #: address (IPv6: per /64) ...
+    lookup_rate_per_addr: float = 1.0
+    #: ... with this burst, which is also how many one source may have in flight at once
+    lookup_burst_per_addr: int = 8
     channel_queue_size: int = 64  # messages a Channel buffers before it stops reading
     # UDP
     udp_max_payload: int = 1200
@@ -101,6 +106,8 @@ class Settings:
             raise ConfigError(f"{where}: max_partial_record_bytes must be 0 (no limit) or at "
                               "least max_message_size + 64, or no message of the largest size "
                               "could be received")
+        if s.lookup_burst_per_addr < 1:
+            raise ConfigError(f"{where}: lookup_burst_per_addr must be at least 1")
         if s.udp_max_sessions_per_peer < 2:
             raise ConfigError(f"{where}: udp_max_sessions_per_peer must be at least 2 (a live "
                               "session and the handshake that replaces it)")

@@ -446,7 +446,7 @@ class UdpEndpoint:
                 log.debug("dropped INIT from %s: too many key lookups pending", addr)
                 return
             self._lookups[token] = (init, addr)
-            self._events.append(PeerKeyNeeded(init.initiator_id, token))
+            self._events.append(PeerKeyNeeded(init.initiator_id, token, addr))
             return
         self._accept(init, token, key, addr, now)
 
