@@ -17,7 +17,8 @@ from p2psc.config import Settings
 from p2psc.p2pexcept import (ChannelNotReady, HandshakeTimeout, InvalidDataType, MessageTooLarge,
                              MissRemoteAddr)
 from p2psc.p2phandler import P2PHandler
-from p2psc._proto.udp import T_DATA, T_INIT, UdpEndpoint
+from p2psc._proto.udp import UdpEndpoint
+from p2psc._proto.udp_wire import T_DATA, T_INIT
 from udp_util import Collector, Echo, UdpRelay, fd_limit_at_least, raw_socket, udp_port
 
 FAST = {"udp_handshake_retry": 0.2, "udp_handshake_timeout": 3.0}

@@ -14,7 +14,8 @@ from p2psc.p2pexcept import ChannelNotReady, ConfigError, HandshakeTimeout, Mess
 from p2psc._proto.replay import ReplayWindow
 from p2psc._proto.events import Closed, HandshakeComplete, HandshakeFailed, PeerKeyNeeded
 from p2psc._proto.ratelimit import InitRateLimiter, TokenBucket
-from p2psc._proto.udp import HEADER_LEN, T_DATA, T_FINISHED, T_INIT, T_KEEPALIVE, T_RESP, max_payload_limit
+from p2psc._proto.udp_wire import (HEADER_LEN, T_DATA, T_FINISHED, T_INIT, T_KEEPALIVE, T_RESP,
+                                    max_payload_limit)
 from udp_util import Endpoint as UdpEndpoint
 
 A_ADDR = ("10.0.0.1", 40000)

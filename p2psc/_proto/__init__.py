@@ -29,6 +29,7 @@ Modules, bottom up::
     events       the one event vocabulary of both transports
     handshake    INIT/RESP, Role, Randomness; the responder's parse/verify/respond steps
     ratelimit    token buckets for INIT processing
+    udp_wire     the UDP datagram formats
     tcp          Connection: framing, handshake state machine, records, TCP timers
     udp          UdpEndpoint: datagrams, sessions, retransmission, rekey, roaming, timers
 """

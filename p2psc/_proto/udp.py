@@ -1,5 +1,6 @@
-"""UDP sessions, sans-IO: datagram formats, sessions by index, replay windows, timers,
-handshake retransmission, rekeying, idle expiry and INIT rate limits.
+"""UDP sessions, sans-IO: sessions by index, replay windows, timers, handshake
+retransmission, rekeying, roaming, idle expiry (the datagram formats are in
+:mod:`p2psc._proto.udp_wire`, the INIT rate limits in :mod:`p2psc._proto.ratelimit`).
 
 :class:`UdpEndpoint` is everything one UDP socket needs, with no socket and no asyncio: feed
 it datagrams (:meth:`UdpEndpoint.receive`), take the datagrams it wants sent
@@ -10,17 +11,6 @@ returns the events it completed (:mod:`p2psc._proto.events`: an authenticated da
 never raised. Time is passed in: ``now`` is monotonic seconds, ``now + wall_offset`` the
 wall-clock time that INIT timestamps use. The protocol is specified in docs/UDP.md.
 
-Datagrams (integers big-endian)::
-
-    INIT      u8 0x01 | INIT body        (ext = u32 sender index | u8 flags | u32 replaced index)
-    RESP      u8 0x02 | u32 receiver index | RESP body   (ext = u32 sender index)
-    FINISHED  u8 0x03 | u32 receiver index | u64 counter | AEAD(FINISHED MAC)
-    DATA      u8 0x04 | u32 receiver index | u64 counter | AEAD(payload)
-    KEEPALIVE u8 0x05 | u32 receiver index | u64 counter | AEAD(empty)   (answers FINISHED)
-    CLOSE     u8 0x06 | u32 receiver index | u64 counter | AEAD(empty)
-
-The AEAD's associated data is the 13-byte header; its nonce is the direction's IV XOR the
-counter (see :mod:`p2psc._proto.suites`).
 """
 
 from __future__ import annotations
@@ -30,7 +20,6 @@ import hashlib
 import heapq
 import itertools
 import logging
-import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -57,7 +46,6 @@ from .events import (
     PeerKeyNeeded,
 )
 from .handshake import (
-    MAX_HANDSHAKE_BODY,
     SYSTEM_RANDOMNESS,
     HandshakeResult,
     InitiatorHandshake,
@@ -70,6 +58,24 @@ from .ratelimit import InitRateLimiter
 from .replay import InitReplayCache, ReplayWindow
 from .settings import Settings
 from .suites import SUITES_BY_NAME, RecordCipher
+from .udp_wire import (
+    FLAG_REKEY,
+    HDR,
+    HEADER_LEN,
+    INIT_EXT,
+    MAX_HANDSHAKE_DGRAM,
+    MAX_UDP_PAYLOAD,
+    MIN_SEALED,
+    RESP_EXT,
+    RESP_HDR,
+    T_CLOSE,
+    T_DATA,
+    T_FINISHED,
+    T_INIT,
+    T_KEEPALIVE,
+    T_RESP,
+    max_payload_limit,
+)
 
 __all__ = [
     "HEADER_LEN",
@@ -88,25 +94,10 @@ __all__ = [
 
 log = logging.getLogger("p2psc.udp.session")
 
-T_INIT, T_RESP, T_FINISHED, T_DATA, T_KEEPALIVE, T_CLOSE = 1, 2, 3, 4, 5, 6
-_HDR = struct.Struct(">BIQ")          # type, receiver index, counter
-HEADER_LEN = _HDR.size                # 13
-_RESP_HDR = struct.Struct(">BI")
-_INIT_EXT = struct.Struct(">IBI")     # sender index, flags, replaced index (0: none)
-_RESP_EXT = struct.Struct(">I")
-FLAG_REKEY = 0x01
-MAX_UDP_PAYLOAD = 65507               # the largest IPv4 UDP payload
-_MIN_SEALED = HEADER_LEN + 16         # header + the shortest tag
-_MAX_HANDSHAKE_DGRAM = 5 + MAX_HANDSHAKE_BODY
 _RESP_CACHE_SIZE = 1024
 _FAILED_INIT_CACHE_SIZE = 4096        # INITs refused after their RSA verification, remembered
 _MAX_LOOKUPS = 64                     # INITs waiting for a directory lookup, at most
 _REPLAY_WINDOW = 8192
-
-
-def max_payload_limit(tag_len: int = 32) -> int:
-    """The largest payload one datagram can carry (IPv4, the longest tag by default)."""
-    return MAX_UDP_PAYLOAD - HEADER_LEN - tag_len
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -351,9 +342,9 @@ class UdpEndpoint:
                                   "(udp_max_sessions)")
         idx = self._new_index()
         if replaces is not None:
-            ext = _INIT_EXT.pack(idx, FLAG_REKEY, replaces.remote_index)
+            ext = INIT_EXT.pack(idx, FLAG_REKEY, replaces.remote_index)
         else:
-            ext = _INIT_EXT.pack(idx, 0, 0)
+            ext = INIT_EXT.pack(idx, 0, 0)
         hs = InitiatorHandshake(self.my_id, self._private_key, peer_id, public_key, self._suite,
                                 ext=ext, randomness=self._rand)
         s = Session(idx, peer_id, public_key, Role.INITIATOR, addr, now)
@@ -372,14 +363,14 @@ class UdpEndpoint:
         return s
 
     def _on_resp(self, data: bytes, addr: Any, now: float) -> None:
-        _, idx = _RESP_HDR.unpack_from(data)
+        _, idx = RESP_HDR.unpack_from(data)
         s = self.sessions.get(idx)
         if s is None or s.state is not State.SENT_INIT or s.handshake is None:
             log.debug("dropped RESP from %s: no handshake with index %08x", addr, idx)
             return
         try:
             result = s.handshake.receive_resp(data[5:])
-            if len(result.peer_ext) != _RESP_EXT.size:
+            if len(result.peer_ext) != RESP_EXT.size:
                 raise ProtocolError("RESP ext is not a receiver index")
         except P2PError as exc:
             # RESPs are unauthenticated until their signature verifies: a forged one must not
@@ -387,7 +378,7 @@ class UdpEndpoint:
             s.error = exc
             log.info("ignored RESP from %s for %s: %s", addr, s.peer_id, exc)
             return
-        (s.remote_index,) = _RESP_EXT.unpack(result.peer_ext)
+        (s.remote_index,) = RESP_EXT.unpack(result.peer_ext)
         s.result = result
         s.handshake = None
         s.init_dgram = b""
@@ -423,7 +414,7 @@ class UdpEndpoint:
             return
         try:
             init = self._responder.parse(body)
-            if len(init.ext) != _INIT_EXT.size:
+            if len(init.ext) != INIT_EXT.size:
                 raise ProtocolError("INIT ext is not a UDP sender index")
         except P2PError as exc:
             log.debug("dropped INIT from %s: %s", addr, exc)
@@ -494,14 +485,14 @@ class UdpEndpoint:
         idx = self._new_index()
         try:
             resp, derive_keys = self._responder.respond(verified, now + self.wall_offset,
-                                                        ext=_RESP_EXT.pack(idx))
+                                                        ext=RESP_EXT.pack(idx))
             result = derive_keys()
         except P2PError as exc:
             self._refused(token, now)
             log.info("refused INIT from %s at %s: %s", init.initiator_id, addr, exc)
             return
-        init_idx, flags, replaced = _INIT_EXT.unpack(init.ext)
-        dgram = _RESP_HDR.pack(T_RESP, init_idx) + resp
+        init_idx, flags, replaced = INIT_EXT.unpack(init.ext)
+        dgram = RESP_HDR.pack(T_RESP, init_idx) + resp
         s = Session(idx, init.initiator_id, key, Role.RESPONDER, addr, now)
         s.remote_index = init_idx
         s.flags = flags
@@ -615,8 +606,8 @@ class UdpEndpoint:
         datagram is a :class:`DatagramReceived` naming its session's peer). Never raises for
         bad input: it is dropped with a debug log line. ``data`` is not kept (a reused
         receive buffer may be passed)."""
-        if len(data) >= _MIN_SEALED and data[0] == T_DATA:
-            _, idx, ctr = _HDR.unpack_from(data)
+        if len(data) >= MIN_SEALED and data[0] == T_DATA:
+            _, idx, ctr = HDR.unpack_from(data)
             s = self.sessions.get(idx)
             if s is None:
                 log.debug("dropped DATA from %s: unknown index %08x", addr, idx)
@@ -655,22 +646,22 @@ class UdpEndpoint:
             return
         t = data[0]
         if t == T_INIT:
-            if n > _MAX_HANDSHAKE_DGRAM:
+            if n > MAX_HANDSHAKE_DGRAM:
                 log.debug("dropped INIT from %s: %d bytes is too large", addr, n)
                 return
             self._on_init(bytes(data[1:]), addr, now)
         elif t == T_RESP:
-            if not 5 < n <= _MAX_HANDSHAKE_DGRAM:
+            if not 5 < n <= MAX_HANDSHAKE_DGRAM:
                 log.debug("dropped RESP from %s: bad length %d", addr, n)
                 return
             self._on_resp(bytes(data), addr, now)
-        elif t in (T_FINISHED, T_KEEPALIVE, T_CLOSE) and n >= _MIN_SEALED:
+        elif t in (T_FINISHED, T_KEEPALIVE, T_CLOSE) and n >= MIN_SEALED:
             self._on_control(t, data, addr, now)
         else:
             log.debug("dropped datagram from %s: type %#x, %d bytes", addr, t, n)
 
     def _on_control(self, t: int, data: bytes | memoryview, addr: Any, now: float) -> None:
-        _, idx, ctr = _HDR.unpack_from(data)
+        _, idx, ctr = HDR.unpack_from(data)
         s = self.sessions.get(idx)
         if s is None or s.recv_cipher is None or not s.window.check(ctr):
             log.debug("dropped control datagram from %s: unknown index or replayed", addr)
@@ -711,7 +702,7 @@ class UdpEndpoint:
     def _seal(self, s: Session, t: int, payload: bytes | bytearray | memoryview) -> bytes:
         ctr = s.send_ctr
         s.send_ctr = ctr + 1
-        header = _HDR.pack(t, s.remote_index, ctr)
+        header = HDR.pack(t, s.remote_index, ctr)
         assert s.send_cipher is not None
         return header + s.send_cipher.seal(ctr, payload, header)  # type: ignore[arg-type]
 
