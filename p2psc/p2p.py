@@ -168,6 +168,8 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
         conn.send(data)
         if not self._handshaked:
             return  # queued by the connection until the handshake completes
+        if conn.timer_dirty:  # (a key update moved the rekey deadline)
+            self._rearm_timer()
         if self._reading:  # answering a read: written once the read is handled
             if conn.pending_output >= FLUSH_THRESHOLD:
                 self._write_now()

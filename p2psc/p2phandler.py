@@ -80,7 +80,8 @@ class P2PHandler:
         self.udp_service = UdpService(self, self.config, self.resolver.resolve)
         self._scratch: bytearray | None = None
         self._buffer_pool = BufferPool()
-        self._receive_budget = ReceiveBudget(self.settings.max_partial_record_bytes)
+        self._receive_budget = ReceiveBudget(self.settings.max_partial_record_bytes,
+                                             self.settings.max_partial_record_bytes_per_peer)
 
     # -- identity -------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from .p2pexcept import (
     InvalidDataType,
     MissRemoteAddr,
     P2PError,
+    StatusError,
 )
 
 log = logging.getLogger("p2psc.udp")
@@ -119,10 +120,13 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         return self._ep.peer_at(addr) if self._ep is not None else None
 
     def send(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
-        """Send one datagram: a client to its peer by default. A server names ``addr``:
-        from inside ``on_recv``, the address of the datagram being delivered means its
-        sender's session (:attr:`current_peer`), whatever address it came from; elsewhere,
-        the session at that address. :meth:`send_to_peer` names the peer instead."""
+        """Send one datagram: a client to its peer by default. A server names ``addr``, which
+        means the session at that address, sealed for its own peer. Inside ``on_recv``, the
+        address of the datagram being delivered means its sender (:attr:`current_peer`),
+        wherever the sender's session is; if another peer's session holds that address, the
+        source address was forged or the datagram relayed, and :class:`MissRemoteAddr` is
+        raised rather than guess who is meant (nothing is sent). :meth:`reply` and
+        :meth:`send_to_peer` name the peer instead."""
         ep = self._open_endpoint(data)
         now = self._loop.time()  # type: ignore[union-attr]
         delivering = self._delivering
@@ -133,10 +137,24 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
                                      "send_to_peer(peer_id, data)")
             r = ep.send(self.peer_id, data, now)
         elif delivering is not None and addr == delivering[1]:
+            holder = ep.peer_at(addr)
+            if holder not in (None, delivering[0]):
+                raise MissRemoteAddr(
+                    f"the datagram from {delivering[0]} came from {addr}, the address of "
+                    f"{holder}'s session (a forged source, or relayed): reply() answers "
+                    f"{delivering[0]}, send_to_peer() names a peer; nothing was sent")
             r = ep.send(delivering[0], data, now)  # the reply goes to the sender's session
         else:
             r = ep.send_to_addr(addr, data, now)
         self._sent(ep, r)
+
+    def reply(self, data: bytes | bytearray | memoryview) -> None:
+        """Inside ``on_recv`` / ``on_datagram``: send one datagram to the peer that sent the
+        datagram being delivered (its session, wherever it is)."""
+        peer = self.current_peer
+        if peer is None:
+            raise StatusError("reply() is for use inside on_recv / on_datagram")
+        self.send_to_peer(peer, data)
 
     def send_to_peer(self, peer_id: str, data: bytes | bytearray | memoryview) -> None:
         """Send one datagram to ``peer_id`` (its latest authenticated session)."""

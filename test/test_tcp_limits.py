@@ -10,6 +10,8 @@ import struct
 import tracemalloc
 from typing import Any
 
+import pytest
+
 from attack_util import Client, assert_still_serving, recorder, wait_until
 from conftest import point_at, run, server_port
 from p2psc._proto.tcp import RecordType
@@ -123,3 +125,60 @@ def test_one_peer_holds_at_most_max_connections_per_peer(pair: Any, tmp_path: An
         await server.close()
 
     run(main(), timeout=60)
+
+
+def test_rekey_by_time_repeats_with_keepalive_and_idle_off(
+        pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With keepalive_interval and idle_timeout 0 (allowed), rekey_after_time still rekeys
+    again and again (found by an adversarial review: after the first key update nothing
+    re-armed the loop timer, so the key was never updated again)."""
+    from p2psc._proto import tcp
+    ratchets = [0]
+    original = tcp._Direction.ratchet
+
+    def counting(self: Any, now: float) -> None:
+        ratchets[0] += 1
+        original(self, now)
+
+    monkeypatch.setattr(tcp._Direction, "ratchet", counting)
+    server_dir, client_dir = pair
+    for d in (server_dir, client_dir):
+        d.update_conf(keepalive_interval=0, idle_timeout=0, rekey_after_time=0.2)
+
+    async def main() -> None:
+        R = recorder()
+        server = P2PHandler(workdir=server_dir.workdir)
+        await server.run_as_server(ProtocolClass=R, host="127.0.0.1", port=0)
+        point_at(client_dir, server_dir, server_port(server))
+        client = P2PHandler(workdir=client_dir.workdir)
+        _, proto = await client.connect_peer("server.test", ProtocolClass=Client)
+        await asyncio.wait_for(proto.wait_handshaked(), 5)
+        for k in range(15):  # one message every 0.1 s for 1.5 s: about 7 key updates
+            proto.send(b"m%d" % k)
+            await asyncio.sleep(0.1)
+        await wait_until(lambda: sum(k == "recv" for k, _ in R.log) == 15, 5, "15 messages")
+        assert [v for k, v in R.log if k == "recv"] == [b"m%d" % k for k in range(15)]
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=30)
+    # each key update ratchets the client's sending key and the server's receiving key (and
+    # the server's replies ratchet the other direction): more than one round is the point
+    assert ratchets[0] >= 8, ratchets
+
+
+def test_one_peer_cannot_take_the_whole_partial_record_budget() -> None:
+    """One peer's parked partial records fill its own share (max_partial_record_bytes_per_peer)
+    and no more: another peer's records still fit in the handler's budget (found by an
+    adversarial review: one peer could make every other peer's next record fail)."""
+    from p2psc._proto.buffers import ReceiveBudget
+    budget = ReceiveBudget(64 * MiB, 20 * MiB)
+    assert budget.reserve(19 * MiB, "mallory.test") is None
+    assert budget.reserve(2 * MiB, "mallory.test") == "max_partial_record_bytes_per_peer"
+    assert budget.held_by("mallory.test") == 19 * MiB and budget.used == 19 * MiB
+    assert budget.reserve(19 * MiB, "alice.test") is None  # alice is unaffected
+    budget.release(19 * MiB, "mallory.test")
+    assert budget.held_by("mallory.test") == 0 and budget.used == 19 * MiB
+    assert budget.reserve(21 * MiB, "bob.test") == "max_partial_record_bytes_per_peer"
+    assert budget.reserve(20 * MiB, "bob.test") is None
+    assert budget.reserve(26 * MiB, None) == "max_partial_record_bytes"  # the total still holds

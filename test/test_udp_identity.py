@@ -206,6 +206,7 @@ def test_spoofing_and_relaying_over_real_sockets(tmp_path: Any) -> None:
     import asyncio
 
     from conftest import make_peer, run
+    from p2psc.p2pexcept import MissRemoteAddr
     from p2psc.p2phandler import P2PHandler
     from p2psc.udp_p2p import UdpP2P
     from udp_util import Collector, UdpRelay, udp_port
@@ -220,13 +221,18 @@ def test_spoofing_and_relaying_over_real_sockets(tmp_path: Any) -> None:
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **kw)
             self.got: list[tuple[bytes, str, Any, str | None]] = []
+            self.refused: list[tuple[bytes, str]] = []
 
         def on_datagram(self, data: bytes, peer_id: str, addr: Any) -> None:
             self.got.append((data, peer_id, addr, self.current_peer))
             super().on_datagram(data, peer_id, addr)
 
         def on_recv(self, data: bytes, addr: Any) -> None:
-            self.send(b"re:" + data, addr)  # the README's reply, by address
+            try:
+                self.send(b"re:" + data, addr)  # the README's reply, by address
+            except MissRemoteAddr as exc:
+                self.refused.append((data, str(exc)))
+                self.reply(b"reply() to " + data)  # the sender, whatever its address
 
     async def main() -> None:
         bob = P2PHandler(workdir=bob_dir.workdir)
@@ -273,9 +279,12 @@ def test_spoofing_and_relaying_over_real_sockets(tmp_path: Any) -> None:
         relays["alice.test"].back.transport.sendto(spoofed, ("127.0.0.1", port))
         await settle(1)
         assert bproto.got[0] == (b"mallory as alice", "mallory.test", a_addr, "mallory.test")
-        # the reply went to mallory's session (mallory reads it), not sealed for alice's address
+        # a reply by address to it is refused (that address is alice's: nothing is sealed for
+        # a peer the application did not mean); reply() reaches mallory, the sender
         await asyncio.wait_for(mallory.expect(1), 5)
-        assert mallory.received == [b"re:mallory as alice"]
+        assert mallory.received == [b"reply() to mallory as alice"]
+        assert [d for d, _ in bproto.refused] == [b"mallory as alice"]
+        assert "alice.test's session" in bproto.refused[0][1]
         assert bproto.peer_of(a_addr) == "alice.test"
         # (2) the relay: alice's captured datagram, forwarded from mallory's address
         alice.send(b"alice's words")
@@ -287,7 +296,10 @@ def test_spoofing_and_relaying_over_real_sockets(tmp_path: Any) -> None:
         await settle(2)
         assert bproto.got[1] == (b"alice's words", "alice.test", m_addr, "alice.test")
         await asyncio.wait_for(alice.expect(1), 5)
-        assert alice.received == [b"re:alice's words"]  # the reply reached alice, at home
+        # the reply by address would have been sealed for mallory (her address): refused;
+        # reply() reached alice, at home
+        assert alice.received == [b"reply() to alice's words"]
+        assert [d for d, _ in bproto.refused] == [b"mallory as alice", b"alice's words"]
         # mallory's own next message is still hers; alice's is still alice's
         mallory.send(b"mallory again")
         alice.send(b"alice again")
@@ -296,13 +308,14 @@ def test_spoofing_and_relaying_over_real_sockets(tmp_path: Any) -> None:
             (b"alice again", "alice.test", a_addr), (b"mallory again", "mallory.test", m_addr)]
         await asyncio.wait_for(alice.expect(2), 5)
         await asyncio.wait_for(mallory.expect(2), 5)
-        assert alice.received == [b"re:alice's words", b"re:alice again"]
-        assert mallory.received == [b"re:mallory as alice", b"re:mallory again"]
+        assert alice.received == [b"reply() to alice's words", b"re:alice again"]
+        assert mallory.received == [b"reply() to mallory as alice", b"re:mallory again"]
+        assert len(bproto.refused) == 2
         # a reply by address, outside any callback, goes to the session at that address
         bproto.send(b"to alice's address", a_addr)
         await asyncio.wait_for(alice.expect(3), 5)
         assert alice.received[-1] == b"to alice's address"
-        assert mallory.received == [b"re:mallory as alice", b"re:mallory again"]
+        assert len(mallory.received) == 2
         for h, _ in clients.values():
             await h.close()
         for r in relays.values():
@@ -310,3 +323,70 @@ def test_spoofing_and_relaying_over_real_sockets(tmp_path: Any) -> None:
         await bob.close()
 
     run(main(), timeout=30)
+
+
+# -- found by an adversarial review of the fixes above -------------------------------------------
+
+def test_a_peer_returning_to_its_address_gets_it_back_from_a_squatter() -> None:
+    """Alice leaves; mallory parks her session on alice's free address with one datagram
+    sent from it (a forged source); alice handshakes again from that address: the address is
+    hers (her handshake ran there), and replies to it are sealed for her."""
+    w = World()
+    alice, _ = w.clients["alice.test"]
+    alice.close_all()
+    for d, _to in alice.datagrams_to_send():
+        w.bob_receives(d, ALICE)
+    assert w.bob.peer_at(ALICE) is None
+    w.bob_receives(w.sealed_by("mallory.test", b"squat"), ALICE)
+    assert w.bob.peer_at(ALICE) == "mallory.test"  # (a free address: the session moved)
+    alice.connect("bob.test", rsa_key("bob.test").public_key(), SERVER, NOW)
+    for _ in range(3):
+        for d, _to in alice.datagrams_to_send():
+            w.bob_receives(d, ALICE)
+        for d, _to in w.bob.datagrams_to_send():
+            alice.receive(d, SERVER, NOW)
+    assert w.bob.peer_at(ALICE) == "alice.test"
+    dgram, to = w.bob.send_to_addr(ALICE, b"for alice", NOW)
+    assert to == ALICE and w.opens("mallory.test", dgram) is None
+    assert w.opens("alice.test", dgram) == b"for alice"
+
+
+def test_a_replayed_init_costs_the_peer_no_session() -> None:
+    """With a peer at its session cap, a stale INIT of its replayed by anyone is refused
+    before it can make room (it used to drop the peer's newest, half-open session first)."""
+    s = Settings(udp_max_sessions_per_peer=2)
+    table = _key_table()
+    bob = UdpEndpoint("bob.test", rsa_key("bob.test"), s, key_lookup=table.get, now=NOW,
+                      wall_offset=WALL)
+
+    def client() -> UdpEndpoint:
+        c = UdpEndpoint("alice.test", rsa_key("alice.test"), s, key_lookup=table.get,
+                        accept_from="bob.test", now=NOW, wall_offset=WALL)
+        c.connect("bob.test", table["bob.test"], SERVER, NOW)
+        return c
+
+    c1 = client()
+    init1 = c1.datagrams_to_send()[0][0]  # captured by an observer
+    bob.receive(init1, ALICE, NOW)
+    for d, _to in bob.datagrams_to_send():
+        c1.receive(d, SERVER, NOW)
+    for d, _to in c1.datagrams_to_send():
+        bob.receive(d, ALICE, NOW)
+    t = NOW + 20  # past the RESP cache (udp_handshake_timeout 15 s)
+    c2 = client()
+    for d, _to in c2.datagrams_to_send():
+        bob.receive(d, ELSEWHERE, t)
+    resp2 = bob.datagrams_to_send()
+    states = sorted(x.state.value for x in bob.sessions.values())
+    assert states == ["established", "sent RESP"]
+    assert bob.receive(init1, MALLORY, t) == [] and bob.datagrams_to_send() == []
+    assert sorted(x.state.value for x in bob.sessions.values()) == states
+    for d, _to in resp2:
+        c2.receive(d, SERVER, t)
+    events: list[Event] = []
+    for d, _to in c2.datagrams_to_send():
+        events += bob.receive(d, ELSEWHERE, t)
+    r = c2.send("bob.test", b"on the new session", t)
+    assert r is not None
+    events += bob.receive(r[0], ELSEWHERE, t)
+    assert [type(e) for e in events] == [HandshakeComplete, DatagramReceived]

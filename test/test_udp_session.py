@@ -631,3 +631,25 @@ def test_one_udp_init_costs_one_rsa_verification(monkeypatch: pytest.MonkeyPatch
     assert net.rsa_verify_ops - before == 1  # alice: RESP
     net.pump()
     assert [type(e) for e in net.b.take_events()] == [HandshakeComplete]
+
+
+def test_simultaneous_rekeys_keep_both_directions_after_the_grace_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sides rekey at once: each side's two new sessions both live on, so both
+    directions still deliver after udp_rekey_grace (found by an adversarial review: the
+    supersede rule for reconnects retired the sibling rekey, and both directions went dead)."""
+    net = Net(monkeypatch, rekey_after_time=30.0)
+    net.established()
+    net.tick(34.0)
+    send_a(net, b"from a")  # starts a's rekey
+    assert net.b.send("a.test", b"from b", net.now) is not None  # starts b's
+    init_a, init_b = net.a_out(), net.b_out()
+    net.to_b(init_a)
+    net.to_a(init_b)
+    net.pump()
+    for _ in range(2):
+        net.tick(6.0)  # past the 10 s grace
+        net.pump()
+        assert net.to_b([send_a(net, b"a to b")]) == [b"a to b"]
+        r = net.b.send("a.test", b"b to a", net.now)
+        assert r is not None and net.to_a([r]) == [b"b to a"]

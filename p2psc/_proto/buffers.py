@@ -57,20 +57,41 @@ class BufferPool:
 
 class ReceiveBudget:
     """The bytes that the buffers of partly received records may hold, across the
-    connections of one handler (``max_partial_record_bytes``); 0: no limit."""
+    connections of one handler (``limit``: ``max_partial_record_bytes``) and per peer
+    (``per_peer``: ``max_partial_record_bytes_per_peer``), so that one peer cannot take the
+    whole budget and leave others' records nowhere to go. 0: no limit. Bytes charged before a
+    handshake names the peer (``owner`` None) count only in the total."""
 
-    __slots__ = ("limit", "used")
+    __slots__ = ("limit", "per_peer", "used", "_by_owner")
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, per_peer: int = 0):
         self.limit = limit
+        self.per_peer = per_peer
         self.used = 0
+        self._by_owner: dict[str, int] = {}
 
-    def reserve(self, n: int) -> bool:
-        """Take ``n`` bytes; False (nothing taken) when that would pass the limit."""
+    def reserve(self, n: int, owner: str | None = None) -> str | None:
+        """Take ``n`` bytes for ``owner``: None when done, else the name of the setting that
+        refuses it (nothing taken)."""
         if self.limit and self.used + n > self.limit:
-            return False
+            return "max_partial_record_bytes"
+        if owner is not None:
+            mine = self._by_owner.get(owner, 0)
+            if self.per_peer and mine + n > self.per_peer:
+                return "max_partial_record_bytes_per_peer"
+            self._by_owner[owner] = mine + n
         self.used += n
-        return True
+        return None
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, owner: str | None = None) -> None:
         self.used -= n
+        if owner is not None:
+            left = self._by_owner.get(owner, 0) - n
+            if left > 0:
+                self._by_owner[owner] = left
+            else:
+                self._by_owner.pop(owner, None)
+
+    def held_by(self, owner: str) -> int:
+        """Bytes ``owner``'s partly received records hold."""
+        return self._by_owner.get(owner, 0)

@@ -349,17 +349,14 @@ class ResponderHandshake:
                     f"INIT signature of {init.initiator_id}")
         return VerifiedInit(init)
 
-    def respond(self, verified: VerifiedInit, now: float, *, ext: bytes = b""
-                ) -> tuple[bytes, Callable[[], HandshakeResult]]:
-        """Step 3: the INIT is fresh (``now``: wall-clock seconds) and new, its suite one we
-        accept. Returns the RESP body, and a function that decrypts the key material and
-        derives the keys, so the caller can send RESP first and decrypt while it travels.
+    def check(self, verified: VerifiedInit, now: float) -> None:
+        """Step 3 without side effects: the INIT is fresh (``now``: wall-clock seconds), its
+        suite one we accept, and not a replay. Raises :class:`HandshakeError`;
+        :meth:`respond` checks again and records the INIT. (UDP calls this before it spends
+        anything on an INIT, so a replay cannot cost a session slot.)"""
+        self._checked(verified.init, now)
 
-        A key material that does not decrypt is replaced by random bytes (implicit rejection,
-        as TLS does for RSA key transport): the handshake then fails at FINISHED, exactly as
-        with a wrong key, so the outcome of the decryption is never observable on its own.
-        """
-        init = verified.init
+    def _checked(self, init: InitMessage, now: float) -> tuple[Suite, bytes]:
         if abs(now * 1000 - init.timestamp_ms) > self._window * 1000:
             raise HandshakeError(f"INIT from {init.initiator_id} has a stale timestamp "
                                  f"({(now * 1000 - init.timestamp_ms) / 1000:+.0f} s)")
@@ -369,6 +366,23 @@ class ResponderHandshake:
             raise HandshakeError(f"{init.initiator_id} proposed a cipher suite we do not accept "
                                  f"(code {init.suite_code})")
         replay_key = init.initiator_id.encode() + b"\x00" + init.nonce
+        if self._replay_cache.seen(replay_key, init.timestamp_ms / 1000):
+            raise HandshakeError(f"replayed INIT from {init.initiator_id}")
+        return suite, replay_key
+
+    def respond(self, verified: VerifiedInit, now: float, *, ext: bytes = b""
+                ) -> tuple[bytes, Callable[[], HandshakeResult]]:
+        """Step 3: the INIT is fresh (``now``: wall-clock seconds) and new, its suite one we
+        accept; it is recorded in the replay cache. Returns the RESP body, and a function that
+        decrypts the key material and derives the keys, so the caller can send RESP first and
+        decrypt while it travels.
+
+        A key material that does not decrypt is replaced by random bytes (implicit rejection,
+        as TLS does for RSA key transport): the handshake then fails at FINISHED, exactly as
+        with a wrong key, so the outcome of the decryption is never observable on its own.
+        """
+        init = verified.init
+        suite, replay_key = self._checked(init, now)
         if not self._replay_cache.check_and_add(replay_key, init.timestamp_ms / 1000, now):
             raise HandshakeError(f"replayed INIT from {init.initiator_id}")
         rand = self._rand

@@ -29,6 +29,10 @@ class InitReplayCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def seen(self, key: bytes, timestamp: float) -> bool:
+        """True when :meth:`check_and_add` would refuse this INIT now (nothing is changed)."""
+        return timestamp <= self._floor or key in self._entries
+
     def check_and_add(self, key: bytes, timestamp: float, now: float) -> bool:
         """True (and remembered) when this INIT was not seen; False for a replay."""
         entries, by_time = self._entries, self._by_time

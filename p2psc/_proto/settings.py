@@ -38,6 +38,8 @@ class Settings:
     keepalive_interval: float = 25.0
     #: bytes the buffers of partly received records may hold in one handler (0: no limit)
     max_partial_record_bytes: int = 128 * 1024 * 1024
+    #: ... and those of one peer (0: no limit), so one peer cannot take the whole budget
+    max_partial_record_bytes_per_peer: int = 32 * 1024 * 1024
     #: handshaked TCP connections with one peer, at most; the oldest goes (0: no limit)
     max_connections_per_peer: int = 64
     #: Accepted connections whose handshake has not completed, at most; when full, the oldest
@@ -102,10 +104,12 @@ class Settings:
             raise ConfigError(f"{where}: max_message_size must be between 1 and 2**31")
         if s.handshake_timeout <= 0 or s.timestamp_window <= 0:
             raise ConfigError(f"{where}: handshake_timeout and timestamp_window must be positive")
-        if s.max_partial_record_bytes and s.max_partial_record_bytes < s.max_message_size + 64:
-            raise ConfigError(f"{where}: max_partial_record_bytes must be 0 (no limit) or at "
-                              "least max_message_size + 64, or no message of the largest size "
-                              "could be received")
+        for name in ("max_partial_record_bytes", "max_partial_record_bytes_per_peer"):
+            value = getattr(s, name)
+            if value and value < s.max_message_size + 64:
+                raise ConfigError(f"{where}: {name} must be 0 (no limit) or at least "
+                                  "max_message_size + 64, or no message of the largest size "
+                                  "could be received")
         if s.lookup_burst_per_addr < 1:
             raise ConfigError(f"{where}: lookup_burst_per_addr must be at least 1")
         if s.udp_max_sessions_per_peer < 2:

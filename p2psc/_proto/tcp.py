@@ -130,7 +130,8 @@ class Connection:
 
     __slots__ = (
         "role", "my_id", "settings", "peer_id", "state", "_now", "_wall_offset", "_key_lookup",
-        "_out", "_out_size", "_buf", "_fill", "_need", "_held", "_pool", "_budget", "_scratch",
+        "_out", "_out_size", "_buf", "_fill", "_need", "_held", "_pool", "_budget", "_owner",
+        "_scratch", "timer_dirty",
         "_in_scratch", "_send", "_recv", "_result", "_suite_name", "_pending_init", "_derive",
         "_max_data_body", "_rekey_messages", "_initiator", "_responder", "_queue",
         "_queue_bytes", "_deadline", "_tick_at", "_tick_period", "_last_recv", "_last_send",
@@ -161,7 +162,11 @@ class Connection:
         self._need = 0  # the size of the incomplete record once its header is known
         self._held: bytes | bytearray = b""
         self._pool = pool
-        self._budget = budget  # charged with len(self._buf) while a record is incomplete
+        self._budget = budget  # charged with len(self._buf) while a record is incomplete ...
+        self._owner: str | None = None  # ... in the name of this peer (None: not yet known)
+        #: set when a deadline moved (a key update, the handshake's end): the adapter
+        #: re-arms its timer from :meth:`get_timer`, which clears it
+        self.timer_dirty = False
         self._scratch = scratch
         self._in_scratch = 0
         self._send: _Direction | None = None
@@ -250,6 +255,7 @@ class Connection:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called (monotonic seconds), or None."""
+        self.timer_dirty = False
         if self.state is State.CLOSED:
             return None
         if self.state is not State.ESTABLISHED:
@@ -561,10 +567,17 @@ class Connection:
 
     def _charge(self, n: int) -> None:
         budget = self._budget
-        if budget is not None and not budget.reserve(n):
-            raise LimitExceeded(f"partly received records would hold more than "
-                                f"{budget.limit} bytes in this handler "
-                                "(max_partial_record_bytes)")
+        if budget is None:
+            return
+        if not self._need:
+            self._owner = self.peer_id if self.state is State.ESTABLISHED else None
+        refused = budget.reserve(n, self._owner)
+        if refused is not None:
+            limit = budget.limit if refused == "max_partial_record_bytes" else budget.per_peer
+            where = "in this handler" if refused == "max_partial_record_bytes" else \
+                f"for {self._owner}"
+            raise LimitExceeded(f"partly received records would hold more than {limit} bytes "
+                                f"{where} ({refused})")
 
     def _grow(self) -> None:
         """The incomplete record's buffer is full: double it (up to the record's size)."""
@@ -576,7 +589,7 @@ class Connection:
 
     def _drop_record_buffer(self) -> None:
         if self._need and self._budget is not None:
-            self._budget.release(len(self._buf))
+            self._budget.release(len(self._buf), self._owner)
         self._buf, self._fill, self._need = b"", 0, 0
 
     def _hold(self, data: memoryview) -> None:
@@ -671,6 +684,7 @@ class Connection:
         self._send.ratchet(self._now)
         self._rekey_due = False
         self._rekey_at = self._now + self.settings.rekey_after_time
+        self.timer_dirty = True
 
     def send_ping(self) -> None:
         """An authenticated keepalive record (ignored by the receiver)."""

@@ -116,6 +116,7 @@ class Session:
     __slots__ = (
         "__weakref__",
         "addr",
+        "addr_verified",
         "confirmed",
         "error",
         "flags",
@@ -150,6 +151,7 @@ class Session:
         self.role = role
         self.state = State.SENT_INIT if role is Role.INITIATOR else State.SENT_RESP
         self.addr = addr
+        self.addr_verified = False  # a handshake ran at this address (see _claim_addr)
         self.send_cipher: RecordCipher | None = None
         self.recv_cipher: RecordCipher | None = None
         self.send_ctr = 0
@@ -469,6 +471,9 @@ class UdpEndpoint:
         # INIT may take from the total bucket, so INITs forged without the key cannot drain it
         try:
             verified = self._responder.verify(init, key)
+            # fresh, an acceptable suite, not a replay: checked before anything is spent on
+            # it (a replayed INIT must not cost the peer one of its sessions)
+            self._responder.check(verified, now + self.wall_offset)
         except P2PError as exc:
             self._refused(token, now)
             log.info("refused INIT from %s at %s: %s", init.initiator_id, addr, exc)
@@ -524,12 +529,15 @@ class UdpEndpoint:
         if old is not None and old.state is State.ESTABLISHED and not old.retired:
             self._retire(old, now)
         s.replaces = None
-        # a new session with the same peer (it reconnected) supersedes the older ones: they
-        # keep decrypting for the grace period, as after a rekey, then go
-        for other in list(self._peer_sessions.get(peer, {}).values()):
-            if (other is not s and other is not old and other.state is State.ESTABLISHED
-                    and not other.retired and other.rekeying is None):
-                self._retire(other, now)
+        # a new session with the same peer that is not a rekey (it reconnected from a new
+        # socket) supersedes the older ones: they keep decrypting for the grace period, as
+        # after a rekey, then go. (A rekey retires only the session it replaces: when both
+        # sides rekey at once, the two new sessions both live on.)
+        if not rekey:
+            for other in list(self._peer_sessions.get(peer, {}).values()):
+                if (other is not s and other.state is State.ESTABLISHED
+                        and not other.retired and other.rekeying is None):
+                    self._retire(other, now)
         if self.handshaking.get(peer) is s:
             del self.handshaking[peer]
         self.latest[peer] = s
@@ -559,13 +567,21 @@ class UdpEndpoint:
         self._schedule(now + self.settings.udp_rekey_grace, _K_GRACE, s)
 
     def _claim_addr(self, s: Session) -> None:
-        """Make ``s`` the session found at its address, unless a live session of another
-        peer holds that address: an address never moves from one peer to another."""
+        """Make ``s`` (just established, so its address answered its handshake) the session
+        found at its address, unless another peer's live session holds that address after a
+        handshake of its own there. An address held only because a session roamed to it (one
+        datagram from there, which anyone can send with a forged source) is given up to the
+        session whose handshake ran at that address."""
         holder = self.by_addr.get(s.addr)
-        if holder is not None and holder is not s and holder.peer_id != s.peer_id:
+        if (holder is not None and holder is not s and holder.peer_id != s.peer_id
+                and holder.addr_verified):
             log.warning("%s's session %08x at %s: that address belongs to %s's session; "
                         "not taken", s.peer_id, s.index, s.addr, holder.peer_id)
             return
+        if holder is not None and holder is not s and holder.peer_id != s.peer_id:
+            log.warning("%s's session at %s gives that address up to %s, whose handshake ran "
+                        "there", holder.peer_id, s.addr, s.peer_id)
+        s.addr_verified = True
         self.by_addr[s.addr] = s
 
     def _first_auth(self, s: Session, now: float) -> None:
@@ -594,6 +610,7 @@ class UdpEndpoint:
         if self.by_addr.get(s.addr) is s:
             del self.by_addr[s.addr]
         s.addr = addr
+        s.addr_verified = False  # one datagram from there; no handshake ran there
         if s.state is State.ESTABLISHED and not s.retired:
             self.by_addr[addr] = s
         if self.known.get(s.peer_id) is not None:
