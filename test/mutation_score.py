@@ -6,7 +6,7 @@ Run by `make mutation` (docs/MUTATION.md). Score = killed / (total - equivalent)
 mutant that was checked (survived, no tests, suspicious) counts against the score.
 Mutants that were not checked in this run (a run narrowed with MUTANTS=...) are left out.
 
-    python test/mutation_score.py [--survivors]
+    python test/mutation_score.py [--survivors] [--mutants DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def equivalent_names() -> set[str]:
 
 
 def main(argv: list[str]) -> int:
-    metas = sorted((MUTANTS / "p2psc" / "_proto").glob("*.py.meta"))
+    mutants = Path(argv[argv.index("--mutants") + 1]) if "--mutants" in argv else MUTANTS
+    metas = sorted((mutants / "p2psc" / "_proto").glob("*.py.meta"))
     if not metas:
         print("no results in ./mutants: run `make mutation` first", file=sys.stderr)
         return 1
@@ -70,7 +71,8 @@ def main(argv: list[str]) -> int:
         rows.append((module, total, killed, timeout, survived + other, eq, score))
         for i, v in enumerate((total, killed, timeout, survived + other, eq)):
             totals[i] += v
-    print(f"{'module':<12} {'total':>6} {'killed':>6} {'timeout':>7} {'survived':>8} {'equiv':>6} {'score':>7}")
+    print(f"{'module':<12} {'total':>6} {'killed':>6} {'timeout':>7} {'survived':>8} "
+          f"{'equiv':>6} {'score':>7}")
     for module, total, killed, timeout, survived, eq, score in rows:
         print(f"{module:<12} {total:>6} {killed:>6} {timeout:>7} {survived:>8} {eq:>6} {score:>6.1f}%")
     total, killed, timeout, survived, eq = totals[:5]
