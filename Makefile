@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-smoke fuzz clean
+.PHONY: demo test lint bench bench-smoke fuzz mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,21 @@ FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	$(BIN)/python test/fuzz.py $(FUZZ_SECONDS)
 
+# mutation testing of the sans-IO core with mutmut ([tool.mutmut] in pyproject.toml,
+# docs/MUTATION.md); not part of `test`. Starts afresh in ./mutants, runs MUTATION_CHILDREN
+# mutants at a time, then prints the score of each module. MUTANTS narrows the run to mutant
+# name patterns, e.g. MUTANTS='p2psc._proto.replay.*'.
+MUTATION_STAMP := $(VENV)/.installed-mutation
+MUTATION_CHILDREN ?= 2
+MUTANTS ?=
+$(MUTATION_STAMP): pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,mutation]'
+	touch $(MUTATION_STAMP)
+
+mutation: $(MUTATION_STAMP)
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
+	$(BIN)/python test/mutation_score.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants

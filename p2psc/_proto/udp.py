@@ -777,7 +777,9 @@ class UdpEndpoint:
         try:
             self._initiate(s.peer_id, s.peer_key, s.addr, now, s)
         except P2PError as exc:
+            # (needs_rekey stays set: the next send tries again)
             log.warning("rekey with %s not started: %s", s.peer_id, exc)
+            return
         s.needs_rekey = False
 
     def close_peer(self, peer_id: str) -> None:
