@@ -78,3 +78,72 @@ def test_a_buffer_of_the_same_size_as_the_smallest_does_not_replace_it() -> None
     pool.put(kept)
     pool.put(same)
     assert pool.take(10) is kept
+
+
+# -- the per-peer share of the budget ---------------------------------------------------------
+
+def test_per_peer_share_up_to_exactly_its_limit() -> None:
+    budget = ReceiveBudget(1000, 100)
+    assert budget.reserve(60, "a") is None
+    assert budget.reserve(41, "a") == "max_partial_record_bytes_per_peer"
+    assert (budget.used, budget.held_by("a")) == (60, 60)  # nothing taken by the refusal
+    assert budget.reserve(40, "a") is None
+    assert (budget.used, budget.held_by("a")) == (100, 100)
+    assert budget.reserve(1, "a") == "max_partial_record_bytes_per_peer"
+    assert budget.reserve(100, "b") is None  # another peer has its own share
+    assert (budget.used, budget.held_by("b")) == (200, 100)
+
+
+def test_per_peer_share_zero_is_no_limit_and_the_default() -> None:
+    assert ReceiveBudget(0).per_peer == 0
+    budget = ReceiveBudget(0)
+    assert budget.reserve(1 << 40, "a") is None
+    assert budget.held_by("a") == 1 << 40
+
+
+def test_the_total_is_checked_before_the_share() -> None:
+    budget = ReceiveBudget(100, 1000)
+    assert budget.reserve(101, "a") == "max_partial_record_bytes"
+    assert budget.held_by("a") == 0 and budget.used == 0
+
+
+def test_bytes_before_the_handshake_count_in_the_total_only() -> None:
+    budget = ReceiveBudget(100, 10)
+    assert budget.reserve(50, None) is None  # over the per-peer share: not a peer's
+    assert budget.used == 50 and budget.held_by("a") == 0
+    budget.release(50, None)
+    assert budget.used == 0
+
+
+def test_release_gives_back_exactly_what_was_taken() -> None:
+    budget = ReceiveBudget(1000, 100)
+    assert budget.reserve(70, "a") is None
+    assert budget.reserve(20, "b") is None
+    budget.release(30, "a")
+    assert (budget.used, budget.held_by("a"), budget.held_by("b")) == (60, 40, 20)
+    assert budget.reserve(60, "a") is None  # the share is free again, to the byte
+    assert budget.reserve(1, "a") == "max_partial_record_bytes_per_peer"
+    budget.release(100, "a")
+    assert (budget.used, budget.held_by("a")) == (20, 0)
+    budget.release(20, "b")
+    assert budget.used == 0 and budget.held_by("b") == 0
+    assert budget.reserve(100, "a") is None and budget.reserve(100, "b") is None
+
+
+def test_held_by_an_unknown_peer_is_zero() -> None:
+    budget = ReceiveBudget(1000, 100)
+    assert budget.held_by("nobody") == 0
+    assert budget.reserve(5, "a") is None
+    assert budget.held_by("a") == 5 and budget.held_by("nobody") == 0
+
+
+def test_release_down_to_one_byte_keeps_that_byte_and_an_unknown_owner_is_harmless() -> None:
+    budget = ReceiveBudget(1000, 100)
+    assert budget.reserve(10, "a") is None
+    budget.release(9, "a")
+    assert budget.held_by("a") == 1 and budget.used == 1
+    assert budget.reserve(100, "a") == "max_partial_record_bytes_per_peer"  # 1 + 100 > 100
+    budget.release(1, "a")
+    assert budget.held_by("a") == 0
+    budget.release(5, "never-charged")  # (a misuse, but it must not raise)
+    assert budget.held_by("never-charged") == 0 and budget.used == -5
