@@ -161,6 +161,9 @@ def p2psc_config(
         "xconfig": str(xconfig),
         "known_peers_file": str(known),
         "peer_pubkey_path": str(pubkeys),
+        # one client peer opens up to 1,000 connections at once (memory test): above the
+        # default per-peer cap, which would close all but the newest 64
+        "max_connections_per_peer": 0,
     }
     if cipher_suite:
         config["cipher_suite"] = cipher_suite

@@ -70,7 +70,7 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         self._sock: socket.socket | None = None            # set by attach()
         self._target: tuple[Any, Any] | None = None        # client: (address, public key)
         self._rbuf: bytearray | None = None
-        self._delivering: tuple[str, Any] | None = None  # (peer, addr) inside on_datagram
+        self._delivering: DatagramReceived | None = None  # inside on_datagram
 
     # -- hooks for applications ---------------------------------------------------------------
 
@@ -112,7 +112,7 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
     def current_peer(self) -> str | None:
         """Inside :meth:`on_datagram` / :meth:`on_recv`: the authenticated id of the peer that
         sent the datagram being delivered; else None."""
-        return self._delivering[0] if self._delivering is not None else None
+        return self._delivering.peer_id if self._delivering is not None else None
 
     def peer_of(self, addr: Any) -> str | None:
         """The id of the peer whose live session is at ``addr``, or None. An address moves
@@ -136,14 +136,15 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
                 raise MissRemoteAddr("a server must name the address: send(data, addr) or "
                                      "send_to_peer(peer_id, data)")
             r = ep.send(self.peer_id, data, now)
-        elif delivering is not None and addr == delivering[1]:
+        elif delivering is not None and addr == delivering.addr:
+            sender = delivering.peer_id
             holder = ep.peer_at(addr)
-            if holder not in (None, delivering[0]):
+            if holder is not None and holder != sender:
                 raise MissRemoteAddr(
-                    f"the datagram from {delivering[0]} came from {addr}, the address of "
+                    f"the datagram from {sender} came from {addr}, the address of "
                     f"{holder}'s session (a forged source, or relayed): reply() answers "
-                    f"{delivering[0]}, send_to_peer() names a peer; nothing was sent")
-            r = ep.send(delivering[0], data, now)  # the reply goes to the sender's session
+                    f"{sender}, send_to_peer() names a peer; nothing was sent")
+            r = ep.send(sender, data, now)  # the reply goes to the sender's session
         else:
             r = ep.send_to_addr(addr, data, now)
         self._sent(ep, r)
@@ -342,14 +343,19 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
             self._flush()
 
     def _dispatch(self, events: list[Event]) -> None:
-        on_datagram = self.on_datagram
+        # (the default on_datagram only calls on_recv: call on_recv directly then)
+        plain = type(self).on_datagram is UdpP2P.on_datagram
+        on_recv, on_datagram = self.on_recv, self.on_datagram
         for ev in events:
             if self._closed:
                 return
             if type(ev) is DatagramReceived:
-                self._delivering = (ev.peer_id, ev.addr)
+                self._delivering = ev
                 try:
-                    on_datagram(ev.data, ev.peer_id, ev.addr)
+                    if plain:
+                        on_recv(ev.data, ev.addr)
+                    else:
+                        on_datagram(ev.data, ev.peer_id, ev.addr)
                 except Exception:
                     log.exception("%s: exception in on_recv", self.myid)
                 finally:
