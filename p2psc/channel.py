@@ -448,7 +448,7 @@ class ChannelHost(Protocol):
 
     async def run_as_server(self, ProtocolClass: Callable[..., TcpP2P], *,
                             host: str | None = None, port: int | None = None
-                            ) -> asyncio.AbstractServer:
+                            ) -> asyncio.Server:
         """Listen over TCP with ``ProtocolClass`` protocols."""
 
     async def connect_udp_peer(self, peer_id: str, ProtocolClass: Callable[..., UP]
@@ -486,7 +486,7 @@ async def open_channel(handler: ChannelHost, peer_id: str, *, timeout: float | N
 
 async def serve(handler: ChannelHost, on_channel: OnChannel, *, host: str | None = None,
                 port: int | None = None, queue_size: int | None = None
-                ) -> asyncio.AbstractServer:
+                ) -> asyncio.Server:
     """:meth:`P2PHandler.serve <p2psc.p2phandler.P2PHandler.serve>` for ``handler``."""
     factory = functools.partial(ChannelProtocol, queue_size=queue_size, on_channel=on_channel)
     return await handler.run_as_server(factory, host=host, port=port)

@@ -33,12 +33,16 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from . import __version__, keys
 from .config import PeerAddress, PeerStore, known_peers_json, read_config_file, write_peer_files
 from .p2pexcept import ConfigError, P2PError
 from .validators import check_host, check_peer_id, port_arg
+
+if TYPE_CHECKING:  # (imported where used: `import p2psc.cli` stays light)
+    from .channel import Channel
+    from .p2phandler import P2PHandler
 
 log = logging.getLogger("p2psc.cli")
 
@@ -107,7 +111,7 @@ def _ask_password_if_needed(conf: dict[str, Any]) -> None:
         os.environ[PASSWORD_ENV] = getpass.getpass("passphrase of the private key: ")
 
 
-def _handler(args: argparse.Namespace) -> Any:
+def _handler(args: argparse.Namespace) -> P2PHandler:
     """A P2PHandler for the peer folder (config errors become one line)."""
     from .p2phandler import P2PHandler
     wd = _workdir(args)
@@ -241,13 +245,13 @@ def _os_reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc.strerror or exc)
 
 
-def _connect_error(handler: Any, peer_id: str, exc: OSError) -> CliError:
+def _connect_error(handler: P2PHandler, peer_id: str, exc: OSError) -> CliError:
     addr = handler.config.peers.known_address(peer_id)
     where = f" at {addr.host}:{addr.port}" if addr is not None else ""
     return CliError(f"cannot connect to {peer_id}{where}: {_os_reason(exc)}")
 
 
-async def _open(handler: Any, peer_id: str, timeout: float) -> Any:
+async def _open(handler: P2PHandler, peer_id: str, timeout: float) -> Channel:
     try:
         return await handler.open_channel(peer_id, timeout=timeout or None)
     except OSError as exc:
@@ -370,7 +374,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _listen_udp(args: argparse.Namespace, handler: Any) -> int:
+async def _listen_udp(args: argparse.Namespace, handler: P2PHandler) -> int:
     """``listen --udp``: datagrams to stdout (or echoed); answers ``ping --udp``."""
     from .udp_p2p import UdpP2P
 

@@ -72,7 +72,7 @@ class P2PHandler:
         self.loop = loop
         self.config: PeerConfig = load_peer_config(conf)
         self.settings: Settings = self.config.settings
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.replay_cache = InitReplayCache(self.settings.replay_cache_size,
                                             self.settings.timestamp_window)
         self.resolver = PeerResolver(self.config)
@@ -93,15 +93,16 @@ class P2PHandler:
     def private_key(self) -> rsa.RSAPrivateKey:
         return self.config.private_key
 
-    def get_peer_conn(self, peer_id: str) -> Any:
+    def get_peer_conn(self, peer_id: str) -> TcpP2P | None:
         """The live, handshaked protocol for ``peer_id`` (the latest one), or None."""
-        return self.connections.peer_conn(peer_id)
+        proto = self.connections.peer_conn(peer_id)
+        return proto if isinstance(proto, TcpP2P) else None
 
     # -- TCP ------------------------------------------------------------------------------------
 
     async def run_as_server(self, ProtocolClass: Callable[..., TcpP2P] = TcpP2P, *,
                             host: str | None = None, port: int | None = None
-                            ) -> asyncio.AbstractServer:
+                            ) -> asyncio.Server:
         """Listen on this peer's host and port (from ``xconfig``, or as given); the server is
         kept as ``self.server`` (with port 0, read the bound port from ``self.server.sockets``)."""
         if self.server is not None:
@@ -220,7 +221,7 @@ class P2PHandler:
 
     async def serve(self, on_channel: OnChannel, *, host: str | None = None,
                     port: int | None = None, queue_size: int | None = None
-                    ) -> asyncio.AbstractServer:
+                    ) -> asyncio.Server:
         """Listen over TCP on this peer's address (or ``host``/``port``) and run
         ``await on_channel(ch)`` as a task for each handshaked connection. An exception in
         ``on_channel`` is logged and closes that channel only; the channel is closed
