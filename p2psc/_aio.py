@@ -8,6 +8,7 @@ the core, write what it produces and turn its events into hooks.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import time
@@ -27,7 +28,7 @@ def wall_offset(loop: asyncio.AbstractEventLoop) -> float:
     return time.time() - loop.time()
 
 
-class AdapterBase:
+class AdapterBase(abc.ABC):
     """The lifecycle both protocol classes share.
 
     Subclasses implement :meth:`_core_timer` (the core's next deadline) and
@@ -119,13 +120,13 @@ class AdapterBase:
 
     # -- the core's timer ------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _core_timer(self) -> float | None:
         """The core's next deadline (loop time), or None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _on_core_timer(self, now: float) -> None:
         """Run the core's ``handle_timer(now)`` and act on what it produced."""
-        raise NotImplementedError
 
     def _rearm_timer(self) -> None:
         """Set the loop timer to the core's next deadline, if it is earlier than the one set

@@ -35,14 +35,14 @@ def test_a_forged_aead_record_fails_with_the_exact_error(name: str) -> None:
     ct = bytearray(cipher.seal(5, b"payload", header(7, 16)))
     ct[0] ^= 1
     with pytest.raises(CRCError) as info:
-        cipher.open(5, bytes(ct), header(7, 16))
+        cipher.unseal(5, bytes(ct), header(7, 16))
     assert str(info.value) == "record failed authentication"
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 def _rc4_failure(opener: object, seq: int, ct: bytes) -> str:
     with pytest.raises(CRCError) as info:
-        opener.open(seq, ct, header(len(ct) - 32))  # type: ignore[attr-defined]
+        opener.unseal(seq, ct, header(len(ct) - 32))  # type: ignore[attr-defined]
     return str(info.value)
 
 
@@ -53,20 +53,20 @@ def test_rc4_failures_have_the_exact_error() -> None:
     assert _rc4_failure(receiver, 1, ct0) == "record failed authentication"       # out of order
     forged = ct0[:-1] + bytes([ct0[-1] ^ 1])
     assert _rc4_failure(receiver, 0, forged) == "record failed authentication"    # bad MAC
-    assert receiver.open(0, ct0, header(4)) == b"zero"
+    assert receiver.unseal(0, ct0, header(4)) == b"zero"
 
 
 def test_rc4_copy_keeps_the_opening_position() -> None:
     sender, receiver = RC4.make_cipher(SECRET), RC4.make_cipher(SECRET)
     records = [b"first record", b"second", b"3", b"the fourth one"]
     sealed = [sender.seal(seq, pt, header(len(pt))) for seq, pt in enumerate(records)]
-    assert receiver.open(0, sealed[0], header(len(records[0]))) == records[0]
-    assert receiver.open(1, sealed[1], header(len(records[1]))) == records[1]
+    assert receiver.unseal(0, sealed[0], header(len(records[0]))) == records[0]
+    assert receiver.unseal(1, sealed[1], header(len(records[1]))) == records[1]
     twin = copy.copy(receiver)
     # both open record 2 and 3 on their own: the copy is at the same keystream position
     for c in (receiver, twin):
-        assert c.open(2, sealed[2], header(1)) == b"3"
-        assert c.open(3, sealed[3], header(len(records[3]))) == records[3]
+        assert c.unseal(2, sealed[2], header(1)) == b"3"
+        assert c.unseal(3, sealed[3], header(len(records[3]))) == records[3]
 
 
 def test_rc4_copy_keeps_both_positions() -> None:
@@ -74,13 +74,13 @@ def test_rc4_copy_keeps_both_positions() -> None:
     sealed = [a.seal(seq, b"x" * (seq + 3), header(seq + 3)) for seq in range(3)]
     b = RC4.make_cipher(SECRET)
     for seq in range(3):
-        assert b.open(seq, sealed[seq], header(seq + 3)) == b"x" * (seq + 3)
+        assert b.unseal(seq, sealed[seq], header(seq + 3)) == b"x" * (seq + 3)
     # a has sealed 3 records, b opened 3: copies continue both streams
     a2, b2 = copy.copy(a), copy.copy(b)
     nxt = a.seal(3, b"next", header(4))
     assert a2.seal(3, b"next", header(4)) == nxt
-    assert b2.open(3, nxt, header(4)) == b"next"
-    assert b.open(3, nxt, header(4)) == b"next"
+    assert b2.unseal(3, nxt, header(4)) == b"next"
+    assert b.unseal(3, nxt, header(4)) == b"next"
 
 
 def test_a_fresh_rc4_copy_starts_both_streams_at_the_beginning() -> None:
@@ -88,4 +88,4 @@ def test_a_fresh_rc4_copy_starts_both_streams_at_the_beginning() -> None:
     b = copy.copy(a)
     ct = a.seal(0, b"hello", header(5))
     assert b.seal(0, b"hello", header(5)) == ct
-    assert copy.copy(RC4.make_cipher(SECRET)).open(0, ct, header(5)) == b"hello"
+    assert copy.copy(RC4.make_cipher(SECRET)).unseal(0, ct, header(5)) == b"hello"

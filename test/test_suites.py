@@ -77,7 +77,7 @@ def test_rc4_is_one_continuous_keystream_after_a_3072_byte_drop() -> None:
     sender, receiver = RC4.make_cipher(sec), RC4.make_cipher(sec)
     sealed = [sender.seal(seq, pt, header(len(pt))) for seq, pt in enumerate(records)]
     assert sealed == _independent_rc4(sec, records)
-    assert [receiver.open(seq, ct, header(len(pt)))
+    assert [receiver.unseal(seq, ct, header(len(pt)))
             for seq, (pt, ct) in enumerate(zip(records, sealed, strict=True))] == records
     assert hkdf_expand(sec, b"rc4 stream key", 32) != hkdf_expand(sec, b"rc4 mac", 32)
 
@@ -87,19 +87,19 @@ def test_rc4_records_must_come_in_order_and_a_failure_does_not_move_the_stream()
     sender = RC4.make_cipher(sec)
     sealed = [sender.seal(seq, b"record %d" % seq, header(8)) for seq in range(4)]
     receiver = RC4.make_cipher(sec)
-    assert receiver.open(0, sealed[0], header(8)) == b"record 0"
+    assert receiver.unseal(0, sealed[0], header(8)) == b"record 0"
     with pytest.raises(CRCError):  # a gap (record 1 lost)
-        receiver.open(2, sealed[2], header(8))
+        receiver.unseal(2, sealed[2], header(8))
     with pytest.raises(CRCError):  # a replay
-        receiver.open(0, sealed[0], header(8))
+        receiver.unseal(0, sealed[0], header(8))
     forged = bytearray(sealed[1])
     forged[0] ^= 1
     with pytest.raises(CRCError):
-        receiver.open(1, bytes(forged), header(8))
+        receiver.unseal(1, bytes(forged), header(8))
     with pytest.raises(CRCError):
-        receiver.open(1, sealed[1][:31], header(8))
+        receiver.unseal(1, sealed[1][:31], header(8))
     # none of the failures consumed keystream: the stream goes on where it was
-    assert [receiver.open(s, sealed[s], header(8)) for s in (1, 2, 3)] == \
+    assert [receiver.unseal(s, sealed[s], header(8)) for s in (1, 2, 3)] == \
         [b"record 1", b"record 2", b"record 3"]
     with pytest.raises(ValueError, match="in order"):
         sender.seal(7, b"skipped", header(7))

@@ -92,7 +92,7 @@ def test_aead_record_vector(suite: str) -> None:
     assert aead.encrypt(nonce, pt, header) == record[5:]
     cipher = SUITES_BY_NAME[suite].make_cipher(secret)
     assert cipher.seal(seq, pt, header) == record[5:]
-    assert cipher.open(seq, record[5:], header) == pt
+    assert cipher.unseal(seq, record[5:], header) == pt
 
 
 def test_rc4_record_vector() -> None:
@@ -118,8 +118,8 @@ def test_rc4_record_vector() -> None:
     cipher = SUITES_BY_NAME["rc4-hmac-sha256"].make_cipher(secret)
     assert cipher.seal(0, fin_pt, fin_header) == fin_rec[5:]
     assert cipher.seal(1, pt, header) == record[5:]
-    assert cipher.open(0, fin_rec[5:], fin_header) == fin_pt
-    assert cipher.open(1, record[5:], header) == pt
+    assert cipher.unseal(0, fin_rec[5:], fin_header) == fin_pt
+    assert cipher.unseal(1, record[5:], header) == pt
 
 
 # -- complete sessions, byte for byte (test/vectors/handshake-*.json) ---------------------------

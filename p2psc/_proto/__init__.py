@@ -21,7 +21,7 @@ Rules (enforced by test/test_layering.py):
 Modules, bottom up::
 
     rsakeys      RSA-PSS / RSA-OAEP operations, peer id rule
-    suites       cipher suites; one record-sealing path (RecordCipher.seal/open)
+    suites       cipher suites; one record-sealing path (RecordCipher.seal/unseal)
     keyschedule  traffic secrets, FINISHED MAC, key updates
     replay       INIT replay cache, datagram replay window
     settings     the Settings dataclass (checked values, no files)

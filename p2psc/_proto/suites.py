@@ -1,7 +1,7 @@
 """Cipher suites and per-direction record ciphers.
 
-A record cipher is made from a 32-byte traffic secret (see :mod:`p2psc.keyschedule`) and seals
-or opens one record given its 64-bit sequence number and its header (the associated data).
+A record cipher is made from a 32-byte traffic secret (see :mod:`p2psc._proto.keyschedule`) and seals
+or opens (``unseal``) one record given its 64-bit sequence number and its header (the associated data).
 
 - ``aes-256-gcm`` and ``chacha20-poly1305``: key and 12-byte IV expanded from the secret with
   HKDF-SHA256; the nonce is the IV XOR the sequence number (as TLS 1.3 does); 16-byte tag.
@@ -55,7 +55,7 @@ class RecordCipher(Protocol):
 
     def seal(self, seq: int, plaintext: Buffer, aad: Buffer) -> bytes: ...
 
-    def open(self, seq: int, ciphertext: Buffer, aad: Buffer) -> bytes: ...
+    def unseal(self, seq: int, ciphertext: Buffer, aad: Buffer) -> bytes: ...
 
 
 class AeadCipher:
@@ -71,7 +71,7 @@ class AeadCipher:
     def seal(self, seq: int, plaintext: Buffer, aad: Buffer) -> bytes:
         return self.aead.encrypt((self.iv ^ seq).to_bytes(12, "big"), plaintext, aad)
 
-    def open(self, seq: int, ciphertext: Buffer, aad: Buffer) -> bytes:
+    def unseal(self, seq: int, ciphertext: Buffer, aad: Buffer) -> bytes:
         try:
             return self.aead.decrypt((self.iv ^ seq).to_bytes(12, "big"), ciphertext, aad)
         except InvalidTag:
@@ -155,7 +155,7 @@ class Rc4HmacCipher:
         st.used += len(ct)
         return ct + self._mac(seq, aad, ct).finalize()
 
-    def open(self, seq: int, ciphertext: Buffer, aad: Buffer) -> bytes:
+    def unseal(self, seq: int, ciphertext: Buffer, aad: Buffer) -> bytes:
         if len(ciphertext) < 32:
             raise CRCError("record failed authentication")
         st = self._opening

@@ -530,7 +530,7 @@ class Connection:
                 # the fast path: one application message
                 d = self._recv
                 assert d is not None
-                pt = d.cipher.open(d.seq, view[pos + HEADER_LEN:end], view[pos:pos + HEADER_LEN])
+                pt = d.cipher.unseal(d.seq, view[pos + HEADER_LEN:end], view[pos:pos + HEADER_LEN])
                 d.seq += 1
                 append(MessageReceived(pt))
                 pos = end
@@ -600,10 +600,10 @@ class Connection:
             self._held = bytearray(self._held)
         self._held += data
 
-    def _open(self, header: memoryview, body: memoryview) -> bytes:
+    def _unseal(self, header: memoryview, body: memoryview) -> bytes:
         d = self._recv
         assert d is not None
-        pt = d.cipher.open(d.seq, body, header)
+        pt = d.cipher.unseal(d.seq, body, header)
         d.seq += 1
         return pt
 
@@ -611,16 +611,16 @@ class Connection:
         state = self.state
         if state is State.ESTABLISHED:  # (DATA is handled by _records' fast path)
             if rtype == RecordType.KEY_UPDATE:
-                self._open(header, body)
+                self._unseal(header, body)
                 assert self._recv is not None
                 self._recv.ratchet(self._now)
                 return None
             if rtype == RecordType.CLOSE:
-                self._open(header, body)
+                self._unseal(header, body)
                 self._closed()
                 return Closed(None)
             if rtype == RecordType.PING:
-                self._open(header, body)
+                self._unseal(header, body)
                 return None
             raise ProtocolError(f"unexpected record type {rtype:#x} after the handshake")
         if state is State.IDLE and self.role is Role.RESPONDER and rtype == RecordType.INIT:
@@ -632,7 +632,7 @@ class Connection:
             result = self._result
             assert result is not None
             try:
-                mac = self._open(header, body)
+                mac = self._unseal(header, body)
             except CRCError:
                 raise HandshakeError("FINISHED failed authentication") from None
             result.check_finished(mac)

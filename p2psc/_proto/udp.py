@@ -635,7 +635,7 @@ class UdpEndpoint:
                 log.debug("dropped DATA from %s: replayed, too old or no keys (%d)", addr, ctr)
                 return []
             try:
-                pt = cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
+                pt = cipher.unseal(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
             except CRCError:
                 log.debug("dropped datagram from %s: failed authentication", addr)
                 return []
@@ -684,7 +684,7 @@ class UdpEndpoint:
             log.debug("dropped control datagram from %s: unknown index or replayed", addr)
             return
         try:
-            pt = s.recv_cipher.open(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
+            pt = s.recv_cipher.unseal(ctr, data[HEADER_LEN:], data[:HEADER_LEN])
         except CRCError:
             log.debug("dropped datagram from %s: failed authentication", addr)
             return
