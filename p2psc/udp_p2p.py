@@ -71,6 +71,8 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         self._target: tuple[Any, Any] | None = None        # client: (address, public key)
         self._rbuf: bytearray | None = None
         self._delivering: DatagramReceived | None = None  # inside on_datagram
+        # the default on_datagram only calls on_recv: then on_recv is called directly
+        self._plain_datagrams = type(self).on_datagram is UdpP2P.on_datagram
 
     # -- hooks for applications ---------------------------------------------------------------
 
@@ -115,8 +117,9 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         return self._delivering.peer_id if self._delivering is not None else None
 
     def peer_of(self, addr: Any) -> str | None:
-        """The id of the peer whose live session is at ``addr``, or None. An address moves
-        only with its own session's newest authenticated datagram, never to another peer."""
+        """The id of the peer whose live session is at ``addr``, or None. A datagram moves an
+        address only to its own session (its newest authenticated one, onto a free address);
+        a handshake run at an address takes it from a session that had merely roamed there."""
         return self._ep.peer_at(addr) if self._ep is not None else None
 
     def send(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
@@ -343,8 +346,7 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
             self._flush()
 
     def _dispatch(self, events: list[Event]) -> None:
-        # (the default on_datagram only calls on_recv: call on_recv directly then)
-        plain = type(self).on_datagram is UdpP2P.on_datagram
+        plain = self._plain_datagrams
         on_recv, on_datagram = self.on_recv, self.on_datagram
         for ev in events:
             if self._closed:

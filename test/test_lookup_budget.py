@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from test_handler_directory import Client, Echo
 from conftest import PeerDir, make_peer, rsa_key, run, server_port
 from p2psc import keys
 from p2psc._proto.settings import Settings
@@ -22,7 +23,6 @@ from p2psc.directory import CENTER_PEER_ID
 from p2psc.directory.server import STATE_KEY, make_app, start_server
 from p2psc.directory.store import DirectoryStore
 from p2psc.lookup_budget import LookupBudget
-from p2psc.p2p import TcpP2P
 from p2psc.p2phandler import P2PHandler
 
 # -- the budget itself ----------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_bucket_table_is_bounded_least_recently_used_first() -> None:
     assert b.acquire(("203.0.113.1", 1), 0.0) is None
     # thousands of sources: the table stays at its bound
     for n in range(5000):
-        b.release(b.acquire((f"10.{n >> 8}.{n & 255}.1", 1), 0.0))  # type: ignore[arg-type]
+        b.release(b.acquire((f"2001:db8:{n:x}::1", 1), 0.0))  # type: ignore[arg-type]
     assert len(b) == 3
 
 
@@ -85,21 +85,6 @@ FLOOD_TOTAL = 400    # INITs, each on its own connection from 127.0.0.2 ...
 FLOOD_BATCH = 20     # ... sent this many every FLOOD_PERIOD seconds (2 s in all)
 FLOOD_PERIOD = 0.1
 STRANGER_AFTER = 300  # the registered stranger connects once this many junk INITs went out
-
-
-class Echo(TcpP2P):
-    def on_recv(self, data: bytes) -> None:
-        self.send(b"recv:" + data)
-
-
-class Client(TcpP2P):
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.got = asyncio.get_running_loop().create_future()
-
-    def on_recv(self, data: bytes) -> None:
-        if not self.got.done():
-            self.got.set_result(data)
 
 
 class SlowDirectory:

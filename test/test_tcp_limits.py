@@ -21,6 +21,14 @@ from p2psc.p2phandler import P2PHandler
 MiB = 1024 * 1024
 
 
+async def serve_and_point(server_dir: Any, client_dir: Any, R: Any) -> tuple[P2PHandler, P2PHandler]:
+    """A server (protocol ``R``) on an ephemeral port, and a client handler pointed at it."""
+    server = P2PHandler(workdir=server_dir.workdir)
+    await server.run_as_server(ProtocolClass=R, host="127.0.0.1", port=0)
+    point_at(client_dir, server_dir, server_port(server))
+    return server, P2PHandler(workdir=client_dir.workdir)
+
+
 def test_64_headers_declaring_16_mib_cost_what_arrived(pair: Any, tmp_path: Any) -> None:
     """The review's attack: 64 handshaked connections each send a 5-byte header declaring a
     16 MiB record, then nothing (it took the server from 35 to 1,060 MiB). Now the server's
@@ -32,10 +40,7 @@ def test_64_headers_declaring_16_mib_cost_what_arrived(pair: Any, tmp_path: Any)
         d.update_conf(max_connections_per_peer=64)
 
     async def main() -> None:
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=recorder(), host="127.0.0.1", port=0)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
+        server, client = await serve_and_point(server_dir, client_dir, recorder())
         protos = []
         for _ in range(64):
             _, p = await client.connect_peer("server.test", ProtocolClass=Client)
@@ -72,10 +77,7 @@ def test_the_partial_record_budget_closes_the_connection_that_would_pass_it(
 
     async def main() -> None:
         R = recorder()
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=R, host="127.0.0.1", port=0)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
+        server, client = await serve_and_point(server_dir, client_dir, R)
         a = (await client.connect_peer("server.test", ProtocolClass=Client))[1]
         b = (await client.connect_peer("server.test", ProtocolClass=Client))[1]
         for p in (a, b):
@@ -103,10 +105,7 @@ def test_one_peer_holds_at_most_max_connections_per_peer(pair: Any, tmp_path: An
 
     async def main() -> None:
         R = recorder()
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=R, host="127.0.0.1", port=0)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
+        server, client = await serve_and_point(server_dir, client_dir, R)
         protos = []
         for _ in range(5):
             _, p = await client.connect_peer("server.test", ProtocolClass=Client)
@@ -147,10 +146,7 @@ def test_rekey_by_time_repeats_with_keepalive_and_idle_off(
 
     async def main() -> None:
         R = recorder()
-        server = P2PHandler(workdir=server_dir.workdir)
-        await server.run_as_server(ProtocolClass=R, host="127.0.0.1", port=0)
-        point_at(client_dir, server_dir, server_port(server))
-        client = P2PHandler(workdir=client_dir.workdir)
+        server, client = await serve_and_point(server_dir, client_dir, R)
         _, proto = await client.connect_peer("server.test", ProtocolClass=Client)
         await asyncio.wait_for(proto.wait_handshaked(), 5)
         for k in range(15):  # one message every 0.1 s for 1.5 s: about 7 key updates
