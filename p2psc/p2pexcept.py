@@ -20,7 +20,9 @@ Every exception class of the library is defined here. The tree::
     │   ├── HandshakeError
     │   │   ├── SignCheckError
     │   │   └── HandshakeTimeout
-    │   └── ConnectionLost
+    │   ├── ConnectionLost
+    │   └── RelayError        the relay/rendezvous refused a request or is unreachable
+    │       └── PeerUnreachable   no path (direct, punched or relayed) reached the peer
     ├── UnknownPeerError          no public key for a peer id (local lookup or incoming INIT)
     │   └── PeerNotInDirectory    (also a DirectoryError)
     └── DirectoryError            the peer directory service could not be used
@@ -58,6 +60,8 @@ __all__ = [
     "MissRemoteAddr",
     "StatusError",
     "ChannelNotReady",
+    "RelayError",
+    "PeerUnreachable",
     "ChannelClosed",
     "PeerError",
     "ProtocolError",
@@ -162,6 +166,15 @@ class ConnectionLost(PeerError):
 
 
 # -- who is the peer ------------------------------------------------------------------------------
+
+class RelayError(PeerError):
+    """The relay/rendezvous service refused a request (its reason is in the message), could not
+    be reached, or sent a malformed frame (docs/NAT.md)."""
+
+
+class PeerUnreachable(RelayError):
+    """No path reached the peer: not its direct address, not a punched path, not the relay."""
+
 
 class UnknownPeerError(P2PError):
     """The peer id is not known (no public key on file, and the directory did not know it)."""
