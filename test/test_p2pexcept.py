@@ -18,7 +18,7 @@ CLASSES = {name: obj for name, obj in vars(E).items()
 USAGE = {"ConfigError", "InvalidDataType", "MessageTooLarge", "MissRemoteAddr", "StatusError",
          "ChannelNotReady", "ChannelClosed"}
 PEER = {"ProtocolError", "CRCError", "RecordTooLarge", "LimitExceeded", "HandshakeError", "SignCheckError",
-        "HandshakeTimeout", "ConnectionLost"}
+        "HandshakeTimeout", "ConnectionLost", "RelayError", "PeerUnreachable"}
 NEITHER = {"P2PError", "UsageError", "PeerError", "UnknownPeerError", "DirectoryError",
            "DirectorySignatureError", "PeerNotInDirectory", "UnknownEntryError", "ReplayError"}
 
@@ -42,6 +42,8 @@ PARENTS = {
     "SignCheckError": ("HandshakeError",),
     "HandshakeTimeout": ("HandshakeError",),
     "ConnectionLost": ("PeerError",),
+    "RelayError": ("PeerError",),
+    "PeerUnreachable": ("RelayError",),
     "UnknownPeerError": ("P2PError",),
     "DirectoryError": ("P2PError",),
     "DirectorySignatureError": ("DirectoryError",),
