@@ -22,8 +22,10 @@ from .p2pexcept import (
     P2PError,
     PeerError,
     PeerNotInDirectory,
+    PeerUnreachable,
     ProtocolError,
     RecordTooLarge,
+    RelayError,
     ReplayError,
     SignCheckError,
     StatusError,
@@ -40,7 +42,7 @@ __all__ = [
     "ChannelNotReady", "InvalidDataType", "SignCheckError", "StatusError", "HandshakeError",
     "HandshakeTimeout", "ProtocolError", "MessageTooLarge", "ConnectionLost", "DirectoryError",
     "UsageError", "PeerError", "RecordTooLarge", "LimitExceeded", "DirectorySignatureError",
-    "PeerNotInDirectory",
+    "PeerNotInDirectory", "RelayError", "PeerUnreachable",
     "UnknownEntryError", "ReplayError",
 ]
 
