@@ -79,6 +79,8 @@ class Puncher:
         if msg is None or msg.punch_id != self.punch_id or self.finished:
             return False
         if isinstance(msg, wire.PunchPing):
+            if msg.txid in self._txids:
+                return True  # our own ping, come back (a candidate that is our own address)
             self.out.append((wire.encode_punch(wire.U_PUNCH_PONG, self.punch_id, msg.txid),
                              addr, None))
             if addr not in self.candidates and self.path is None:
