@@ -24,8 +24,8 @@ from .config import (
     load_peer_config,
     read_config_file,
 )
-from .p2p import TcpP2P
 from .nat.agent import NatAgent
+from .p2p import TcpP2P
 from .p2pexcept import ConfigError, PeerUnreachable, RelayError, StatusError, UnknownPeerError
 from .registry import ConnectionRegistry
 from .resolver import PeerResolver

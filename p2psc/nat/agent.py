@@ -401,8 +401,8 @@ class NatAgent:
         finally:
             self._requests.pop(request, None)
         if isinstance(answer, wire.Error):
-            raise RelayError(f"the relay refused: {answer.text or wire.ERROR_NAMES.get(answer.code, answer.code)}",
-                             ) from None
+            reason = answer.text or wire.ERROR_NAMES.get(answer.code, str(answer.code))
+            raise RelayError(f"the relay refused: {reason}")
         return answer
 
     # -- serving ----------------------------------------------------------------------------------
