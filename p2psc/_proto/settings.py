@@ -66,6 +66,8 @@ class Settings:
     udp_init_rate_per_addr: float = 2.0    # INITs/s per source IP (IPv6: per /64) ...
     udp_init_burst_per_addr: int = 5       # ... with this burst
     # NAT traversal (docs/NAT.md); used only when the config names a "relay"
+    #: false: never hole-punch (a UDP peer that the direct address does not reach is relayed)
+    nat_punch: bool = True
     #: a direct TCP connect is given this long before the relay is tried
     nat_direct_timeout: float = 3.0
     #: one hole-punching attempt: its budget, the interval of its pings, and the TTL of its

@@ -493,19 +493,19 @@ class NatAgent:
                      peer_id, exc)
             return "direct", direct
         assert isinstance(punch, wire.Punch)
-        if mapped is not None:
+        if mapped is not None and self.settings.nat_punch:
             extra = [direct] if direct is not None else []
             path = await tap.punch(punch, extra)
             if path is not None:
                 return ("direct" if path == direct else "punched"), path
-        else:
+        elif mapped is None:
             log.info("%s: no UDP answer from the relay: UDP seems blocked; relaying", self.myid)
         return "relayed", wire.RelayAddress(peer_id, punch.peer_endpoint)
 
     async def _punch_back(self, punch: wire.Punch) -> None:
         """The rendezvous says a peer wants to reach our UDP server: punch toward it."""
         tap = self._taps.get(punch.endpoint)
-        if tap is None or tap is not self._udp_server:
+        if tap is None or tap is not self._udp_server or not self.settings.nat_punch:
             return
         await tap.punch(punch, [])
 
