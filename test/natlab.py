@@ -65,9 +65,10 @@ filter`` with these chains)::
 
 Measured between two sites (test_natlab.py asserts each): two cones punch when each host
 first sends one TTL-2 packet (it opens the host's own mapping and dies at ``pub``) and then
-TTL 64; without it (a sends, b 50 ms later) nothing arrives for 30 s, the unreplied timeout (see
-``wan_input_drop``, with which the plain send works); a cone and a symmetric NAT do not
-punch even with the TTL-2 packet.
+TTL 64; without it (a sends, b 50 ms later, three rounds) nothing arrives either way, the
+stale entry at NAT b lasting the unreplied UDP timeout (30 s) (see ``wan_input_drop``, with
+which the plain send works); a cone and a symmetric NAT do not punch even with the TTL-2
+packet.
 
 Running things inside: :meth:`Lab.socket` makes a socket in a namespace from this very
 process (a helper thread enters the namespace with setns(2); a socket stays in the namespace
