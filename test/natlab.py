@@ -78,12 +78,12 @@ process started is killed at teardown. Every wait has a timeout.
 
 In a test module::
 
-    from natlab import lab_factory_fixture, lab_fixture  # noqa: F401  (fixtures)
+    from natlab import SERVER_ADDR, lab_factory_fixture, lab_fixture  # noqa: F401 (fixtures)
 
-    def test_x(lab):                       # or lab_factory() for several labs
-        a = lab.add_site("a", "cone")       # namespaces nata, hosta
-        s = lab.socket("hosta")            # close it when done
-        s.sendto(b"hi", (natlab.SERVER_ADDR, 9000))
+    def test_x(lab):                     # or lab_factory() for several labs
+        a = lab.add_site("a", "cone")    # namespaces nata, hosta
+        s = lab.socket("hosta")          # close it when done
+        s.sendto(b"hi", (SERVER_ADDR, 9000))
 
 Both fixtures skip the test with :func:`lab_available`'s reason where no lab can be built.
 """
