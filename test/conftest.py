@@ -242,3 +242,12 @@ async def dead_port() -> int:
     server.close()
     await server.wait_closed()
     return port
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the NAT matrix (test/nat_matrix.py) when NAT tests ran."""
+    from nat_matrix import table
+    text = table()
+    if text:
+        terminalreporter.write_sep("-", "NAT matrix (docs/NAT.md)")
+        terminalreporter.write_line(text)

@@ -51,7 +51,12 @@ async def serve(kind: str, workdir: str) -> None:
         await handler.run_as_udp_server(UdpEcho)
     else:
         await handler.run_as_server(TcpEcho)
-    print(json.dumps({"serving": kind}), flush=True)
+    attached = False
+    if handler.nat is not None:
+        await asyncio.wait_for(handler.nat.ensure_link(), TIMEOUT)
+        await asyncio.sleep(0.5)  # its UDP mapping probed
+        attached = True
+    print(json.dumps({"serving": kind, "attached": attached}), flush=True)
     try:
         await asyncio.sleep(3600)
     finally:
@@ -95,6 +100,8 @@ async def client(kind: str, workdir: str, peer_id: str, count: int, hold: float)
                 result["first_ms"] = round((time.perf_counter() - start) * 1000, 1)
             echoed += 1
         result["echoed"] = echoed
+        if hold:  # say how far it got before the silent wait (the rebinding test rebinds now)
+            print(json.dumps({"echoed": echoed, "path": result.get("path")}), flush=True)
         if hold and echoed == count:
             await asyncio.sleep(hold)
             proto.send(payload(count))
