@@ -31,7 +31,7 @@ from typing import Any
 
 from .._proto.ratelimit import TokenBucket, rate_key
 from .._proto.udp_wire import MAX_UDP_PAYLOAD
-from ..p2pexcept import ProtocolError
+from ..p2pexcept import ConfigError, ProtocolError, UsageError
 from . import wire
 from .wire import Addr
 
@@ -100,12 +100,13 @@ class RelayLimits:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"RelayLimits.{f.name} must be a positive number, not {value!r}")
+                raise ConfigError(f"RelayLimits.{f.name} must be a positive number, not "
+                                  f"{value!r}")
         if self.relay_burst_bytes < self.max_dgram_payload:
-            raise ValueError("RelayLimits.relay_burst_bytes must be at least max_dgram_payload "
+            raise ConfigError("RelayLimits.relay_burst_bytes must be at least max_dgram_payload "
                              "(or no datagram of the largest size could ever be relayed)")
         if self.max_dgram_payload > MAX_UDP_PAYLOAD:
-            raise ValueError(f"RelayLimits.max_dgram_payload is at most {MAX_UDP_PAYLOAD}")
+            raise ConfigError(f"RelayLimits.max_dgram_payload is at most {MAX_UDP_PAYLOAD}")
 
     @property
     def max_frame(self) -> int:
@@ -268,8 +269,13 @@ class Rendezvous:
     """The relay's state. See the module docstring for the actions it returns.
 
     ``udp_ports`` (the two PROBE ports, told in WELCOME) is set by the adapter once its UDP
-    sockets are bound. ``counters`` counts what happened (answered and dropped probes,
-    relayed and dropped datagrams by reason, refusals by code, bad frames, circuits ...).
+    sockets are bound. ``counters`` counts what happened: ``probes_answered``,
+    ``probes_dropped`` (and ``probes_dropped: REASON``), ``dgrams_relayed`` (handed to the
+    adapter) and ``dgram_bytes_relayed``, ``dgrams_dropped`` (and ``dgrams_dropped:
+    REASON``), ``lossy_dropped`` (:class:`SendLossy` frames the adapter then dropped at a
+    backlogged link), ``refused_CODE``, ``bad_frames``, ``attached``, ``attach_refused``,
+    ``punches``, ``circuits_opened``, ``circuits_spliced``, ``circuits_expired``,
+    ``joins_refused``, ``circuit_bytes_relayed``.
     """
 
     def __init__(self, limits: RelayLimits | None = None,
@@ -581,8 +587,7 @@ class Rendezvous:
     def dropped(self, source: str, now: float) -> list[Action]:
         """The adapter dropped a :class:`SendLossy` from ``source``: its target link's write
         buffer was full."""
-        self.counters["dgrams_dropped"] += 1
-        self.counters["dgrams_dropped: target link backlogged"] += 1
+        self.counters["lossy_dropped"] += 1
         return self._log_limited(source, "backlog", now, logging.INFO,
                                  "relayed frames dropped: the target does not read fast enough")
 
@@ -616,7 +621,7 @@ class Rendezvous:
         """A datagram on PROBE port ``port_index`` (1 or 2) from ``source_addr``: the
         PROBE_REPLY to send back (the same 64 bytes), or None (dropped and counted)."""
         if port_index not in (1, 2):
-            raise ValueError("port_index is 1 or 2")
+            raise UsageError("port_index is 1 or 2")
         p = wire.decode_probe(data)
         if p is None:
             return self._probe_drop("malformed")
@@ -705,7 +710,7 @@ class Rendezvous:
         while True:
             value = self.random(n)
             if len(value) != n:
-                raise ValueError(f"random({n}) returned {len(value)} bytes")
+                raise UsageError(f"random({n}) returned {len(value)} bytes")
             if value not in taken and value != other:
                 return value
 
