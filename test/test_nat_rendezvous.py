@@ -215,6 +215,17 @@ def test_probe_reply_is_the_request_size_and_names_the_source() -> None:
     assert rv.counters["probes_answered"] == 2
 
 
+def test_ipv4_mapped_sources_are_seen_as_ipv4() -> None:
+    rv, _ = make()
+    out = rv.attach(A, "L:a", Addr("::ffff:198.51.100.1", 7), 0.0)
+    (welcome,) = frames(out, "L:a")
+    assert welcome.observed == Addr("198.51.100.1", 7)
+    reply = probe(rv, welcome.probe_token, EP_A, ("::ffff:198.51.100.1", 9, 0, 0))
+    assert reply is not None
+    assert wire.decode_probe_reply(reply).observed == Addr("198.51.100.1", 9)  # type: ignore[union-attr]
+    assert rv.mappings(A) == {EP_A: {1: Addr("198.51.100.1", 9)}}
+
+
 def test_a_probe_records_only_for_the_owner_of_its_token() -> None:
     rv, _ = make()
     ta = attach(rv, A)

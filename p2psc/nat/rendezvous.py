@@ -22,6 +22,7 @@ raises: a malformed frame closes the link it came on and affects nothing else.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections import Counter, OrderedDict
@@ -348,6 +349,7 @@ class Rendezvous:
             return [Log(logging.WARNING, f"{peer_id}: refused: {self.limits.max_peers} peers "
                                          "attached (max_peers)"),
                     CloseLink(link, "the relay is full")]
+        observed_tcp_addr = _unmapped(*observed_tcp_addr)
         token = self._fresh(wire.TOKEN_LEN, self._probe_tokens)
         peer = _Peer(peer_id, link, observed_tcp_addr, token)
         self._peers[peer_id] = peer
@@ -647,7 +649,7 @@ class Rendezvous:
         if not total.take(now):
             return self._probe_drop("over the total rate")
         try:
-            observed = Addr(str(source_addr[0]), int(source_addr[1]))
+            observed = _unmapped(str(source_addr[0]), int(source_addr[1]))
             reply = wire.encode_probe_reply(p.txid, observed)
         except (ValueError, TypeError, IndexError):
             return self._probe_drop("not an IP source address")
@@ -713,6 +715,19 @@ class Rendezvous:
                 raise UsageError(f"random({n}) returned {len(value)} bytes")
             if value not in taken and value != other:
                 return value
+
+
+def _unmapped(host: str, port: int) -> Addr:
+    """An :class:`Addr`, with an IPv4-mapped IPv6 address (a dual-stack socket's view of an
+    IPv4 peer) as the IPv4 address it is."""
+    if ":" in host:
+        try:
+            mapped = ipaddress.IPv6Address(host.partition("%")[0]).ipv4_mapped
+        except ValueError:
+            mapped = None
+        if mapped is not None:
+            return Addr(str(mapped), port)
+    return Addr(host, port)
 
 
 def _candidates(mapping: dict[int, Addr], local: tuple[Addr, ...]) -> tuple[Addr, ...]:
