@@ -509,7 +509,7 @@ def test_a_circuit_token_joins_once(tmp_path: Path) -> None:
         inc = await lb.expect(wire.Incoming)
         first = asyncio.ensure_future(circuit_stream(env.port, circ.token))
         await until(lambda: env.server.rendezvous.counters["joins_refused"] == 0
-                    and len(env.server._waiting) == 1, what="the first side to wait")
+                    and env.server.waiting_circuits == 1, what="the first side to wait")
         reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
         writer.write(wire.circuit_preamble(circ.token))       # the same token again
         assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -533,7 +533,7 @@ def test_early_bytes_after_the_preamble_are_forwarded_at_the_splice(tmp_path: Pa
         inc = await lb.expect(wire.Incoming)
         ra, wa = await asyncio.open_connection("127.0.0.1", env.port)
         wa.write(wire.circuit_preamble(circ.token) + b"early")
-        await until(lambda: len(env.server._waiting) == 1, what="alice's side to wait")
+        await until(lambda: env.server.waiting_circuits == 1, what="alice's side to wait")
         rb, wb = await circuit_stream(env.port, inc.token)
         assert await asyncio.wait_for(ra.readexactly(1), 5) == b"\x00"
         assert await asyncio.wait_for(rb.readexactly(5), 5) == b"early"

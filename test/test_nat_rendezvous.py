@@ -146,10 +146,10 @@ def test_a_second_link_of_a_peer_replaces_the_first() -> None:
     assert probe(rv, old_token, EP_A, ("198.51.100.1", 1)) is None
     assert rv.mappings(A) == {}
     assert rv.receive("old", wire.encode(wire.Ping(1)), 1.0) == []
-    assert rv.detach("old", 1.0) == []
+    assert rv.detach("old") == []
     assert rv.link_of(A) == "new"
     assert frames(rv.receive("new", wire.encode(wire.Ping(2)), 1.0), "new") == [wire.Pong(2)]
-    assert [a for a in rv.detach("new", 2.0) if isinstance(a, Log)]
+    assert [a for a in rv.detach("new") if isinstance(a, Log)]
     assert rv.attached == 0 and rv.link_of(A) is None
 
 
@@ -514,9 +514,9 @@ def test_circuit_tokens_join_once_and_splice_the_two_sides() -> None:
     assert rv.get_timer() is None                                           # not pending
     assert isinstance(rv.circuit_join(token_a, "again", 2.0), JoinRefused)
     assert rv.circuits_of(A) == 1                                           # still counted
-    assert [type(a) for a in rv.circuit_closed(1, 3.0)] == [Log]
+    assert [type(a) for a in rv.circuit_closed(1)] == [Log]
     assert rv.circuits_of(A) == rv.circuits_of(B) == rv.circuits == 0
-    assert rv.circuit_closed(1, 3.0) == []
+    assert rv.circuit_closed(1) == []
 
 
 def test_pending_circuits_expire_and_a_waiting_side_is_closed() -> None:
@@ -543,7 +543,7 @@ def test_a_waiting_side_that_leaves_voids_the_circuit() -> None:
     ready_pair(rv)
     token_a, token_b = open_circuit(rv)
     assert rv.circuit_join(token_a, "side-a", 1.0) == JoinWaiting(1)
-    rv.circuit_closed(1, 2.0)
+    rv.circuit_closed(1)
     assert isinstance(rv.circuit_join(token_b, "side-b", 2.0), JoinRefused)
     assert rv.circuits == 0 and rv.get_timer() is None and rv.handle_timer(100.0) == []
 
@@ -552,7 +552,7 @@ def test_circuits_outlive_the_control_link() -> None:
     rv, _ = make()
     ready_pair(rv)
     token_a, token_b = open_circuit(rv)
-    rv.detach("L:" + A, 1.0)
+    rv.detach("L:" + A)
     assert rv.circuit_join(token_a, "sa", 1.0) == JoinWaiting(1)
     assert isinstance(rv.circuit_join(token_b, "sb", 1.0), Splice)
 

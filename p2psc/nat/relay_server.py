@@ -447,6 +447,11 @@ class RelayServer:
         """The control links (handshaked or not)."""
         return frozenset(self._links)
 
+    @property
+    def waiting_circuits(self) -> int:
+        """Circuits whose first side has joined and waits for the other."""
+        return len(self._waiting)
+
     def circuits(self) -> list[CircuitInfo]:
         """The spliced circuits."""
         out = []
@@ -549,7 +554,7 @@ class RelayServer:
         elif backlog > self.limits.control_backlog_bytes:
             log.warning("%s: its control link holds %d unsent bytes (control_backlog_bytes): "
                         "closing it", link.peer_id, backlog)
-            self._apply(self.rendezvous.detach(link, self.loop.time()))
+            self._apply(self.rendezvous.detach(link))
             link.abort()
             return
         link.send(a.data)
@@ -594,8 +599,7 @@ class RelayServer:
         """A control link ended."""
         assert isinstance(link, _ControlLink)
         self._links.discard(link)
-        if self._loop is not None:
-            self._apply(self.rendezvous.detach(link, self._loop.time()))
+        self._apply(self.rendezvous.detach(link))
 
     # -- accepted connections (called by _Accepted) ------------------------------------------------
 
@@ -671,11 +675,9 @@ class RelayServer:
         self._accepted.pop(side, None)
         if state == _WAITING and self._waiting.get(side.cid) is side:
             del self._waiting[side.cid]
-            if self._loop is not None:
-                self._apply(self.rendezvous.circuit_closed(side.cid, self._loop.time()))
+            self._apply(self.rendezvous.circuit_closed(side.cid))
 
     def circuit_ended(self, sp: _Splicer) -> None:
         """Both sides of a spliced circuit are closed."""
         self._splices.pop(sp.cid, None)
-        if self._loop is not None:
-            self._apply(self.rendezvous.circuit_closed(sp.cid, self._loop.time()))
+        self._apply(self.rendezvous.circuit_closed(sp.cid))

@@ -368,7 +368,7 @@ class Rendezvous:
         actions.append(SendFrame(link, observed))
         return actions
 
-    def detach(self, link: Link, now: float) -> list[Action]:
+    def detach(self, link: Link) -> list[Action]:
         """A control link ended (a replaced or unknown link: nothing happens). The peer's
         circuits are left alone: they are connections of their own."""
         peer = self._by_link.get(link)
@@ -555,7 +555,7 @@ class Rendezvous:
         assert a is not None and b is not None
         return Splice(circ.cid, a, b, circ.peers[0], circ.peers[1])
 
-    def circuit_closed(self, circuit: int, now: float) -> list[Action]:
+    def circuit_closed(self, circuit: int) -> list[Action]:
         """Circuit ``circuit`` ended (both sides closed, or a waiting side left): its tokens
         are void and it no longer counts against the limits."""
         circ = self._circuits.pop(circuit, None)
