@@ -26,6 +26,7 @@ timeouts, repeated ones at most once per ``log_interval``; never keys, tokens or
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -488,8 +489,7 @@ class RelayServer:
             ports = []
             for index, p in ((1, udp_port1), (2, udp_port2)):
                 transport, _ = await loop.create_datagram_endpoint(
-                    lambda i=index: _ProbeSocket(self, i),  # type: ignore[misc]
-                    local_addr=(host, p))
+                    functools.partial(_ProbeSocket, self, index), local_addr=(host, p))
                 self._udp.append(transport)
                 ports.append(int(transport.get_extra_info("sockname")[1]))
         except BaseException:
