@@ -2,7 +2,7 @@
 try connections without writing code.
 
 Subcommands: ``init``, ``pubkey``, ``fingerprint``, ``add-peer``, ``peers``, ``listen``,
-``send``, ``ping`` and ``directory ...``. Every subcommand takes ``--workdir DIR`` (the peer
+``send``, ``ping``, ``relay serve`` and ``directory ...``. Every subcommand takes ``--workdir DIR`` (the peer
 folder; default: the current directory) and ``-v`` (debug logging, tracebacks on errors).
 Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
 
@@ -729,6 +729,40 @@ def cmd_netcheck(args: argparse.Namespace) -> int:
     return _run(_netcheck(args), args)
 
 
+async def _relay_serve(args: argparse.Namespace) -> int:
+    """``relay serve``: the relay/rendezvous service of the peer folder, until interrupted."""
+    from .nat.relay_server import RelayServer
+
+    handler = _handler(args)
+    relay = RelayServer(handler)
+    host = args.host or handler.config.host
+    port = handler.config.port if args.port is None else args.port
+    try:
+        await relay.start(host, port, args.udp_port, args.udp_port2)
+    except OSError as exc:
+        await handler.close()
+        raise CliError(f"cannot listen on {host}:{port}: {_os_reason(exc)}") from None
+    except P2PError:
+        await handler.close()
+        raise
+    print(f"{PROG} relay: {handler.get_myid()} listening on {relay.describe()}", flush=True)
+    args.interrupt_code = EXIT_OK  # Ctrl-C / SIGTERM is how the relay normally ends
+    try:
+        await asyncio.get_running_loop().create_future()
+        return EXIT_OK  # pragma: no cover - never set
+    finally:
+        await relay.close()
+        await handler.close()
+
+
+def cmd_relay_serve(args: argparse.Namespace) -> int:
+    if args.host is not None:
+        check_host(args.host, "--host")
+    if not args.verbose:  # a service: its refusals and drops are worth seeing
+        logging.getLogger("p2psc.relay").setLevel(logging.INFO)
+    return _run(_relay_serve(args), args)
+
+
 # -- running ------------------------------------------------------------------------------------
 
 def _run(coro: Coroutine[Any, Any, int], args: argparse.Namespace) -> int:
@@ -877,6 +911,27 @@ def build_parser() -> argparse.ArgumentParser:
                        "seen: its TCP and UDP public addresses, whether its NAT maps per "
                        "destination, whether UDP gets out, and the relay's round-trip time.")
     p.set_defaults(func=cmd_netcheck)
+
+    p = sub.add_parser("relay", help="run the NAT relay/rendezvous service",
+                       description="The NAT relay/rendezvous service (docs/NAT.md): peers "
+                       "whose key this peer folder knows (or its directory) attach to it to "
+                       "learn their public UDP mapping, coordinate hole punching, and relay "
+                       "datagrams and TCP circuits.")
+    relay_sub = p.add_subparsers(dest="relay_command", metavar="COMMAND")
+    relay_sub.required = True
+    p = relay_sub.add_parser("serve", parents=[common], help="run the relay until interrupted",
+                             description="Serve control links and circuits on one TCP port "
+                             "and PROBEs on two UDP ports, until Ctrl-C or SIGTERM (exit 0). "
+                             "Prints one line with the bound addresses.")
+    p.add_argument("--host", default=None,
+                   help="listen address (default: the peer folder's own host)")
+    p.add_argument("--port", type=port_arg, default=None,
+                   help="TCP port (default: the peer folder's own port; 0: any free port)")
+    p.add_argument("--udp-port", type=port_arg, default=None, metavar="P1",
+                   help="first PROBE port (default: the TCP port, or a free one with --port 0)")
+    p.add_argument("--udp-port2", type=port_arg, default=None, metavar="P2",
+                   help="second PROBE port (default: P1 + 1, or a free one)")
+    p.set_defaults(func=cmd_relay_serve)
 
     from .directory.cli import add_directory_parser
     dp = add_directory_parser(sub)

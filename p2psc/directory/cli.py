@@ -80,19 +80,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     key = keys.load_private_key(_key_path(args), _password())
     store = _open_store(args)
 
+    relay: Any = None  # the relay service, with --relay-workdir
+
     def ready(port: int) -> None:
         print(f"p2psc directory: http://{args.host}:{port}/  (lookups at "
               f"http://{args.host}:{port}/api/get_peer_info?id=PEER_ID)", flush=True)
+        if relay is not None:
+            print(f"p2psc directory: relay {relay.handler.get_myid()} listening on "
+                  f"{relay.describe()}", flush=True)
 
     async def run_until_signal() -> None:
+        nonlocal relay
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await serve(store, key, host=args.host, port=args.port, max_skew=args.max_skew,
-                        ready=ready, record_ttl=args.record_ttl)
+        if args.relay_workdir is not None:
+            relay = await _start_relay(args)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await serve(store, key, host=args.host, port=args.port,
+                            max_skew=args.max_skew, ready=ready, record_ttl=args.record_ttl)
+        finally:
+            if relay is not None:
+                await relay.close()
+                await relay.handler.close()
 
     try:
         asyncio.run(run_until_signal())
@@ -101,6 +114,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+async def _start_relay(args: argparse.Namespace) -> Any:
+    """``serve --relay-workdir DIR``: the NAT relay service of the peer folder DIR, started in
+    this process (on ``--host``, ``--relay-port`` or DIR's own port)."""
+    from ..nat.relay_server import RelayServer
+    from ..p2phandler import P2PHandler
+    handler = P2PHandler(workdir=args.relay_workdir)
+    relay = RelayServer(handler)
+    port = handler.config.port if args.relay_port is None else args.relay_port
+    try:
+        await relay.start(args.host, port)
+    except BaseException:
+        await handler.close()
+        raise
+    return relay
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
@@ -198,6 +227,12 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help=f"validity of a signed record, {MIN_RECORD_TTL}-{MAX_RECORD_TTL} "
                          f"(default: {DEFAULT_RECORD_TTL}, 24 hours); a removed peer or a "
                          "replaced key is refused by every client within this time")
+    sp.add_argument("--relay-workdir", metavar="DIR", default=None,
+                    help="also run the NAT relay service (docs/NAT.md) of the peer folder DIR "
+                         "in this process, on --host")
+    sp.add_argument("--relay-port", type=port_arg, default=None, metavar="P",
+                    help="the relay's TCP port (default: DIR's own port); its UDP PROBE ports "
+                         "are P and P + 1")
     sp.set_defaults(func=_guarded(_cmd_serve))
 
     sp = sub.add_parser("add", help="register a peer, or replace its key and address")
