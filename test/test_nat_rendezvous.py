@@ -351,23 +351,52 @@ def test_connect_refusals() -> None:
         return error_of(out, la)
 
     assert connect(1, EP_A, A) == (1, wire.E_BAD_REQUEST)
-    assert connect(2, EP_A, B) == (2, wire.E_NO_MAPPING)        # no PROBE from EP_A yet
-    assert probe(rv, ta, EP_A, ("198.51.100.1", 1)) is not None
-    assert connect(3, EP_A2, B) == (3, wire.E_NO_MAPPING)       # another endpoint of A
-    assert connect(4, EP_A, B) == (4, wire.E_NOT_CONNECTED)
+    assert connect(2, EP_A, B) == (2, wire.E_NOT_CONNECTED)
     tb = attach(rv, B)
-    assert connect(5, EP_A, B) == (5, wire.E_NO_UDP)            # no HELLO yet
+    assert connect(3, EP_A, B) == (3, wire.E_NO_UDP)            # no HELLO yet
     hello(rv, B, wire.FLAG_TCP, EP_B)
-    assert connect(6, EP_A, B) == (6, wire.E_NO_UDP)            # TCP only
-    hello(rv, B, wire.FLAG_UDP, EP_B)
-    assert connect(7, EP_A, B) == (7, wire.E_NO_MAPPING)        # B's server never probed
-    assert probe(rv, tb, b"other-ep", ("203.0.113.7", 1)) is not None
-    assert connect(8, EP_A, B) == (8, wire.E_NO_MAPPING)        # ... not from its server ep
-    assert probe(rv, tb, EP_B, ("203.0.113.7", 1)) is not None
-    out = send(rv, A, wire.Connect(9, EP_A, (), B))
-    assert isinstance(frames(out, la)[0], wire.Punch)
-    for code in (wire.E_BAD_REQUEST, wire.E_NO_MAPPING, wire.E_NOT_CONNECTED, wire.E_NO_UDP):
+    assert connect(4, EP_A, B) == (4, wire.E_NO_UDP)            # TCP only
+    for code in (wire.E_BAD_REQUEST, wire.E_NOT_CONNECTED, wire.E_NO_UDP):
         assert rv.counters[f"refused_{code}"] >= 1
+    hello(rv, B, wire.FLAG_UDP, EP_B)
+    assert probe(rv, ta, EP_A, ("198.51.100.1", 1)) is not None
+    assert probe(rv, tb, b"other-ep", ("203.0.113.7", 1)) is not None
+
+
+def test_connect_without_a_mapping_gives_the_requester_a_relay_only_punch() -> None:
+    """No PROBE seen from one side's endpoint: nothing to punch, so the target hears nothing,
+    but the requester gets PUNCH with the target's endpoint id (what relayed datagrams are
+    addressed to) and no candidates of the target's it does not have."""
+    rv, _ = make()
+    ta = attach(rv, A)
+    tb = attach(rv, B)
+    hello(rv, B, wire.FLAG_UDP, EP_B)
+    la, lb = "L:" + A, "L:" + B
+
+    def connect(req: int, ep: bytes) -> tuple[wire.Punch, list[Any]]:
+        out = send(rv, A, wire.Connect(req, ep, (), B))
+        (punch,) = frames(out, la)
+        assert isinstance(punch, wire.Punch) and punch.request == req
+        assert punch.endpoint == ep and punch.peer_endpoint == EP_B and punch.peer_id == B
+        return punch, frames(out, lb)
+
+    punch, to_b = connect(1, EP_A)            # neither side probed
+    assert punch.candidates == () and to_b == []
+    assert probe(rv, tb, b"other-ep", ("203.0.113.7", 1)) is not None
+    punch, to_b = connect(2, EP_A)            # B probed, but not from its server endpoint
+    assert punch.candidates == () and to_b == []
+    assert probe(rv, tb, EP_B, ("203.0.113.7", 1)) is not None
+    punch, to_b = connect(3, EP_A)            # B's mapping known, A's not (A's UDP is blocked)
+    assert punch.candidates == (Addr("203.0.113.7", 1),) and to_b == []
+    assert probe(rv, ta, EP_A, ("198.51.100.1", 1)) is not None
+    punch, to_b = connect(4, EP_A2)           # another endpoint of A: still not probed
+    assert to_b == []
+    punch, to_b = connect(5, EP_A)            # both known: both punch
+    assert punch.candidates == (Addr("203.0.113.7", 1),)
+    (back,) = to_b
+    assert isinstance(back, wire.Punch) and back.request == 0 and back.punch_id == punch.punch_id
+    assert back.candidates == (Addr("198.51.100.1", 1),)
+    assert rv.counters["relay_only"] == 4 and rv.counters["punches"] == 1
 
 
 def test_requests_are_rate_limited_per_peer() -> None:

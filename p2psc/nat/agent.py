@@ -493,7 +493,7 @@ class NatAgent:
                      peer_id, exc)
             return "direct", direct
         assert isinstance(punch, wire.Punch)
-        if mapped is not None and self.settings.nat_punch:
+        if mapped is not None and punch.candidates and self.settings.nat_punch:
             extra = [direct] if direct is not None else []
             path = await tap.punch(punch, extra)
             if path is not None:

@@ -444,30 +444,37 @@ class Rendezvous:
         if f.target == peer.peer_id:
             return self._refuse(peer, what, f.request, wire.E_BAD_REQUEST, now,
                                 "a request to oneself")
-        mine = peer.mappings.get(f.endpoint)
-        if not mine:
-            return self._refuse(peer, what, f.request, wire.E_NO_MAPPING, now,
-                                "no PROBE from your endpoint")
         target = self._peers.get(f.target)
         if target is None:
             return self._refuse(peer, what, f.request, wire.E_NOT_CONNECTED, now)
         if not target.flags & wire.FLAG_UDP or target.udp_endpoint is None:
             return self._refuse(peer, what, f.request, wire.E_NO_UDP, now)
+        # Without a mapping on either side there is nothing to punch, but the requester still
+        # gets PUNCH: the target's endpoint id is what relayed datagrams are addressed to.
+        mine = peer.mappings.get(f.endpoint)
         theirs = target.mappings.get(target.udp_endpoint)
-        if not theirs:
-            return self._refuse(peer, what, f.request, wire.E_NO_MAPPING, now,
-                                "no PROBE from the target's endpoint")
-        peer.mappings.move_to_end(f.endpoint)
-        target.mappings.move_to_end(target.udp_endpoint)
+        if mine:
+            peer.mappings.move_to_end(f.endpoint)
+        if theirs:
+            target.mappings.move_to_end(target.udp_endpoint)
         punch_id = self.random(wire.PUNCH_ID_LEN)
-        self.counters["punches"] += 1
         to_requester = wire.Punch(f.request, punch_id, f.endpoint, target.udp_endpoint,
-                                  _candidates(theirs, target.local_addrs), target.peer_id)
-        to_target = wire.Punch(0, punch_id, target.udp_endpoint, f.endpoint,
-                               _candidates(mine, f.local_addrs), peer.peer_id)
-        return [SendFrame(peer.link, wire.encode(to_requester)),
-                SendFrame(target.link, wire.encode(to_target)),
-                Log(logging.DEBUG, f"{peer.peer_id}: punch to {target.peer_id} coordinated")]
+                                  _candidates(theirs, target.local_addrs) if theirs else (),
+                                  target.peer_id)
+        actions: list[Action] = [SendFrame(peer.link, wire.encode(to_requester))]
+        if mine and theirs:
+            self.counters["punches"] += 1
+            to_target = wire.Punch(0, punch_id, target.udp_endpoint, f.endpoint,
+                                   _candidates(mine, f.local_addrs), peer.peer_id)
+            actions += [SendFrame(target.link, wire.encode(to_target)),
+                        Log(logging.DEBUG, f"{peer.peer_id}: punch to {target.peer_id} "
+                            "coordinated")]
+        else:
+            self.counters["relay_only"] += 1
+            side = "its" if not mine else "the target's"
+            actions.append(Log(logging.INFO, f"{peer.peer_id}: CONNECT to {target.peer_id} "
+                               f"without a UDP mapping of {side} endpoint: relay only"))
+        return actions
 
     def _dgram(self, peer: _Peer, f: wire.Dgram, now: float) -> list[Action]:
         n = len(f.payload)
