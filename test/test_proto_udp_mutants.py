@@ -851,6 +851,30 @@ def test_idle_expiry_at_exactly_the_timeout() -> None:
     assert b.sessions == {}
 
 
+def test_idle_expiry_when_the_deadline_rounds_below_the_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """0.7 + 0.1 rounds to 0.7999999999999999, and 0.7999999999999999 - 0.7 < 0.1: the idle
+    timer rescheduled for last_recv + idle must find itself due at that very time (it used to
+    compare now - last_recv >= idle, reschedule for the same time and spin in handle_timer)."""
+    assert (0.7 + 0.1) - 0.7 < 0.1
+    a, b = client(now=0.65, udp_session_idle_timeout=0.1), server(now=0.65)
+    handshake(a, b, now=0.65)
+    schedule, calls = a._schedule, [0]
+
+    def bounded(*args: Any) -> None:   # fail, rather than hang, if it spins
+        calls[0] += 1
+        assert calls[0] < 100, "handle_timer reschedules the idle timer for a time already due"
+        schedule(*args)
+
+    monkeypatch.setattr(a, "_schedule", bounded)
+    d, _ = b.send("a.test", b"x", 0.7)  # type: ignore[misc]
+    assert a.receive(d, B, 0.7) == [DatagramReceived(b"x", "b.test", B)]
+    assert a.handle_timer(0.75) == []           # rescheduled for last_recv + idle
+    assert a.get_timer() == 0.7 + 0.1
+    [ev] = a.handle_timer(0.7 + 0.1)
+    assert type(ev) is Closed and a.sessions == {}
+
+
 def test_an_expired_session_reports_its_latest_address() -> None:
     a, b = client(udp_session_idle_timeout=30.0), server()
     handshake(a, b)

@@ -826,11 +826,15 @@ class UdpEndpoint:
                     self._remove(s)
             elif kind == _K_IDLE:
                 idle = self.settings.udp_session_idle_timeout
-                if now - s.last_recv >= idle:
+                due = s.last_recv + idle
+                # (the deadline compared as it is scheduled: with `now - last_recv >= idle`,
+                # rounding could find it not due at the very time it is rescheduled for, and
+                # this loop would pop it again forever)
+                if due <= now:
                     self._expire(s, ConnectionLost(f"nothing received from {s.peer_id} for "
                                                    f"{idle:g} s (udp_session_idle_timeout)"))
                 else:
-                    self._schedule(s.last_recv + idle, _K_IDLE, s)
+                    self._schedule(due, _K_IDLE, s)
             elif kind == _K_REKEY:
                 s.needs_rekey = True
             elif kind == _K_GRACE:
