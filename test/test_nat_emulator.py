@@ -1,0 +1,539 @@
+"""The NAT-traversal matrix on the in-process emulator (test/natemu.py): the real Puncher and
+UdpEndpoint, RFC 4787 NATs, a simulated clock; no sockets, no root, deterministic.
+
+Each scenario asserts its outcome and records a row of the matrix; ``matrix_table()`` runs
+every scenario (each runs once per process) and formats the table, and the last test prints
+it (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from conftest import rsa_key
+from natemu import (
+    AD,
+    APD,
+    EI,
+    PRESERVE,
+    RANDOM,
+    Nat,
+    Network,
+    ProbeClient,
+    ProbeServer,
+    PuncherDriver,
+    UdpEndpointHost,
+    fmt,
+)
+
+from p2psc._proto.settings import Settings
+from p2psc.nat import wire
+
+SERVER_IP = "203.0.113.10"
+A_WAN, B_WAN = "198.51.100.1", "198.51.100.2"
+A_IP, B_IP = "192.168.1.10", "192.168.2.20"
+A_PORT, B_PORT = 5000, 6000
+PUNCH_ID = bytes(range(16))
+TOKEN = b"T" * wire.TOKEN_LEN
+
+CONE = dict(mapping=EI, filtering=APD, ports=PRESERVE)                 # Linux masquerade
+FULL_CONE = dict(mapping=EI, filtering=EI, ports=PRESERVE)
+RESTRICTED_CONE = dict(mapping=EI, filtering=AD, ports=PRESERVE)
+SYMMETRIC = dict(mapping=APD, filtering=APD, ports=RANDOM)             # masquerade random
+
+
+@functools.cache
+def keys() -> dict[str, Any]:
+    """The two peers' RSA keys, made once (conftest caches them for the whole session)."""
+    return {"a.test": rsa_key("a.test"), "b.test": rsa_key("b.test")}
+
+
+def pub(peer_id: str) -> Any:
+    return keys()[peer_id].public_key()
+
+
+@dataclass
+class Row:
+    scenario: str
+    nat_a: str
+    nat_b: str
+    success: bool
+    path: str
+    first_message: float | None   # simulated seconds from the PUNCH to A's first DATA at B
+
+
+MATRIX: dict[str, Row] = {}
+
+
+@dataclass
+class World:
+    """Server (PROBE on two ports) on the core; peer A behind NAT A, peer B behind NAT B (or
+    public when its NAT is None). A is the UDP client of B."""
+
+    net: Network
+    nat_a: Nat | None
+    nat_b: Nat | None
+    a: UdpEndpointHost
+    b: UdpEndpointHost
+    server: ProbeServer
+    probes: dict[str, ProbeClient] = field(default_factory=dict)
+    punchers: dict[str, PuncherDriver] = field(default_factory=dict)
+    t_punch: float = 0.0
+
+    def nat_name(self, which: str) -> str:
+        nat = self.nat_a if which == "a" else self.nat_b
+        return nat.describe() if nat is not None else "public"
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Both learn their mapping from the server's two ports (what the rendezvous sees)."""
+        for name, udp, seed in (("a", self.a, 11), ("b", self.b, 12)):
+            self.probes[name] = ProbeClient(udp, self.server.addrs, token=TOKEN,
+                                            endpoint=name.encode() * wire.EP_LEN, seed=seed)
+        assert self.net.run_until(lambda: all(p.done for p in self.probes.values()), 5.0)
+
+    def candidates(self, of: str) -> list[Any]:
+        """What the PUNCH frame tells the other side about ``of``: its observed mapping (if
+        any) and its local address."""
+        udp = self.a if of == "a" else self.b
+        mapping = self.probes[of].mapping
+        return ([mapping] if mapping is not None else []) + [udp.addr]
+
+    def punch(self, *, skew: float = 0.0, **kw: Any) -> None:
+        """The rendezvous' PUNCH reaches A now and B ``skew`` seconds later (its control link
+        is longer): each starts its Puncher from the socket it probed from. Runs until A has
+        a path (the first PONG decides it: A may start its handshake at once, while both
+        attempts go on answering pings) or both attempts are finished."""
+        self.t_punch = self.net.now
+        ca, cb = self.candidates("b"), self.candidates("a")
+
+        def start(name: str, udp: UdpEndpointHost, cands: list[Any], seed: int) -> None:
+            self.punchers[name] = PuncherDriver(udp, PUNCH_ID, cands, seed=seed, **kw)
+
+        start("a", self.a, ca, 21)
+        if skew:
+            self.net.call_later(skew, start, "b", self.b, cb, 22)
+        else:
+            start("b", self.b, cb, 22)
+        assert self.net.run_until(lambda: self.pa.path is not None or self.finished(), 10.0)
+
+    def finished(self) -> bool:
+        return len(self.punchers) == 2 and all(p.finished for p in self.punchers.values())
+
+    def finish_punch(self) -> None:
+        """Run until both attempts have spent their budget."""
+        assert self.net.run_until(self.finished, 10.0)
+
+    @property
+    def pa(self) -> PuncherDriver:
+        return self.punchers["a"]
+
+    @property
+    def pb(self) -> PuncherDriver:
+        return self.punchers["b"]
+
+    def handshake_and_send(self, payload: bytes, limit: float = 20.0) -> bool:
+        """A handshakes with B over A's punched path and sends ``payload``; True once it
+        arrived at B."""
+        assert self.pa.path is not None
+        before = len(self.b.received)
+        self.a.connect("b.test", pub("b.test"), self.pa.path)
+        self.a.send("b.test", payload)  # queued until the handshake completes
+        ok = self.net.run_until(lambda: len(self.b.received) > before, limit)
+        self.finish_punch()
+        return ok
+
+
+def make_world(nat_a: dict[str, Any] | None, nat_b: dict[str, Any] | None, *, seed: int = 1,
+               settings: Settings | None = None, latency: float = 0.010) -> World:
+    net = Network(seed=seed, latency=latency)
+    server = ProbeServer(net.add_host("server", SERVER_IP), token=TOKEN)
+    s = settings or Settings()
+    lookup = {k: pub(k) for k in keys()}.get
+    na = net.add_nat("nat-a", A_WAN, "192.168.1.0/24", **nat_a) if nat_a is not None else None
+    nb = net.add_nat("nat-b", B_WAN, "192.168.2.0/24", **nat_b) if nat_b is not None else None
+    ha = net.add_host("a", A_IP, behind=na)
+    hb = net.add_host("b", B_IP, behind=nb)
+    a = UdpEndpointHost(ha, A_PORT, "a.test", keys()["a.test"], s, key_lookup=lookup,
+                        accept_from="b.test", seed=31)
+    b = UdpEndpointHost(hb, B_PORT, "b.test", keys()["b.test"], s, key_lookup=lookup, seed=32)
+    return World(net, na, nb, a, b, server)
+
+
+def row(w: World, scenario: str, success: bool, path: str, first: float | None) -> Row:
+    r = Row(scenario, w.nat_name("a"), w.nat_name("b"), success, path, first)
+    MATRIX[scenario] = r
+    print(format_row(r))
+    return r
+
+
+def punched_path(w: World) -> str:
+    return f"direct {fmt(w.pa.path)} <-> {fmt(w.pb.path)}"
+
+
+def first_message(w: World) -> float:
+    return round(w.b.received[0].time - w.t_punch, 3)
+
+
+# -- the scenarios (each runs once; the tests assert on what they return) ------------------------
+
+@dataclass
+class Outcome:
+    world: World
+    row: Row
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SCENARIOS: dict[str, Callable[[], Outcome]] = {}
+
+
+def scenario(name: str) -> Callable[[Callable[[], Outcome]], Callable[[], Outcome]]:
+    def deco(fn: Callable[[], Outcome]) -> Callable[[], Outcome]:
+        cached = functools.cache(fn)
+        SCENARIOS[name] = cached
+        return cached
+    return deco
+
+
+PAYLOAD = bytes(range(256)) * 3 + b"\x00end"
+
+
+@scenario("1 cone <-> cone")
+def s1_cone_cone() -> Outcome:
+    w = make_world(CONE, CONE)
+    w.probe()
+    w.punch()
+    ok = w.handshake_and_send(PAYLOAD)
+    return Outcome(w, row(w, "1 cone <-> cone", ok, punched_path(w), first_message(w)))
+
+
+def _linux(skew: float, low_ttl: int | None) -> Outcome:
+    linux = dict(CONE, linux_conflict=True)
+    w = make_world(linux, linux)
+    w.probe()
+    w.punch(skew=skew, low_ttl=low_ttl)
+    name = f"2 cone+linux <-> cone+linux, low_ttl={low_ttl}, B {int(skew * 1000)} ms late"
+    if w.pa.path is None:
+        return Outcome(w, row(w, name, False, "none (relay)", None))
+    ok = w.handshake_and_send(PAYLOAD)
+    return Outcome(w, row(w, name, ok, punched_path(w), first_message(w)))
+
+
+@scenario("2a")
+def s2a_linux_low_ttl() -> Outcome:
+    return _linux(0.05, 2)
+
+
+@scenario("2b")
+def s2b_linux_no_low_ttl_unlucky() -> Outcome:
+    return _linux(0.05, None)
+
+
+@scenario("2c")
+def s2c_linux_no_low_ttl_simultaneous() -> Outcome:
+    return _linux(0.0, None)
+
+
+@scenario("2d")
+def s2d_linux_low_ttl_too_late() -> Outcome:
+    return _linux(0.3, 2)
+
+
+@scenario("3 full cone <-> symmetric")
+def s3_full_cone_symmetric() -> Outcome:
+    w = make_world(FULL_CONE, SYMMETRIC)
+    w.probe()
+    w.punch()
+    ok = w.pa.path is not None and w.handshake_and_send(PAYLOAD)
+    return Outcome(w, row(w, "3 full cone <-> symmetric", ok, punched_path(w),
+                          first_message(w) if ok else None))
+
+
+def _failed_punch(name: str, nat_a: dict[str, Any], nat_b: dict[str, Any]) -> Outcome:
+    w = make_world(nat_a, nat_b)
+    w.probe()
+    w.punch()
+    w.finish_punch()
+    ok = w.pa.path is not None and w.pb.path is not None
+    return Outcome(w, row(w, name, ok, punched_path(w) if ok else "none (relay)", None))
+
+
+@scenario("4 cone <-> symmetric")
+def s4_cone_symmetric() -> Outcome:
+    return _failed_punch("4 cone <-> symmetric", CONE, SYMMETRIC)
+
+
+@scenario("4b restricted cone <-> symmetric")
+def s4b_restricted_cone_symmetric() -> Outcome:
+    w = make_world(RESTRICTED_CONE, SYMMETRIC)
+    w.probe()
+    w.punch()
+    ok = w.pa.path is not None and w.handshake_and_send(PAYLOAD)
+    return Outcome(w, row(w, "4b restricted cone <-> symmetric", ok, punched_path(w),
+                          first_message(w) if ok else None))
+
+
+@scenario("5 symmetric <-> symmetric")
+def s5_symmetric_symmetric() -> Outcome:
+    return _failed_punch("5 symmetric <-> symmetric", SYMMETRIC, SYMMETRIC)
+
+
+@scenario("6 UDP blocked on A")
+def s6_udp_blocked() -> Outcome:
+    w = make_world(dict(CONE, block_udp=True), CONE)
+    w.probe()
+    # A has no mapping to offer; the PUNCH still names its local address, and B's NAT is fine:
+    # a punch is tried anyway (it cannot work: nothing leaves A's NAT)
+    w.punch()
+    w.finish_punch()
+    ok = w.pa.path is not None and w.pb.path is not None
+    return Outcome(w, row(w, "6 UDP blocked on A", ok, "none (relay)" if not ok else "?", None))
+
+
+@scenario("8 rebinding (B restricted cone)")
+def s8_rebind() -> Outcome:
+    return _rebind("8 rebinding (B restricted cone)", RESTRICTED_CONE)
+
+
+@scenario("8b rebinding (B cone APDF)")
+def s8b_rebind_apdf() -> Outcome:
+    return _rebind("8b rebinding (B cone APDF)", CONE)
+
+
+def _rebind(name: str, nat_b: dict[str, Any]) -> Outcome:
+    w = make_world(CONE, nat_b)
+    w.probe()
+    w.punch()
+    assert w.handshake_and_send(b"before")
+    assert w.nat_a is not None
+    old = (A_WAN, w.nat_a.public_port(w.a.addr))
+    w.net.run_for(5.0)
+    w.nat_a.rebind()
+    t0 = w.net.now
+    w.a.send("b.test", b"after rebinding")
+    got = w.net.run_until(lambda: len(w.b.received) > 1, 2.0)
+    new = (A_WAN, w.nat_a.public_port(w.a.addr))
+    reply_ok = False
+    if got:
+        w.b.send("a.test", b"reply to the new port")
+        reply_ok = w.net.run_until(lambda: len(w.a.received) > 0, 2.0)
+    else:  # B answers where it last saw A: the old port, which NAT A no longer maps
+        w.b.send("a.test", b"reply to the old port")
+        w.net.run_for(2.0)
+    extra = dict(old=old, new=new, got=got, reply_ok=reply_ok)
+    r = row(w, name, got and reply_ok,
+            f"roamed {fmt(old)} -> {fmt(new)}" if got else f"stuck at {fmt(old)}",
+            round(w.b.received[1].time - t0, 3) if got else None)
+    return Outcome(w, r, extra)
+
+
+# -- assertions ---------------------------------------------------------------------------------
+
+def _drops(w: World, node: str, reason: str, kind: int | None = None,
+           src: Any = None) -> list[Any]:
+    return [d for d in w.net.drops_at(node, reason)
+            if (kind is None or d.packet.payload[:1] == bytes((kind,)))
+            and (src is None or d.packet.src == src)]
+
+
+def test_1_cone_cone_punch_then_handshake_and_data() -> None:
+    o = s1_cone_cone()
+    w = o.world
+    # both NATs preserve the port and map endpoint-independently: the server saw the ports the
+    # peers bound, and each side's path is the other's public mapping exactly
+    assert w.probes["a"].observed == {a: (A_WAN, A_PORT) for a in w.server.addrs}
+    assert w.probes["b"].observed == {a: (B_WAN, B_PORT) for a in w.server.addrs}
+    assert not w.probes["a"].varies and not w.probes["b"].varies
+    assert w.pa.path == (B_WAN, B_PORT) and w.pb.path == (A_WAN, A_PORT)
+    assert w.pa.time_to_path is not None and w.pa.time_to_path < 1.0
+    # the handshake ran over the punched path: one session each, at the punched addresses
+    assert [(e.peer_id, e.addr) for e in w.a.handshakes()] == [("b.test", (B_WAN, B_PORT))]
+    assert [(e.peer_id, e.addr) for e in w.b.handshakes()] == [("a.test", (A_WAN, A_PORT))]
+    (got,) = w.b.received
+    assert got.data == PAYLOAD and got.peer_id == "a.test" and got.addr == (A_WAN, A_PORT)
+    assert o.row.success and o.row.first_message is not None and o.row.first_message < 1.0
+    # the low-TTL pings (to the public and the LAN candidate) died at the core router, one hop
+    # past their own NAT: none reached the peer's NAT
+    low = [(d.packet.src, d.packet.dst) for d in w.net.drops_at("core", "TTL expired")
+           if d.packet.payload[0] == 0x52]
+    assert sorted(low) == sorted([((A_WAN, A_PORT), (B_WAN, B_PORT)), ((A_WAN, A_PORT), (B_IP, B_PORT)),
+                                  ((B_WAN, B_PORT), (A_WAN, A_PORT)), ((B_WAN, B_PORT), (A_IP, A_PORT))])
+    assert all(p[3] == 2 for p in w.pa.sent[:2]) and all(p[3] is None for p in w.pa.sent[2:])
+    assert not _drops(w, "nat-b", "no mapping") and not _drops(w, "nat-a", "no mapping")
+
+
+def test_2a_linux_low_ttl_punches() -> None:
+    o = s2a_linux_low_ttl()
+    w = o.world
+    assert o.row.success
+    # the ports were kept: the low-TTL ping opened each NAT before the peer's ping arrived
+    assert w.pa.path == (B_WAN, B_PORT) and w.pb.path == (A_WAN, A_PORT)
+    assert w.b.received[0].data == PAYLOAD and w.b.received[0].addr == (A_WAN, A_PORT)
+    assert not w.nat_a.unreplied and not w.nat_b.unreplied  # type: ignore[union-attr]
+
+
+def test_2b_linux_without_low_ttl_and_unlucky_timing_fails() -> None:
+    # A's PUNCH arrives 50 ms before B's. A's first ping (TTL 64, at +200 ms) reaches NAT B at
+    # +220 ms, before B has sent anything (its first ping leaves at +250 ms): NAT B records
+    # the unreplied flow A_pub -> B_WAN:6000, so B's own flow to A_pub gets another public
+    # port. B's pings then come from that port, which NAT A's filter (APDF: A sent only to
+    # :6000) does not admit: NAT A records them as an unreplied flow in turn. Each side's
+    # later pings refresh the unreplied entries (30 s > the 4 s budget): no path, either side.
+    o = s2b_linux_no_low_ttl_unlucky()
+    w = o.world
+    assert not o.row.success and w.pa.path is None and w.pb.path is None
+    assert w.pa.finished and w.pb.finished
+    nat_a, nat_b = w.nat_a, w.nat_b
+    assert nat_a is not None and nat_b is not None
+    b_port = nat_b.public_port(w.b.addr, (A_WAN, A_PORT))
+    assert b_port is not None and b_port != B_PORT
+    assert set(nat_b.unreplied) == {((A_WAN, A_PORT), B_PORT)}
+    assert set(nat_a.unreplied) == {((B_WAN, b_port), A_PORT)}
+    # every ping of A was eaten by NAT B, every ping of B by NAT A: nothing reached the hosts
+    assert not any(d.packet.payload[0] == 0x52 and d.node in ("a", "b") for d in w.net.drops)
+    assert _drops(w, "nat-b", "unreplied", 0x52, (A_WAN, A_PORT))
+    assert _drops(w, "nat-a", "unreplied", 0x52, (B_WAN, b_port))
+
+
+def test_2c_linux_without_low_ttl_simultaneous_punches() -> None:
+    # the same NATs, both PUNCHes at once: each NAT has the outbound flow before the peer's
+    # ping arrives, so the plain simultaneous send works when the timing is lucky
+    o = s2c_linux_no_low_ttl_simultaneous()
+    assert o.row.success and o.world.pa.path == (B_WAN, B_PORT)
+
+
+def test_2d_linux_low_ttl_cannot_cover_a_skew_past_sync_delay() -> None:
+    # B's PUNCH 300 ms late: A's first full ping (at +200 ms) reaches NAT B before B's low-TTL
+    # ping opens it, and the conflict happens as in 2b. sync_delay must cover the skew.
+    o = s2d_linux_low_ttl_too_late()
+    assert not o.row.success and o.world.pa.path is None and o.world.pb.path is None
+
+
+def test_3_full_cone_symmetric_via_peer_reflexive_candidate() -> None:
+    o = s3_full_cone_symmetric()
+    w = o.world
+    nat_b = w.nat_b
+    assert nat_b is not None
+    pb1 = w.probes["b"].mapping
+    assert w.probes["b"].varies  # the two server ports saw two different B ports
+    assert pb1 is not None and pb1[1] != B_PORT
+    b_to_a = nat_b.public_port(w.b.addr, (A_WAN, A_PORT))
+    assert b_to_a is not None and b_to_a not in (pb1[1], B_PORT)
+    # A learnt B's mapping toward A from B's ping (peer-reflexive) and that is the path;
+    # B's path is A's one public mapping
+    assert (B_WAN, b_to_a) in w.pa.puncher.candidates
+    assert w.pa.path == (B_WAN, b_to_a) and w.pb.path == (A_WAN, A_PORT)
+    assert o.row.success
+    (got,) = w.b.received
+    assert got.data == PAYLOAD and got.addr == (A_WAN, A_PORT) and got.peer_id == "a.test"
+    # A's pings to B's server-side mapping never got in
+    assert _drops(w, "nat-b", "filtered", 0x52, (A_WAN, A_PORT))
+
+
+def test_4_cone_symmetric_fails_to_punch() -> None:
+    o = s4_cone_symmetric()
+    w = o.world
+    assert not o.row.success and w.pa.path is None and w.pb.path is None
+    assert w.pa.finished and w.pb.finished
+    nat_b = w.nat_b
+    assert nat_b is not None
+    b_to_a = nat_b.public_port(w.b.addr, (A_WAN, A_PORT))
+    # B's pings come from its mapping toward A, which A's NAT (APDF) does not admit; A's go to
+    # B's mapping toward the server, which B's NAT does not admit
+    assert len(_drops(w, "nat-a", "filtered", 0x52, (B_WAN, b_to_a))) >= 15
+    assert len(_drops(w, "nat-b", "filtered", 0x52, (A_WAN, A_PORT))) >= 15
+    assert w.a.unhandled_nat == 0 and w.b.unhandled_nat == 0
+    assert not any(e[2] == "received" and e[3].payload[0] in (0x52, 0x53) for e in w.net.trace
+                   if e[1] in ("a", "b"))
+
+
+def test_4b_restricted_cone_symmetric_punches() -> None:
+    # address-dependent filtering on A's side admits B's new port: the peer-reflexive
+    # candidate works as in scenario 3
+    o = s4b_restricted_cone_symmetric()
+    assert o.row.success
+    w = o.world
+    assert w.nat_b is not None
+    assert w.pa.path == (B_WAN, w.nat_b.public_port(w.b.addr, (A_WAN, A_PORT)))
+
+
+def test_5_symmetric_symmetric_fails_to_punch() -> None:
+    o = s5_symmetric_symmetric()
+    w = o.world
+    assert not o.row.success and w.pa.path is None and w.pb.path is None
+    assert w.probes["a"].varies and w.probes["b"].varies
+    # every ping was dropped at the other side's NAT
+    for d in w.net.drops:
+        if d.packet.payload[:1] == b"\x52" and d.node.startswith("nat-"):
+            assert d.reason in ("filtered", "no mapping")
+    assert not any(e[1] in ("a", "b") and e[2] == "received" and e[3].payload[0] == 0x52
+                   for e in w.net.trace)
+
+
+def test_6_udp_blocked_on_a() -> None:
+    o = s6_udp_blocked()
+    w = o.world
+    pa = w.probes["a"]
+    assert pa.no_udp and pa.mapping is None and pa.sent == 6  # 3 tries x 2 server ports
+    assert w.probes["b"].mapping == (B_WAN, B_PORT)
+    assert not [s for s in w.server.seen if s[3] == b"a" * wire.EP_LEN]
+    assert len(_drops(w, "nat-a", "UDP blocked")) == pa.sent + w.pa.puncher.pings_sent
+    assert not o.row.success and w.pa.path is None and w.pb.path is None
+
+
+def test_8_rebinding_roams_the_session() -> None:
+    o = s8_rebind()
+    w, x = o.world, o.extra
+    assert x["old"] == (A_WAN, A_PORT) and x["new"][0] == A_WAN and x["new"] != x["old"]
+    assert x["got"] and x["reply_ok"]
+    after = w.b.received[1]
+    assert after.data == b"after rebinding" and after.peer_id == "a.test"
+    assert after.addr == x["new"]
+    s = w.b.ep.session_for_peer("a.test")
+    assert s is not None and s.addr == x["new"]
+    assert [(r.data, r.peer_id, r.addr) for r in w.a.received] == [
+        (b"reply to the new port", "b.test", (B_WAN, B_PORT))]
+
+
+def test_8b_rebinding_behind_a_port_restricted_peer_is_stuck() -> None:
+    # NAT B admits only the A address:port its host sent to: the datagram from A's new port is
+    # dropped there, B's reply to the old port is dropped by NAT A (no mapping): the session
+    # needs a new punch (or the relay)
+    o = s8b_rebind_apdf()
+    w, x = o.world, o.extra
+    assert not x["got"] and not o.row.success
+    assert [r.data for r in w.b.received] == [b"before"]
+    assert _drops(w, "nat-b", "filtered", 0x04, x["new"])
+    assert _drops(w, "nat-a", "no mapping", 0x04, (B_WAN, B_PORT))
+    assert w.a.received == []
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+HEADER = ("scenario", "NAT A", "NAT B", "success", "path", "first message")
+
+
+def format_row(r: Row) -> str:
+    first = "-" if r.first_message is None else f"{r.first_message * 1000:.0f} ms"
+    return (f"| {r.scenario} | {r.nat_a} | {r.nat_b} | {'yes' if r.success else 'no'} | "
+            f"{r.path} | {first} |")
+
+
+def matrix_table() -> str:
+    """The matrix as a Markdown table (runs the scenarios not yet run; each runs once)."""
+    rows = [fn().row for fn in SCENARIOS.values()]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += [format_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+def test_zz_matrix(capsys: pytest.CaptureFixture[str]) -> None:
+    table = matrix_table()
+    assert len(MATRIX) == len(SCENARIOS)
+    with capsys.disabled():
+        print("\n" + table)
