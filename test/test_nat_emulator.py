@@ -21,6 +21,8 @@ from natemu import (
     EI,
     PRESERVE,
     RANDOM,
+    UNREPLIED_TIMEOUT,
+    Addr,
     Nat,
     Network,
     ProbeClient,
@@ -511,6 +513,143 @@ def test_8b_rebinding_behind_a_port_restricted_peer_is_stuck() -> None:
     assert _drops(w, "nat-b", "filtered", 0x04, x["new"])
     assert _drops(w, "nat-a", "no mapping", 0x04, (B_WAN, B_PORT))
     assert w.a.received == []
+
+
+# -- the emulator itself ---------------------------------------------------------------------------
+
+S1, S2 = "203.0.113.10", "203.0.113.20"
+
+
+def lan_world(**nat: Any) -> tuple[Network, Nat, Any, dict[Addr, Any]]:
+    """One host behind one NAT, two public servers with two ports each (raw sockets that
+    collect what they get)."""
+    net = Network(seed=3)
+    n = net.add_nat("nat", A_WAN, "192.168.1.0/24", **nat)
+    h = net.add_host("h", A_IP, behind=n).bind(A_PORT)
+    servers: dict[Addr, Any] = {}
+    for ip in (S1, S2):
+        host = net.add_host(ip, ip)
+        for port in (1000, 2000):
+            servers[(ip, port)] = host.bind(port)
+    return net, n, h, servers
+
+
+@pytest.mark.parametrize("mapping, same", [(EI, [True, True]), (AD, [True, False]),
+                                           (APD, [False, False])])
+def test_emulator_mapping(mapping: str, same: list[bool]) -> None:
+    net, _, h, srv = lan_world(mapping=mapping, ports=RANDOM)
+    for dst in [(S1, 1000), (S1, 2000), (S2, 1000)]:
+        h.sendto(b"x", dst)
+    net.run_for(1.0)
+    ports = [srv[d].received[0][2] for d in [(S1, 1000), (S1, 2000), (S2, 1000)]]
+    assert all(p[0] == A_WAN for p in ports)
+    assert [ports[1] == ports[0], ports[2] == ports[0]] == same
+
+
+@pytest.mark.parametrize("filtering, admitted", [(EI, [True, True, True]),
+                                                 (AD, [True, True, False]),
+                                                 (APD, [True, False, False])])
+def test_emulator_filtering(filtering: str, admitted: list[bool]) -> None:
+    net, _, h, srv = lan_world(filtering=filtering)
+    h.sendto(b"out", (S1, 1000))
+    net.run_for(1.0)
+    for i, src in enumerate([(S1, 1000), (S1, 2000), (S2, 1000)]):
+        srv[src].sendto(bytes([i]), (A_WAN, A_PORT))
+    net.run_for(1.0)
+    got = [d for _, d, _ in h.received]
+    assert [bytes([i]) in got for i in range(3)] == admitted
+
+
+@pytest.mark.parametrize("inbound_refresh", [False, True])
+def test_emulator_mapping_timeout(inbound_refresh: bool) -> None:
+    net, n, h, srv = lan_world(filtering=EI, mapping_timeout=30.0, inbound_refresh=inbound_refresh)
+    s = srv[(S1, 1000)]
+    h.sendto(b"out", (S1, 1000))
+    net.run_for(20.0)
+    s.sendto(b"at 20 s", (A_WAN, A_PORT))
+    net.run_for(20.0)
+    s.sendto(b"at 40 s", (A_WAN, A_PORT))   # 40 s after the last outbound packet
+    net.run_for(1.0)
+    assert [d for _, d, _ in h.received] == ([b"at 20 s", b"at 40 s"] if inbound_refresh
+                                             else [b"at 20 s"])
+    if not inbound_refresh:
+        assert [d.reason for d in net.drops_at("nat")] == ["no mapping"]
+        assert [m.ext_port for m in n.expired] == [A_PORT]
+
+
+def test_emulator_ttl() -> None:
+    net, n, h, srv = lan_world()
+    h.sendto(b"ttl1", (S1, 1000), ttl=1)     # dies in the NAT: no mapping
+    net.run_for(1.0)
+    assert n.mappings == {} and [d.reason for d in net.drops_at("nat")] == ["TTL expired"]
+    h.sendto(b"ttl2", (S1, 1000), ttl=2)     # opens the mapping, dies at the core router
+    net.run_for(1.0)
+    assert n.public_port(h.addr) == A_PORT and len(net.drops_at("core", "TTL expired")) == 1
+    h.sendto(b"ttl3", (S1, 1000), ttl=3)
+    net.run_for(1.0)
+    assert [(d, src) for _, d, src in srv[(S1, 1000)].received] == [(b"ttl3", (A_WAN, A_PORT))]
+
+
+def test_emulator_rebind() -> None:
+    net, n, h, srv = lan_world()
+    h.sendto(b"1", (S1, 1000))
+    net.run_for(1.0)
+    n.rebind()
+    h.sendto(b"2", (S1, 1000))
+    net.run_for(1.0)
+    (_, _, first), (_, _, second) = srv[(S1, 1000)].received
+    assert first == (A_WAN, A_PORT) and second[0] == A_WAN and second[1] != A_PORT
+    srv[(S1, 1000)].sendto(b"to the old port", first)
+    net.run_for(1.0)
+    assert h.received == [] and [d.reason for d in net.drops_at("nat")] == ["no mapping"]
+
+
+def test_emulator_linux_conflict() -> None:
+    net, n, h, srv = lan_world(linux_conflict=True)
+    h.sendto(b"register", (S1, 1000))       # the mapping 5000 exists (EIM, APDF)
+    net.run_for(1.0)
+    srv[(S2, 1000)].sendto(b"early", (A_WAN, A_PORT))   # filtered: an unreplied flow
+    net.run_for(1.0)
+    assert set(n.unreplied) == {((S2, 1000), A_PORT)}
+    h.sendto(b"late", (S2, 1000))           # clashes: this flow gets another port
+    h.sendto(b"other", (S2, 2000))          # no clash: the mapping's port
+    net.run_for(1.0)
+    (_, _, late), = srv[(S2, 1000)].received
+    (_, _, other), = srv[(S2, 2000)].received
+    assert late[1] != A_PORT and other == (A_WAN, A_PORT)
+    srv[(S2, 1000)].sendto(b"to the mapping", (A_WAN, A_PORT))   # eaten by the unreplied flow
+    srv[(S2, 1000)].sendto(b"to the flow", late)
+    net.run_for(1.0)
+    assert [d for _, d, _ in h.received] == [b"to the flow"]
+    net.run_for(UNREPLIED_TIMEOUT)
+    assert n.public_port(h.addr, (S2, 1000)) == late[1] and not n.unreplied
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_emulator_loss_is_seeded(seed: int) -> None:
+    def run(seed: int) -> list[bytes]:
+        net = Network(seed=seed, loss=0.3)
+        s = net.add_host("s", S1).bind(1000)
+        c = net.add_host("c", S2).bind(1000)
+        for i in range(50):
+            c.sendto(bytes([i]), s.addr)
+        net.run_for(1.0)
+        return [d for _, d, _ in s.received]
+    got = run(seed)
+    assert got == run(seed) and got != run(seed + 10)
+    assert 0.3 < len(got) / 50 < 0.7   # two hops of 30 % loss: about 49 % arrive
+
+
+def test_emulator_run_until_is_bounded() -> None:
+    net = Network(max_steps=1000)
+    t0 = net.now
+    assert net.run_until(lambda: False, 5.0) is False and net.now == t0 + 5.0
+
+    def spin() -> None:
+        net.call_later(0.0, spin)
+    spin()
+    with pytest.raises(RuntimeError):
+        net.run_until(net.now + 1.0)
 
 
 # -- the table ----------------------------------------------------------------------------------
