@@ -143,17 +143,26 @@ class Network:
 
     # -- building -----------------------------------------------------------------------------
 
-    def add_nat(self, name: str, wan_ip: str, lan: str, **params: Any) -> Nat:
-        """A NAT box with WAN address ``wan_ip`` (198.51.100.0/24) and LAN ``lan`` (a subnet of
-        192.168.0.0/16); ``params`` are :class:`Nat`'s."""
-        if not _in(wan_ip, _NAT_WAN):
+    def add_nat(self, name: str, wan_ip: str, lan: str, *, behind: Nat | None = None,
+                **params: Any) -> Nat:
+        """A NAT box with WAN address ``wan_ip`` and LAN ``lan`` (a subnet of 192.168.0.0/16);
+        ``params`` are :class:`Nat`'s. Its WAN side is on the core router (``wan_ip`` in
+        198.51.100.0/24) or, ``behind`` another NAT (a home NAT behind a carrier-grade NAT),
+        in that NAT's LAN."""
+        if behind is None and not _in(wan_ip, _NAT_WAN):
             raise ValueError(f"NAT WAN addresses are in {_NAT_WAN}, not {wan_ip}")
+        if behind is not None and ipaddress.ip_address(wan_ip) not in behind.lan:
+            raise ValueError(f"{wan_ip} is not in {behind.name}'s LAN {behind.lan}")
         lan_net = ipaddress.ip_network(lan)
         if not lan_net.subnet_of(_PRIVATE):  # type: ignore[arg-type]
             raise ValueError(f"LANs are in {_PRIVATE}, not {lan}")
         nat = Nat(self, name, wan_ip, lan_net, seed=self.rng.randrange(1 << 30), **params)
         self._register(name, nat)
-        self.core.routes[wan_ip] = nat
+        if behind is None:
+            self.core.routes[wan_ip] = nat
+        else:
+            nat.gateway = behind
+            behind.hosts[wan_ip] = nat
         return nat
 
     def add_host(self, name: str, ip: str, *, behind: Nat | None = None,
@@ -327,12 +336,17 @@ class Nat:
         self.latency = latency
         self.loss = loss
         self.rng = random.Random(seed)
-        self.hosts: dict[str, Host] = {}
+        self.gateway: Any = net.core
+        self.hosts: dict[str, Any] = {}      # LAN address -> Host (or an inner Nat)
         self.mappings: dict[tuple[Any, ...], Mapping] = {}
         self.by_port: dict[int, Mapping] = {}
         self.unreplied: dict[tuple[Addr, int], float] = {}   # (remote, our port) -> expiry
         self.retired_ports: set[int] = set()                 # never handed out again (rebind)
         self.expired: list[Mapping] = []
+
+    @property
+    def ip(self) -> str:
+        return self.wan_ip
 
     def describe(self) -> str:
         m = {EI: "EIM", AD: "ADM", APD: "APDM"}[self.mapping]
@@ -426,7 +440,7 @@ class Nat:
 
     def deliver(self, pkt: Packet, frm: Any) -> None:
         self.expire()
-        if isinstance(frm, Host) and frm.ip in self.hosts:
+        if self.hosts.get(getattr(frm, "ip", "")) is frm:
             self._outbound(pkt, frm)
         else:
             self._inbound(pkt)
@@ -461,7 +475,7 @@ class Nat:
         m.refreshed = now
         m.remotes[remote] = now
         pkt.src = (self.wan_ip, m.ext_port)
-        net.hop(self, net.core, pkt, self.latency, self.loss)
+        net.hop(self, self.gateway, pkt, self.latency, self.loss)
 
     def _inbound(self, pkt: Packet) -> None:
         net, now = self.net, self.net.now

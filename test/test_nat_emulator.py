@@ -88,7 +88,11 @@ class World:
 
     def nat_name(self, which: str) -> str:
         nat = self.nat_a if which == "a" else self.nat_b
-        return nat.describe() if nat is not None else "public"
+        if nat is None:
+            return "public"
+        if isinstance(nat.gateway, Nat):
+            return f"{nat.describe()} behind CGNAT {nat.gateway.describe()}"
+        return nat.describe()
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -106,23 +110,29 @@ class World:
         mapping = self.probes[of].mapping
         return ([mapping] if mapping is not None else []) + [udp.addr]
 
-    def punch(self, *, skew: float = 0.0, **kw: Any) -> None:
+    def punch(self, *, skew: float = 0.0, a_kw: dict[str, Any] | None = None,
+              b_kw: dict[str, Any] | None = None, **kw: Any) -> None:
         """The rendezvous' PUNCH reaches A now and B ``skew`` seconds later (its control link
-        is longer): each starts its Puncher from the socket it probed from. Runs until A has
-        a path (the first PONG decides it: A may start its handshake at once, while both
-        attempts go on answering pings) or both attempts are finished."""
-        self.t_punch = self.net.now
+        is longer; a negative skew: B first, A later): each starts its Puncher from the
+        socket it probed from. Runs until A has a path (the first PONG decides it: A may start
+        its handshake at once, while both attempts go on answering pings) or both attempts
+        are finished."""
+        self.t_punch = self.net.now + max(0.0, -skew)   # (A's PUNCH)
         ca, cb = self.candidates("b"), self.candidates("a")
 
         def start(name: str, udp: UdpEndpointHost, cands: list[Any], seed: int) -> None:
-            self.punchers[name] = PuncherDriver(udp, PUNCH_ID, cands, seed=seed, **kw)
+            own = (a_kw if name == "a" else b_kw) or {}
+            self.punchers[name] = PuncherDriver(udp, PUNCH_ID, cands, seed=seed,
+                                                **{**kw, **own})
 
-        start("a", self.a, ca, 21)
+        first, second = (("a", self.a, ca, 21), ("b", self.b, cb, 22))[::1 if skew >= 0 else -1]
+        start(*first)
         if skew:
-            self.net.call_later(skew, start, "b", self.b, cb, 22)
+            self.net.call_later(abs(skew), start, *second)
         else:
-            start("b", self.b, cb, 22)
-        assert self.net.run_until(lambda: self.pa.path is not None or self.finished(), 10.0)
+            start(*second)
+        assert self.net.run_until(
+            lambda: ("a" in self.punchers and self.pa.path is not None) or self.finished(), 10.0)
 
     def finished(self) -> bool:
         return len(self.punchers) == 2 and all(p.finished for p in self.punchers.values())
@@ -139,25 +149,43 @@ class World:
     def pb(self) -> PuncherDriver:
         return self.punchers["b"]
 
-    def handshake_and_send(self, payload: bytes, limit: float = 20.0) -> bool:
-        """A handshakes with B over A's punched path and sends ``payload``; True once it
-        arrived at B."""
+    def handshake_and_send(self, payload: bytes, limit: float = 20.0,
+                           resend: float | None = None) -> bool:
+        """A handshakes with B over A's punched path and sends ``payload`` (queued until the
+        handshake completes; again every ``resend`` seconds if given: UDP does not retransmit
+        application data); True once it arrived at B."""
         assert self.pa.path is not None
         before = len(self.b.received)
         self.a.connect("b.test", pub("b.test"), self.pa.path)
-        self.a.send("b.test", payload)  # queued until the handshake completes
-        ok = self.net.run_until(lambda: len(self.b.received) > before, limit)
+        deadline = self.net.now + limit
+        ok = False
+        for _ in range(1000):
+            self.a.send("b.test", payload)
+            step = deadline - self.net.now if resend is None else min(resend,
+                                                                       deadline - self.net.now)
+            ok = self.net.run_until(lambda: len(self.b.received) > before, step)
+            if ok or self.net.now >= deadline:
+                break
         self.finish_punch()
         return ok
 
 
 def make_world(nat_a: dict[str, Any] | None, nat_b: dict[str, Any] | None, *, seed: int = 1,
-               settings: Settings | None = None, latency: float = 0.010) -> World:
-    net = Network(seed=seed, latency=latency)
+               settings: Settings | None = None, latency: float = 0.010, loss: float = 0.0,
+               cgnat_a: dict[str, Any] | None = None) -> World:
+    """``cgnat_a``: A's NAT (``nat_a``, a home NAT) sits behind a carrier-grade NAT with these
+    parameters, whose WAN address is then A_WAN."""
+    net = Network(seed=seed, latency=latency, loss=loss)
     server = ProbeServer(net.add_host("server", SERVER_IP), token=TOKEN)
     s = settings or Settings()
     lookup = {k: pub(k) for k in keys()}.get
-    na = net.add_nat("nat-a", A_WAN, "192.168.1.0/24", **nat_a) if nat_a is not None else None
+    if cgnat_a is not None:
+        assert nat_a is not None
+        cg = net.add_nat("cgnat-a", A_WAN, "192.168.100.0/24", **cgnat_a)
+        na: Nat | None = net.add_nat("nat-a", "192.168.100.2", "192.168.1.0/24", behind=cg,
+                                     **nat_a)
+    else:
+        na = net.add_nat("nat-a", A_WAN, "192.168.1.0/24", **nat_a) if nat_a is not None else None
     nb = net.add_nat("nat-b", B_WAN, "192.168.2.0/24", **nat_b) if nat_b is not None else None
     ha = net.add_host("a", A_IP, behind=na)
     hb = net.add_host("b", B_IP, behind=nb)
@@ -212,6 +240,17 @@ def s1_cone_cone() -> Outcome:
     w.punch()
     ok = w.handshake_and_send(PAYLOAD)
     return Outcome(w, row(w, "1 cone <-> cone", ok, punched_path(w), first_message(w)))
+
+
+@scenario("1b cone <-> cone, 10 % loss per hop")
+def s1b_cone_cone_lossy() -> Outcome:
+    # four hops each way: about 34 % of the datagrams are lost end to end
+    w = make_world(CONE, CONE, loss=0.10, seed=5)
+    w.probe()
+    w.punch()
+    ok = w.pa.path is not None and w.handshake_and_send(PAYLOAD, resend=0.5)
+    return Outcome(w, row(w, "1b cone <-> cone, 10 % loss per hop", ok,
+                          punched_path(w) if ok else "none", first_message(w) if ok else None))
 
 
 def _linux(skew: float, low_ttl: int | None) -> Outcome:
@@ -334,6 +373,36 @@ def _rebind(name: str, nat_b: dict[str, Any]) -> Outcome:
     return Outcome(w, r, extra)
 
 
+def _cgnat(ttl_a: int, ttl_b: int) -> Outcome:
+    # B's PUNCH arrives 50 ms before A's; A's home NAT is behind a Linux CGNAT
+    linux = dict(CONE, linux_conflict=True)
+    w = make_world(CONE, linux, cgnat_a=linux)
+    w.probe()
+    w.punch(skew=-0.05, a_kw=dict(low_ttl=ttl_a), b_kw=dict(low_ttl=ttl_b))
+    name = (f"9 cone behind CGNAT+linux <-> cone+linux, low_ttl A={ttl_a} B={ttl_b}, "
+            "A 50 ms late")
+    ok = w.pa.path is not None and w.handshake_and_send(PAYLOAD)
+    if not ok:
+        w.finish_punch()
+    return Outcome(w, row(w, name, ok, punched_path(w) if ok else "none (relay)",
+                          first_message(w) if ok else None))
+
+
+@scenario("9a")
+def s9a_cgnat_low_ttl_2() -> Outcome:
+    return _cgnat(2, 2)
+
+
+@scenario("9b")
+def s9b_cgnat_low_ttl_3() -> Outcome:
+    return _cgnat(3, 3)
+
+
+@scenario("9c")
+def s9c_cgnat_low_ttl_per_side() -> Outcome:
+    return _cgnat(3, 2)
+
+
 # -- assertions ---------------------------------------------------------------------------------
 
 def _drops(w: World, node: str, reason: str, kind: int | None = None,
@@ -367,6 +436,14 @@ def test_1_cone_cone_punch_then_handshake_and_data() -> None:
                                   ((B_WAN, B_PORT), (A_WAN, A_PORT)), ((B_WAN, B_PORT), (A_IP, A_PORT))])
     assert all(p[3] == 2 for p in w.pa.sent[:2]) and all(p[3] is None for p in w.pa.sent[2:])
     assert not _drops(w, "nat-b", "no mapping") and not _drops(w, "nat-a", "no mapping")
+
+
+def test_1b_cone_cone_lossy() -> None:
+    o = s1b_cone_cone_lossy()
+    w = o.world
+    assert sum(d.reason == "lost on the link" for d in w.net.drops) >= 10
+    assert o.row.success and w.pa.path == (B_WAN, B_PORT)
+    assert w.b.received[0].data == PAYLOAD and w.b.received[0].addr == (A_WAN, A_PORT)
 
 
 def test_2a_linux_low_ttl_punches() -> None:
@@ -486,6 +563,42 @@ def test_6_udp_blocked_on_a() -> None:
     assert not [s for s in w.server.seen if s[3] == b"a" * wire.EP_LEN]
     assert len(_drops(w, "nat-a", "UDP blocked")) == pa.sent + w.pa.puncher.pings_sent
     assert not o.row.success and w.pa.path is None and w.pb.path is None
+
+
+def test_9a_cgnat_low_ttl_2_dies_before_the_outer_nat() -> None:
+    # TTL 2 leaves the home NAT with TTL 1 and dies in the CGNAT before its postrouting: the
+    # CGNAT gets no mapping toward B, B's first full ping reaches the CGNAT first and is
+    # recorded as an unreplied flow, and A's flow toward B then gets another CGNAT port
+    o = s9a_cgnat_low_ttl_2()
+    w = o.world
+    assert not o.row.success and w.pa.path is None and w.pb.path is None
+    low = [d for d in w.net.drops if d.packet.payload[:1] == b"\x52" and d.packet.ttl == 0]
+    assert {d.node for d in low if d.packet.src[0] == "192.168.100.2"} == {"cgnat-a"}
+    cg = w.net.nodes["cgnat-a"]
+    assert set(cg.unreplied) == {((B_WAN, B_PORT), A_PORT)}
+
+
+def test_9b_cgnat_low_ttl_3_on_both_sides_reaches_the_cgnat() -> None:
+    # TTL 3 opens A's CGNAT, but B is behind one NAT only: B's TTL-3 ping leaves NAT B with
+    # TTL 2, the core leaves it 1, and it arrives at the CGNAT (a packet for the NAT itself
+    # needs TTL >= 1) before A sent anything toward B: the unreplied flow of 2b again
+    o = s9b_cgnat_low_ttl_3()
+    w = o.world
+    assert not o.row.success and w.pa.path is None
+    cg = w.net.nodes["cgnat-a"]
+    assert ((B_WAN, B_PORT), A_PORT) in cg.unreplied
+    first = next(d for d in w.net.drops_at("cgnat-a") if d.packet.src == (B_WAN, B_PORT))
+    assert first.packet.payload[0] == 0x52 and first.packet.ttl == 1 and first.reason == "filtered"
+
+
+def test_9c_cgnat_low_ttl_per_side_punches() -> None:
+    # each side's low TTL must reach its outermost NAT and no further: 3 for A, 2 for B
+    o = s9c_cgnat_low_ttl_per_side()
+    w = o.world
+    assert o.row.success and w.pa.path == (B_WAN, B_PORT) and w.pb.path == (A_WAN, A_PORT)
+    assert w.b.received[0].data == PAYLOAD and w.b.received[0].addr == (A_WAN, A_PORT)
+    cg, nb = w.net.nodes["cgnat-a"], w.net.nodes["nat-b"]
+    assert not cg.unreplied and not nb.unreplied
 
 
 def test_8_rebinding_roams_the_session() -> None:
