@@ -4,7 +4,7 @@ modules, and no module reaching into another object's private attributes."""
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "p2psc"
@@ -171,42 +171,79 @@ def _all_imports(path: Path) -> set[str]:
     return names
 
 
+#: The sans-IO modules of NAT traversal (p2psc/nat/__init__.py) follow the core's rules; they
+#: may import the core, p2pexcept and each other. (``punch`` is checked once it exists.)
+NAT_SANS_IO = ("p2psc.nat.wire", "p2psc.nat.rendezvous", "p2psc.nat.punch")
+
+
+def _sans_io_violations(name: str, path: Path, deps: set[str],
+                        may_import: Callable[[str], bool]) -> list[str]:
+    """How module ``name`` breaks the core's rules (empty: it keeps them)."""
+    bad: list[str] = []
+    for mod in _all_imports(path):
+        top = mod.split(".")[0]
+        if top in FORBIDDEN_IN_CORE or mod in FORBIDDEN_IN_CORE:
+            bad.append(f"{name} imports {mod}")
+        if top == "os":
+            # os.urandom only (the default Randomness): no os.path, no files
+            text = path.read_text()
+            uses = set(ast.unparse(n) for n in ast.walk(ast.parse(text))
+                       if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                       and n.value.id == "os")
+            if uses - {"os.urandom"}:
+                bad.append(f"{name} uses {sorted(uses - {'os.urandom'})}")
+    for dep in deps:
+        if not may_import(dep):
+            bad.append(f"{name} imports the p2psc module {dep}")
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        fn = node.func
+        if isinstance(fn, ast.Name) and fn.id in FORBIDDEN_BUILTINS:
+            bad.append(f"{name}:{node.lineno} calls {fn.id}")
+        elif (isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name)
+              and fn.value.id in FORBIDDEN_MODULE_CALLS
+              and ast.unparse(fn) != "os.urandom"):
+            bad.append(f"{name}:{node.lineno} calls {ast.unparse(fn)}")
+    return bad
+
+
+def _in_core(mod: str) -> bool:
+    return mod == CORE or mod.startswith(CORE + ".")
+
+
 def test_the_core_imports_no_io_no_clock_and_no_adapter() -> None:
     """The rules at the top of p2psc/_proto/__init__.py: nothing in the core imports asyncio,
     sockets, a clock, the file system or a module of p2psc outside the core (the adapters
     import the core, never the other way round)."""
     sources = package_sources()
     graph = import_graph()
-    core = {n: p for n, p in sources.items() if n == CORE or n.startswith(CORE + ".")}
+    core = {n: p for n, p in sources.items() if _in_core(n)}
     assert len(core) >= 10, sorted(core)  # (the test reads the real package)
     bad: list[str] = []
     for name, path in core.items():
-        for mod in _all_imports(path):
-            top = mod.split(".")[0]
-            if top in FORBIDDEN_IN_CORE or mod in FORBIDDEN_IN_CORE:
-                bad.append(f"{name} imports {mod}")
-            if top == "os":
-                # os.urandom only (the default Randomness): no os.path, no files
-                text = path.read_text()
-                uses = set(ast.unparse(n) for n in ast.walk(ast.parse(text))
-                           if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
-                           and n.value.id == "os")
-                if uses - {"os.urandom"}:
-                    bad.append(f"{name} uses {sorted(uses - {'os.urandom'})}")
-        for dep in graph[name]:
-            if not (dep == CORE or dep.startswith(CORE + ".")) and dep not in CORE_MAY_IMPORT:
-                bad.append(f"{name} imports the p2psc module {dep} (outside the core)")
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not isinstance(node, ast.Call):
-                continue
-            fn = node.func
-            if isinstance(fn, ast.Name) and fn.id in FORBIDDEN_BUILTINS:
-                bad.append(f"{name}:{node.lineno} calls {fn.id}")
-            elif (isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name)
-                  and fn.value.id in FORBIDDEN_MODULE_CALLS
-                  and ast.unparse(fn) != "os.urandom"):
-                bad.append(f"{name}:{node.lineno} calls {ast.unparse(fn)}")
+        bad += _sans_io_violations(name, path, graph[name],
+                                   lambda dep: _in_core(dep) or dep in CORE_MAY_IMPORT)
     assert not bad, "the sans-IO core breaks its rules:\n" + "\n".join(sorted(bad))
+
+
+def test_the_nat_sans_io_modules_keep_the_core_rules() -> None:
+    """p2psc.nat.wire, .rendezvous and .punch: no I/O, no clock, no asyncio, no adapter; they
+    import only the core, p2pexcept and one another (the adapters, relay_server and agent,
+    import them)."""
+    sources = package_sources()
+    graph = import_graph()
+    nat = {n: sources[n] for n in NAT_SANS_IO if n in sources}
+    assert {"p2psc.nat.wire", "p2psc.nat.rendezvous"} <= set(nat), sorted(nat)
+    allowed = set(NAT_SANS_IO) | CORE_MAY_IMPORT | {"p2psc.nat"}
+    bad: list[str] = []
+    for name, path in nat.items():
+        bad += _sans_io_violations(name, path, graph[name],
+                                   lambda dep: _in_core(dep) or dep in allowed)
+    assert not bad, "a sans-IO NAT module breaks the rules:\n" + "\n".join(sorted(bad))
+    # and nothing below them imports an adapter of the NAT package
+    for name in nat:
+        assert not graph[name] & {"p2psc.nat.relay_server", "p2psc.nat.agent"}, name
 
 
 def test_the_core_rule_checker_finds_what_it_forbids(tmp_path: Path) -> None:
