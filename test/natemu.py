@@ -38,12 +38,13 @@ from p2psc._proto.settings import Settings
 from p2psc._proto.udp import UdpEndpoint
 from p2psc.nat import wire
 from p2psc.nat.punch import Puncher
+from p2psc.nat.rendezvous import CloseLink, Log, RelayLimits, Rendezvous, SendFrame, SendLossy
 
 __all__ = [
     "EI", "AD", "APD", "PRESERVE", "RANDOM", "DEFAULT_TTL", "UNREPLIED_TIMEOUT", "WALL",
     "Addr", "Packet", "Drop", "Network", "Router", "Nat", "Mapping", "Host", "Socket", "Alarm",
     "SeededRandomness", "UdpEndpointHost", "Received", "PuncherDriver", "ProbeServer",
-    "ProbeClient",
+    "ProbeClient", "RelayHost", "ControlLink", "NatPeer", "public_address",
 ]
 
 Addr = tuple[str, int]
@@ -75,8 +76,17 @@ def addr(a: Any) -> Addr:
     return (str(a[0]), int(a[1]))
 
 
+def _key(a: Any) -> Any:
+    """A socket address as a plain tuple; a ``wire.RelayAddress`` as it is."""
+    return a if isinstance(a, wire.RelayAddress) else addr(a)
+
+
 def fmt(a: Any) -> str:
-    return f"{a[0]}:{a[1]}" if a is not None else "-"
+    if a is None:
+        return "-"
+    if isinstance(a, wire.RelayAddress):
+        return f"relay:{a.peer_id}/{a.endpoint.hex()}"
+    return f"{a[0]}:{a[1]}"
 
 
 # -- the network --------------------------------------------------------------------------------
@@ -445,7 +455,7 @@ class Nat:
         else:
             self._inbound(pkt)
 
-    def _outbound(self, pkt: Packet, frm: Host) -> None:
+    def _outbound(self, pkt: Packet, frm: Any) -> None:
         net = self.net
         dst_host = self.hosts.get(pkt.dst[0])
         if dst_host is not None:  # the same LAN: switched, no translation
@@ -617,7 +627,7 @@ class Received:
     time: float
     data: bytes
     peer_id: str
-    addr: Addr
+    addr: Any           # a socket address, or a wire.RelayAddress
 
 
 class UdpEndpointHost:
@@ -640,6 +650,9 @@ class UdpEndpointHost:
         self.received: list[Received] = []
         self.events: list[Event] = []
         self.unhandled_nat = 0
+        #: sends a datagram addressed to a ``wire.RelayAddress`` (over the relay; NatPeer)
+        self.relay_send: Callable[[bytes, wire.RelayAddress], None] | None = None
+        self.relayed_out = 0
         self._alarm = Alarm(self.net, self._on_timer)
 
     @property
@@ -650,20 +663,31 @@ class UdpEndpointHost:
         return [e for e in self.events if isinstance(e, HandshakeComplete)]
 
     def connect(self, peer_id: str, public_key: rsa.RSAPublicKey, to: Any) -> None:
-        self.ep.connect(peer_id, public_key, addr(to), self.net.now)
+        """Handshake with ``peer_id`` at ``to``: a socket address, or a ``wire.RelayAddress``
+        (then over the relay)."""
+        self.ep.connect(peer_id, public_key, _key(to), self.net.now)
         self._flush()
 
     def send(self, peer_id: str, data: bytes) -> None:
         """Seal ``data`` for ``peer_id`` and send it (or queue it until the handshake)."""
         r = self.ep.send(peer_id, data, self.net.now)
         if r is not None:
-            self.sock.sendto(r[0], r[1])
+            self._transmit(r[0], r[1])
         self._flush()
 
     def send_to_addr(self, to: Any, data: bytes) -> None:
-        d, a = self.ep.send_to_addr(addr(to), data, self.net.now)
-        self.sock.sendto(d, a)
+        d, a = self.ep.send_to_addr(_key(to), data, self.net.now)
+        self._transmit(d, a)
         self._flush()
+
+    def _transmit(self, data: bytes, to: Any) -> None:
+        if isinstance(to, wire.RelayAddress):
+            if self.relay_send is None:
+                raise RuntimeError("a datagram for the relay, and no relay")
+            self.relayed_out += 1
+            self.relay_send(data, to)
+        else:
+            self.sock.sendto(data, to)
 
     def _on_datagram(self, data: bytes, src: Addr) -> None:
         if data and wire.is_nat_datagram(data[0]):
@@ -673,10 +697,17 @@ class UdpEndpointHost:
             else:
                 handler(data, src)
             return
+        self._receive(data, src)
+
+    def receive_relayed(self, data: bytes, source: wire.RelayAddress) -> None:
+        """A datagram the relay delivered from ``source`` (its address in the UDP core)."""
+        self._receive(data, source)
+
+    def _receive(self, data: bytes, src: Any) -> None:
         for ev in self.ep.receive(data, src, self.net.now):
             if isinstance(ev, DatagramReceived):
                 self.received.append(Received(self.net.now, bytes(ev.data), ev.peer_id,
-                                              addr(ev.addr)))
+                                              _key(ev.addr)))
             else:
                 self.events.append(ev)
         self._flush()
@@ -687,7 +718,7 @@ class UdpEndpointHost:
 
     def _flush(self) -> None:
         for d, a in self.ep.datagrams_to_send():
-            self.sock.sendto(d, a)
+            self._transmit(d, a)
         self._alarm.set(self.ep.get_timer())
 
 
@@ -836,3 +867,187 @@ class ProbeClient:
         self.observed[server] = addr(reply.observed)
         if len(self.observed) == len(self.servers):
             self._finish()
+
+
+# -- the relay service and a peer's side of it ------------------------------------------------
+
+def public_address(node: Any) -> str:
+    """The address the public side sees ``node`` (a host or a NAT) come from: its outermost
+    NAT's WAN address, or its own."""
+    while not isinstance(node.gateway, Router):
+        node = node.gateway
+    return str(node.ip)
+
+
+def _uplink_latency(node: Any, net: Network) -> float:
+    """Seconds from ``node`` to the core router, hop by hop."""
+    total = 0.0
+    while True:
+        total += net.latency if node.latency is None else node.latency
+        if isinstance(node.gateway, Router):
+            return total
+        node = node.gateway
+
+
+class ControlLink:
+    """A peer's control link to the relay: the authenticated p2psc TCP connection, modelled
+    as a reliable, ordered message pipe (TCP through the NATs is not modelled: it keeps its
+    own mapping and is not what is being tested). A frame takes the path's latency (the hops
+    host -> core -> relay) each way, plus ``down_extra`` toward the peer (a slower
+    downstream: the rendezvous' PUNCH then reaches this peer later than the other)."""
+
+    def __init__(self, relay: RelayHost, peer: NatPeer, latency: float) -> None:
+        self.relay = relay
+        self.peer = peer
+        self.latency = latency
+        self.down_extra = 0.0
+        self.closed = False
+        self.up: list[bytes] = []
+        self.down: list[bytes] = []
+
+    def to_relay(self, data: bytes) -> None:
+        if not self.closed:
+            self.up.append(data)
+            self.relay.net.call_later(self.latency, self.relay.frame_from_peer, self, data)
+
+    def to_peer(self, data: bytes) -> None:
+        if not self.closed:
+            self.down.append(data)
+            self.relay.net.call_later(self.latency + self.down_extra, self.peer.frame, data)
+
+    def __repr__(self) -> str:
+        return f"<ControlLink {self.peer.peer_id}>"
+
+
+class RelayHost:
+    """The real :class:`p2psc.nat.rendezvous.Rendezvous` on a public host: its two PROBE
+    ports are UDP sockets there, its control links are :class:`ControlLink`; it carries out
+    the actions the Rendezvous returns (``logs``/``closed`` keep the Log and CloseLink ones)."""
+
+    def __init__(self, host: Host, ports: tuple[int, int] = (3478, 3479), *,
+                 limits: RelayLimits | None = None, seed: int = 0) -> None:
+        self.net = host.net
+        self.host = host
+        self.rng = random.Random(seed)
+        self.rv = Rendezvous(limits, random=self.rng.randbytes)
+        self.rv.udp_ports = ports
+        self.socks = [host.bind(p, self._prober(i + 1)) for i, p in enumerate(ports)]
+        self.links: list[ControlLink] = []
+        self.logs: list[Log] = []
+        self.closed: list[CloseLink] = []
+        self._alarm = Alarm(self.net, self._on_timer)
+
+    @property
+    def probe_addrs(self) -> list[Addr]:
+        return [s.addr for s in self.socks]
+
+    def attach(self, peer: NatPeer) -> ControlLink:
+        """``peer`` connects its control link; the relay attaches it once the link's
+        handshake is done (one round trip, modelled as one latency each way)."""
+        link = ControlLink(self, peer, _uplink_latency(peer.udp.host, self.net)
+                           + _uplink_latency(self.host, self.net))
+        self.links.append(link)
+        observed = wire.Addr(public_address(peer.udp.host), 40000 + len(self.links))
+        self.net.call_later(2 * link.latency, self._attach, peer.peer_id, link, observed)
+        return link
+
+    def _attach(self, peer_id: str, link: ControlLink, observed: wire.Addr) -> None:
+        self._do(self.rv.attach(peer_id, link, observed, self.net.now))
+
+    def frame_from_peer(self, link: ControlLink, data: bytes) -> None:
+        self._do(self.rv.receive(link, data, self.net.now))
+
+    def _prober(self, index: int) -> Callable[[bytes, Addr], None]:
+        def on(data: bytes, src: Addr) -> None:
+            reply = self.rv.probe(data, src, index, self.net.now)
+            if reply is not None:
+                self.socks[index - 1].sendto(reply, src)
+        return on
+
+    def _do(self, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, (SendFrame, SendLossy)):
+                link: Any = a.link
+                link.to_peer(a.data)      # (no write backlog is modelled)
+            elif isinstance(a, CloseLink):
+                self.closed.append(a)
+                link = a.link
+                link.closed = True
+            elif isinstance(a, Log):
+                self.logs.append(a)
+        self._alarm.set(self.rv.get_timer())
+
+    def _on_timer(self) -> None:
+        self._do(self.rv.handle_timer(self.net.now))
+
+
+class NatPeer:
+    """A peer's side of NAT traversal, as little as the scenarios need (the real agent is not
+    written yet): on WELCOME it sends HELLO (serves UDP, its endpoint id, its local address)
+    and PROBEs both relay ports from its UDP socket; :meth:`connect` sends CONNECT; on PUNCH it
+    runs a :class:`PuncherDriver` (``punch_kw``: the Puncher's parameters); datagrams its
+    UdpEndpoint addresses to a ``wire.RelayAddress`` go out as DGRAM frames, and relayed
+    DGRAMs come in to the UdpEndpoint from ``RelayAddress(source peer, source endpoint)``."""
+
+    def __init__(self, udp: UdpEndpointHost, relay: RelayHost, endpoint: bytes, *,
+                 punch_kw: dict[str, Any] | None = None, seed: int = 0) -> None:
+        self.net = udp.net
+        self.udp = udp
+        self.peer_id = udp.peer_id
+        self.relay = relay
+        self.endpoint = endpoint
+        self.punch_kw = dict(punch_kw or {})
+        self.seed = seed
+        self.welcome: wire.Welcome | None = None
+        self.probe: ProbeClient | None = None
+        self.punch_frame: wire.Punch | None = None
+        self.punch: PuncherDriver | None = None
+        self.errors: list[wire.Error] = []
+        self.relayed_in = 0
+        self._request = 0
+        udp.relay_send = self._send_dgram
+        self.link = relay.attach(self)
+
+    @property
+    def local_addr(self) -> wire.Addr:
+        return wire.Addr(*self.udp.addr)
+
+    @property
+    def ready(self) -> bool:
+        """Attached, and its PROBEs answered or given up."""
+        return self.probe is not None and self.probe.done
+
+    def relay_address(self) -> wire.RelayAddress:
+        """Where the peer of our PUNCH is reached through the relay."""
+        assert self.punch_frame is not None
+        return wire.RelayAddress(self.punch_frame.peer_id, self.punch_frame.peer_endpoint)
+
+    def connect(self, target: str) -> int:
+        self._request += 1
+        self.link.to_relay(wire.encode(wire.Connect(self._request, self.endpoint,
+                                                    (self.local_addr,), target)))
+        return self._request
+
+    def frame(self, data: bytes) -> None:
+        f = wire.decode_relay_frame(data)
+        if isinstance(f, wire.Welcome):
+            self.welcome = f
+            self.link.to_relay(wire.encode(wire.Hello(wire.FLAG_UDP, self.endpoint,
+                                                      (self.local_addr,))))
+            server = self.relay.host.ip
+            self.probe = ProbeClient(self.udp, [(server, f.udp_port1), (server, f.udp_port2)],
+                                     token=f.probe_token, endpoint=self.endpoint,
+                                     seed=self.seed)
+        elif isinstance(f, wire.Punch):
+            self.punch_frame = f
+            self.punch = PuncherDriver(self.udp, f.punch_id, f.candidates, seed=self.seed + 1,
+                                       **self.punch_kw)
+        elif isinstance(f, wire.RelayedDgram):
+            self.relayed_in += 1
+            self.udp.receive_relayed(f.payload, wire.RelayAddress(f.source_peer, f.source))
+        elif isinstance(f, wire.Error):
+            self.errors.append(f)
+
+    def _send_dgram(self, data: bytes, to: wire.RelayAddress) -> None:
+        self.link.to_relay(wire.encode(wire.Dgram(self.endpoint, to.endpoint, to.peer_id,
+                                                  data)))

@@ -24,10 +24,11 @@ from natemu import (
     UNREPLIED_TIMEOUT,
     Addr,
     Nat,
+    NatPeer,
     Network,
     ProbeClient,
-    ProbeServer,
     PuncherDriver,
+    RelayHost,
     UdpEndpointHost,
     fmt,
 )
@@ -39,8 +40,7 @@ SERVER_IP = "203.0.113.10"
 A_WAN, B_WAN = "198.51.100.1", "198.51.100.2"
 A_IP, B_IP = "192.168.1.10", "192.168.2.20"
 A_PORT, B_PORT = 5000, 6000
-PUNCH_ID = bytes(range(16))
-TOKEN = b"T" * wire.TOKEN_LEN
+EP_A, EP_B = b"ep-a-udp", b"ep-b-udp"
 
 CONE = dict(mapping=EI, filtering=APD, ports=PRESERVE)                 # Linux masquerade
 FULL_CONE = dict(mapping=EI, filtering=EI, ports=PRESERVE)
@@ -63,9 +63,10 @@ class Row:
     scenario: str
     nat_a: str
     nat_b: str
-    success: bool
-    path: str
-    first_message: float | None   # simulated seconds from the PUNCH to A's first DATA at B
+    punched: bool                 # a direct path was found
+    path: str                     # the path A's data took to B
+    delivered: bool               # A's payload arrived at B, byte-exact, as A's
+    first_message: float | None   # simulated seconds from A's PUNCH to that payload at B
 
 
 MATRIX: dict[str, Row] = {}
@@ -73,17 +74,17 @@ MATRIX: dict[str, Row] = {}
 
 @dataclass
 class World:
-    """Server (PROBE on two ports) on the core; peer A behind NAT A, peer B behind NAT B (or
-    public when its NAT is None). A is the UDP client of B."""
+    """The relay (the real Rendezvous: PROBE ports and control links) on the core; peer A
+    behind NAT A, peer B behind NAT B (or public when its NAT is None). A is the UDP client
+    of B, and asks the rendezvous to CONNECT it to B."""
 
     net: Network
     nat_a: Nat | None
     nat_b: Nat | None
     a: UdpEndpointHost
     b: UdpEndpointHost
-    server: ProbeServer
-    probes: dict[str, ProbeClient] = field(default_factory=dict)
-    punchers: dict[str, PuncherDriver] = field(default_factory=dict)
+    relay: RelayHost
+    peers: dict[str, NatPeer]
     t_punch: float = 0.0
 
     def nat_name(self, which: str) -> str:
@@ -94,52 +95,13 @@ class World:
             return f"{nat.describe()} behind CGNAT {nat.gateway.describe()}"
         return nat.describe()
 
-    # -- steps --------------------------------------------------------------------------------
+    @property
+    def probes(self) -> dict[str, ProbeClient]:
+        return {k: p.probe for k, p in self.peers.items() if p.probe is not None}
 
-    def probe(self) -> None:
-        """Both learn their mapping from the server's two ports (what the rendezvous sees)."""
-        for name, udp, seed in (("a", self.a, 11), ("b", self.b, 12)):
-            self.probes[name] = ProbeClient(udp, self.server.addrs, token=TOKEN,
-                                            endpoint=name.encode() * wire.EP_LEN, seed=seed)
-        assert self.net.run_until(lambda: all(p.done for p in self.probes.values()), 5.0)
-
-    def candidates(self, of: str) -> list[Any]:
-        """What the PUNCH frame tells the other side about ``of``: its observed mapping (if
-        any) and its local address."""
-        udp = self.a if of == "a" else self.b
-        mapping = self.probes[of].mapping
-        return ([mapping] if mapping is not None else []) + [udp.addr]
-
-    def punch(self, *, skew: float = 0.0, a_kw: dict[str, Any] | None = None,
-              b_kw: dict[str, Any] | None = None, **kw: Any) -> None:
-        """The rendezvous' PUNCH reaches A now and B ``skew`` seconds later (its control link
-        is longer; a negative skew: B first, A later): each starts its Puncher from the
-        socket it probed from. Runs until A has a path (the first PONG decides it: A may start
-        its handshake at once, while both attempts go on answering pings) or both attempts
-        are finished."""
-        self.t_punch = self.net.now + max(0.0, -skew)   # (A's PUNCH)
-        ca, cb = self.candidates("b"), self.candidates("a")
-
-        def start(name: str, udp: UdpEndpointHost, cands: list[Any], seed: int) -> None:
-            own = (a_kw if name == "a" else b_kw) or {}
-            self.punchers[name] = PuncherDriver(udp, PUNCH_ID, cands, seed=seed,
-                                                **{**kw, **own})
-
-        first, second = (("a", self.a, ca, 21), ("b", self.b, cb, 22))[::1 if skew >= 0 else -1]
-        start(*first)
-        if skew:
-            self.net.call_later(abs(skew), start, *second)
-        else:
-            start(*second)
-        assert self.net.run_until(
-            lambda: ("a" in self.punchers and self.pa.path is not None) or self.finished(), 10.0)
-
-    def finished(self) -> bool:
-        return len(self.punchers) == 2 and all(p.finished for p in self.punchers.values())
-
-    def finish_punch(self) -> None:
-        """Run until both attempts have spent their budget."""
-        assert self.net.run_until(self.finished, 10.0)
+    @property
+    def punchers(self) -> dict[str, PuncherDriver]:
+        return {k: p.punch for k, p in self.peers.items() if p.punch is not None}
 
     @property
     def pa(self) -> PuncherDriver:
@@ -149,14 +111,51 @@ class World:
     def pb(self) -> PuncherDriver:
         return self.punchers["b"]
 
+    # -- steps --------------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Both attach to the relay (WELCOME, HELLO) and PROBE its two ports from their UDP
+        socket: the rendezvous learns their mappings."""
+        assert self.net.run_until(lambda: all(p.ready for p in self.peers.values()), 5.0)
+
+    def punch(self, *, skew: float = 0.0, a_kw: dict[str, Any] | None = None,
+              b_kw: dict[str, Any] | None = None, **kw: Any) -> None:
+        """A sends CONNECT; the rendezvous sends PUNCH to both at once; B's arrives ``skew``
+        seconds after A's (negative: before), its control link's downstream being that much
+        slower. Each runs its Puncher (``kw``, then ``a_kw``/``b_kw``: its parameters) from the
+        socket it probed from. Runs until A has a path (the first PONG decides it: A may start
+        its handshake at once, while both attempts go on answering pings) or both attempts
+        are finished."""
+        pa, pb = self.peers["a"], self.peers["b"]
+        pa.punch_kw = {**kw, **(a_kw or {})}
+        pb.punch_kw = {**kw, **(b_kw or {})}
+        natural = pb.link.latency - pa.link.latency
+        pb.link.down_extra = max(0.0, skew - natural)
+        pa.link.down_extra = max(0.0, natural - skew)
+        pa.connect("b.test")
+        assert self.net.run_until(
+            lambda: ("a" in self.punchers and self.pa.path is not None) or self.finished(), 10.0)
+        assert pa.errors == [] and pb.errors == []
+        self.t_punch = self.pa.started
+        if "b" in self.punchers:
+            assert abs((self.pb.started - self.pa.started) - skew) < 1e-9
+
+    def finished(self) -> bool:
+        return len(self.punchers) == 2 and all(p.finished for p in self.punchers.values())
+
+    def finish_punch(self) -> None:
+        """Run until both attempts have spent their budget."""
+        assert self.net.run_until(self.finished, 10.0)
+
     def handshake_and_send(self, payload: bytes, limit: float = 20.0,
-                           resend: float | None = None) -> bool:
-        """A handshakes with B over A's punched path and sends ``payload`` (queued until the
-        handshake completes; again every ``resend`` seconds if given: UDP does not retransmit
-        application data); True once it arrived at B."""
-        assert self.pa.path is not None
+                           resend: float | None = None, via: Any = None) -> bool:
+        """A handshakes with B over A's punched path (or ``via``: a relay address) and sends
+        ``payload`` (queued until the handshake completes; again every ``resend`` seconds if
+        given: UDP does not retransmit application data); True once it arrived at B."""
+        to = self.pa.path if via is None else via
+        assert to is not None
         before = len(self.b.received)
-        self.a.connect("b.test", pub("b.test"), self.pa.path)
+        self.a.connect("b.test", pub("b.test"), to)
         deadline = self.net.now + limit
         ok = False
         for _ in range(1000):
@@ -166,8 +165,17 @@ class World:
             ok = self.net.run_until(lambda: len(self.b.received) > before, step)
             if ok or self.net.now >= deadline:
                 break
-        self.finish_punch()
+        if via is None:
+            self.finish_punch()
+        else:
+            self.net.run_for(1.0)   # what is in flight lands
         return ok
+
+    def relay_fallback(self, payload: bytes) -> bool:
+        """The punch failed: A handshakes with B through the relay (B's endpoint as the PUNCH
+        named it) and sends ``payload``; True once it arrived at B."""
+        assert self.finished() and self.pa.path is None
+        return self.handshake_and_send(payload, via=self.peers["a"].relay_address())
 
 
 def make_world(nat_a: dict[str, Any] | None, nat_b: dict[str, Any] | None, *, seed: int = 1,
@@ -176,7 +184,7 @@ def make_world(nat_a: dict[str, Any] | None, nat_b: dict[str, Any] | None, *, se
     """``cgnat_a``: A's NAT (``nat_a``, a home NAT) sits behind a carrier-grade NAT with these
     parameters, whose WAN address is then A_WAN."""
     net = Network(seed=seed, latency=latency, loss=loss)
-    server = ProbeServer(net.add_host("server", SERVER_IP), token=TOKEN)
+    relay = RelayHost(net.add_host("relay", SERVER_IP), seed=seed)
     s = settings or Settings()
     lookup = {k: pub(k) for k in keys()}.get
     if cgnat_a is not None:
@@ -192,11 +200,13 @@ def make_world(nat_a: dict[str, Any] | None, nat_b: dict[str, Any] | None, *, se
     a = UdpEndpointHost(ha, A_PORT, "a.test", keys()["a.test"], s, key_lookup=lookup,
                         accept_from="b.test", seed=31)
     b = UdpEndpointHost(hb, B_PORT, "b.test", keys()["b.test"], s, key_lookup=lookup, seed=32)
-    return World(net, na, nb, a, b, server)
+    peers = {"a": NatPeer(a, relay, EP_A, seed=41), "b": NatPeer(b, relay, EP_B, seed=42)}
+    return World(net, na, nb, a, b, relay, peers)
 
 
-def row(w: World, scenario: str, success: bool, path: str, first: float | None) -> Row:
-    r = Row(scenario, w.nat_name("a"), w.nat_name("b"), success, path, first)
+def row(w: World, scenario: str, punched: bool, path: str, delivered: bool,
+        first: float | None) -> Row:
+    r = Row(scenario, w.nat_name("a"), w.nat_name("b"), punched, path, delivered, first)
     MATRIX[scenario] = r
     print(format_row(r))
     return r
@@ -233,24 +243,40 @@ def scenario(name: str) -> Callable[[Callable[[], Outcome]], Callable[[], Outcom
 PAYLOAD = bytes(range(256)) * 3 + b"\x00end"
 
 
-@scenario("1 cone <-> cone")
-def s1_cone_cone() -> Outcome:
-    w = make_world(CONE, CONE)
+def conclude(w: World, name: str, *, resend: float | None = None, **extra: Any) -> Outcome:
+    """After the punch: if A found a path, the handshake and PAYLOAD go over it; if not, both
+    attempts run out and they go through the relay."""
+    if w.pa.path is not None:
+        ok = w.handshake_and_send(PAYLOAD, resend=resend)
+        return Outcome(w, row(w, name, True, punched_path(w), ok,
+                              first_message(w) if ok else None), extra)
+    w.finish_punch()
+    ok = w.relay_fallback(PAYLOAD)
+    return Outcome(w, row(w, name, False, "relayed", ok, first_message(w) if ok else None),
+                   extra)
+
+
+def simple(name: str, nat_a: dict[str, Any] | None, nat_b: dict[str, Any] | None,
+           **world: Any) -> Outcome:
+    w = make_world(nat_a, nat_b, **world)
     w.probe()
     w.punch()
-    ok = w.handshake_and_send(PAYLOAD)
-    return Outcome(w, row(w, "1 cone <-> cone", ok, punched_path(w), first_message(w)))
+    return conclude(w, name)
 
 
-@scenario("1b cone <-> cone, 10 % loss per hop")
+@scenario("1")
+def s1_cone_cone() -> Outcome:
+    return simple("1 cone <-> cone", CONE, CONE)
+
+
+@scenario("1b")
 def s1b_cone_cone_lossy() -> Outcome:
-    # four hops each way: about 34 % of the datagrams are lost end to end
+    # four hops each way: about 34 % of the datagrams are lost end to end; the payload is
+    # sent again every 0.5 s until it arrives (UDP data is not retransmitted)
     w = make_world(CONE, CONE, loss=0.10, seed=5)
     w.probe()
     w.punch()
-    ok = w.pa.path is not None and w.handshake_and_send(PAYLOAD, resend=0.5)
-    return Outcome(w, row(w, "1b cone <-> cone, 10 % loss per hop", ok,
-                          punched_path(w) if ok else "none", first_message(w) if ok else None))
+    return conclude(w, "1b cone <-> cone, 10 % loss per hop", resend=0.5)
 
 
 def _linux(skew: float, low_ttl: int | None) -> Outcome:
@@ -258,11 +284,8 @@ def _linux(skew: float, low_ttl: int | None) -> Outcome:
     w = make_world(linux, linux)
     w.probe()
     w.punch(skew=skew, low_ttl=low_ttl)
-    name = f"2 cone+linux <-> cone+linux, low_ttl={low_ttl}, B {int(skew * 1000)} ms late"
-    if w.pa.path is None:
-        return Outcome(w, row(w, name, False, "none (relay)", None))
-    ok = w.handshake_and_send(PAYLOAD)
-    return Outcome(w, row(w, name, ok, punched_path(w), first_message(w)))
+    return conclude(w, f"2 cone+linux <-> cone+linux, low_ttl={low_ttl}, "
+                       f"B {int(skew * 1000)} ms late")
 
 
 @scenario("2a")
@@ -285,63 +308,51 @@ def s2d_linux_low_ttl_too_late() -> Outcome:
     return _linux(0.3, 2)
 
 
-@scenario("3 full cone <-> symmetric")
+@scenario("3")
 def s3_full_cone_symmetric() -> Outcome:
-    w = make_world(FULL_CONE, SYMMETRIC)
-    w.probe()
-    w.punch()
-    ok = w.pa.path is not None and w.handshake_and_send(PAYLOAD)
-    return Outcome(w, row(w, "3 full cone <-> symmetric", ok, punched_path(w),
-                          first_message(w) if ok else None))
+    return simple("3 full cone <-> symmetric", FULL_CONE, SYMMETRIC)
 
 
-def _failed_punch(name: str, nat_a: dict[str, Any], nat_b: dict[str, Any]) -> Outcome:
-    w = make_world(nat_a, nat_b)
-    w.probe()
-    w.punch()
-    w.finish_punch()
-    ok = w.pa.path is not None and w.pb.path is not None
-    return Outcome(w, row(w, name, ok, punched_path(w) if ok else "none (relay)", None))
-
-
-@scenario("4 cone <-> symmetric")
+@scenario("4")
 def s4_cone_symmetric() -> Outcome:
-    return _failed_punch("4 cone <-> symmetric", CONE, SYMMETRIC)
+    return simple("4 cone <-> symmetric", CONE, SYMMETRIC)
 
 
-@scenario("4b restricted cone <-> symmetric")
+@scenario("4b")
 def s4b_restricted_cone_symmetric() -> Outcome:
-    w = make_world(RESTRICTED_CONE, SYMMETRIC)
-    w.probe()
-    w.punch()
-    ok = w.pa.path is not None and w.handshake_and_send(PAYLOAD)
-    return Outcome(w, row(w, "4b restricted cone <-> symmetric", ok, punched_path(w),
-                          first_message(w) if ok else None))
+    return simple("4b restricted cone <-> symmetric", RESTRICTED_CONE, SYMMETRIC)
 
 
-@scenario("5 symmetric <-> symmetric")
+@scenario("5")
 def s5_symmetric_symmetric() -> Outcome:
-    return _failed_punch("5 symmetric <-> symmetric", SYMMETRIC, SYMMETRIC)
+    return simple("5 symmetric <-> symmetric", SYMMETRIC, SYMMETRIC)
 
 
-@scenario("6 UDP blocked on A")
+@scenario("6")
 def s6_udp_blocked() -> Outcome:
     w = make_world(dict(CONE, block_udp=True), CONE)
-    w.probe()
-    # A has no mapping to offer; the PUNCH still names its local address, and B's NAT is fine:
-    # a punch is tried anyway (it cannot work: nothing leaves A's NAT)
-    w.punch()
-    w.finish_punch()
-    ok = w.pa.path is not None and w.pb.path is not None
-    return Outcome(w, row(w, "6 UDP blocked on A", ok, "none (relay)" if not ok else "?", None))
+    w.probe()   # A's PROBEs are never answered: A knows it has no UDP path
+    pa, pb = w.peers["a"], w.peers["b"]
+    # the rendezvous refuses to CONNECT an endpoint it never saw a PROBE from, in either
+    # direction: no PUNCH, so nobody learns the other's endpoint id from the rendezvous
+    pa.connect("b.test")
+    pb.connect("a.test")
+    w.net.run_for(1.0)
+    errors = ([(e.code, e.text) for e in pa.errors], [(e.code, e.text) for e in pb.errors])
+    # relayed anyway, A naming B's endpoint id (its HELLO's), which it has to know out of band
+    w.t_punch = w.net.now
+    ok = w.handshake_and_send(PAYLOAD, via=wire.RelayAddress("b.test", EP_B))
+    return Outcome(w, row(w, "6 UDP blocked on A", False,
+                          "relayed (B's endpoint id known out of band)", ok,
+                          first_message(w) if ok else None), dict(errors=errors))
 
 
-@scenario("8 rebinding (B restricted cone)")
+@scenario("8")
 def s8_rebind() -> Outcome:
     return _rebind("8 rebinding (B restricted cone)", RESTRICTED_CONE)
 
 
-@scenario("8b rebinding (B cone APDF)")
+@scenario("8b")
 def s8b_rebind_apdf() -> Outcome:
     return _rebind("8b rebinding (B cone APDF)", CONE)
 
@@ -367,9 +378,9 @@ def _rebind(name: str, nat_b: dict[str, Any]) -> Outcome:
         w.b.send("a.test", b"reply to the old port")
         w.net.run_for(2.0)
     extra = dict(old=old, new=new, got=got, reply_ok=reply_ok)
-    r = row(w, name, got and reply_ok,
-            f"roamed {fmt(old)} -> {fmt(new)}" if got else f"stuck at {fmt(old)}",
-            round(w.b.received[1].time - t0, 3) if got else None)
+    r = row(w, name, True,
+            f"roamed {fmt(old)} -> {fmt(new)}" if got else f"direct, stuck at {fmt(old)}",
+            got and reply_ok, round(w.b.received[1].time - t0, 3) if got else None)
     return Outcome(w, r, extra)
 
 
@@ -379,13 +390,8 @@ def _cgnat(ttl_a: int, ttl_b: int) -> Outcome:
     w = make_world(CONE, linux, cgnat_a=linux)
     w.probe()
     w.punch(skew=-0.05, a_kw=dict(low_ttl=ttl_a), b_kw=dict(low_ttl=ttl_b))
-    name = (f"9 cone behind CGNAT+linux <-> cone+linux, low_ttl A={ttl_a} B={ttl_b}, "
-            "A 50 ms late")
-    ok = w.pa.path is not None and w.handshake_and_send(PAYLOAD)
-    if not ok:
-        w.finish_punch()
-    return Outcome(w, row(w, name, ok, punched_path(w) if ok else "none (relay)",
-                          first_message(w) if ok else None))
+    return conclude(w, f"9 cone behind CGNAT+linux <-> cone+linux, low_ttl A={ttl_a} "
+                       f"B={ttl_b}, A 50 ms late")
 
 
 @scenario("9a")
@@ -417,9 +423,20 @@ def test_1_cone_cone_punch_then_handshake_and_data() -> None:
     w = o.world
     # both NATs preserve the port and map endpoint-independently: the server saw the ports the
     # peers bound, and each side's path is the other's public mapping exactly
-    assert w.probes["a"].observed == {a: (A_WAN, A_PORT) for a in w.server.addrs}
-    assert w.probes["b"].observed == {a: (B_WAN, B_PORT) for a in w.server.addrs}
+    assert w.probes["a"].observed == {a: (A_WAN, A_PORT) for a in w.relay.probe_addrs}
+    assert w.probes["b"].observed == {a: (B_WAN, B_PORT) for a in w.relay.probe_addrs}
     assert not w.probes["a"].varies and not w.probes["b"].varies
+    assert w.relay.rv.mappings("a.test") == {EP_A: {1: (A_WAN, A_PORT), 2: (A_WAN, A_PORT)}}
+    # the rendezvous' PUNCH: one punch id for both, each told the other's mapping (once: both
+    # ports saw the same) and local address, and the other's endpoint
+    fa, fb = w.peers["a"].punch_frame, w.peers["b"].punch_frame
+    assert fa is not None and fb is not None
+    assert fa.punch_id == fb.punch_id and (fa.request, fb.request) == (1, 0)
+    assert (fa.peer_id, fa.endpoint, fa.peer_endpoint) == ("b.test", EP_A, EP_B)
+    assert (fb.peer_id, fb.endpoint, fb.peer_endpoint) == ("a.test", EP_B, EP_A)
+    assert fa.candidates == ((B_WAN, B_PORT), (B_IP, B_PORT))
+    assert fb.candidates == ((A_WAN, A_PORT), (A_IP, A_PORT))
+    assert w.pb.started == w.pa.started    # equal control-link latencies: PUNCH at once
     assert w.pa.path == (B_WAN, B_PORT) and w.pb.path == (A_WAN, A_PORT)
     assert w.pa.time_to_path is not None and w.pa.time_to_path < 1.0
     # the handshake ran over the punched path: one session each, at the punched addresses
@@ -427,7 +444,7 @@ def test_1_cone_cone_punch_then_handshake_and_data() -> None:
     assert [(e.peer_id, e.addr) for e in w.b.handshakes()] == [("a.test", (A_WAN, A_PORT))]
     (got,) = w.b.received
     assert got.data == PAYLOAD and got.peer_id == "a.test" and got.addr == (A_WAN, A_PORT)
-    assert o.row.success and o.row.first_message is not None and o.row.first_message < 1.0
+    assert o.row.punched and o.row.delivered and o.row.first_message is not None and o.row.first_message < 1.0
     # the low-TTL pings (to the public and the LAN candidate) died at the core router, one hop
     # past their own NAT: none reached the peer's NAT
     low = [(d.packet.src, d.packet.dst) for d in w.net.drops_at("core", "TTL expired")
@@ -436,20 +453,21 @@ def test_1_cone_cone_punch_then_handshake_and_data() -> None:
                                   ((B_WAN, B_PORT), (A_WAN, A_PORT)), ((B_WAN, B_PORT), (A_IP, A_PORT))])
     assert all(p[3] == 2 for p in w.pa.sent[:2]) and all(p[3] is None for p in w.pa.sent[2:])
     assert not _drops(w, "nat-b", "no mapping") and not _drops(w, "nat-a", "no mapping")
+    assert w.a.relayed_out == 0 and w.peers["b"].relayed_in == 0   # nothing went by the relay
 
 
 def test_1b_cone_cone_lossy() -> None:
     o = s1b_cone_cone_lossy()
     w = o.world
     assert sum(d.reason == "lost on the link" for d in w.net.drops) >= 10
-    assert o.row.success and w.pa.path == (B_WAN, B_PORT)
+    assert o.row.punched and o.row.delivered and w.pa.path == (B_WAN, B_PORT)
     assert w.b.received[0].data == PAYLOAD and w.b.received[0].addr == (A_WAN, A_PORT)
 
 
 def test_2a_linux_low_ttl_punches() -> None:
     o = s2a_linux_low_ttl()
     w = o.world
-    assert o.row.success
+    assert o.row.punched and o.row.delivered
     # the ports were kept: the low-TTL ping opened each NAT before the peer's ping arrived
     assert w.pa.path == (B_WAN, B_PORT) and w.pb.path == (A_WAN, A_PORT)
     assert w.b.received[0].data == PAYLOAD and w.b.received[0].addr == (A_WAN, A_PORT)
@@ -465,7 +483,8 @@ def test_2b_linux_without_low_ttl_and_unlucky_timing_fails() -> None:
     # later pings refresh the unreplied entries (30 s > the 4 s budget): no path, either side.
     o = s2b_linux_no_low_ttl_unlucky()
     w = o.world
-    assert not o.row.success and w.pa.path is None and w.pb.path is None
+    assert not o.row.punched and w.pa.path is None and w.pb.path is None
+    assert_relayed(o)
     assert w.pa.finished and w.pb.finished
     nat_a, nat_b = w.nat_a, w.nat_b
     assert nat_a is not None and nat_b is not None
@@ -483,14 +502,15 @@ def test_2c_linux_without_low_ttl_simultaneous_punches() -> None:
     # the same NATs, both PUNCHes at once: each NAT has the outbound flow before the peer's
     # ping arrives, so the plain simultaneous send works when the timing is lucky
     o = s2c_linux_no_low_ttl_simultaneous()
-    assert o.row.success and o.world.pa.path == (B_WAN, B_PORT)
+    assert o.row.punched and o.row.delivered and o.world.pa.path == (B_WAN, B_PORT)
 
 
 def test_2d_linux_low_ttl_cannot_cover_a_skew_past_sync_delay() -> None:
     # B's PUNCH 300 ms late: A's first full ping (at +200 ms) reaches NAT B before B's low-TTL
     # ping opens it, and the conflict happens as in 2b. sync_delay must cover the skew.
     o = s2d_linux_low_ttl_too_late()
-    assert not o.row.success and o.world.pa.path is None and o.world.pb.path is None
+    assert not o.row.punched and o.world.pa.path is None and o.world.pb.path is None
+    assert_relayed(o)
 
 
 def test_3_full_cone_symmetric_via_peer_reflexive_candidate() -> None:
@@ -507,7 +527,7 @@ def test_3_full_cone_symmetric_via_peer_reflexive_candidate() -> None:
     # B's path is A's one public mapping
     assert (B_WAN, b_to_a) in w.pa.puncher.candidates
     assert w.pa.path == (B_WAN, b_to_a) and w.pb.path == (A_WAN, A_PORT)
-    assert o.row.success
+    assert o.row.punched and o.row.delivered
     (got,) = w.b.received
     assert got.data == PAYLOAD and got.addr == (A_WAN, A_PORT) and got.peer_id == "a.test"
     # A's pings to B's server-side mapping never got in
@@ -517,7 +537,8 @@ def test_3_full_cone_symmetric_via_peer_reflexive_candidate() -> None:
 def test_4_cone_symmetric_fails_to_punch() -> None:
     o = s4_cone_symmetric()
     w = o.world
-    assert not o.row.success and w.pa.path is None and w.pb.path is None
+    assert not o.row.punched and w.pa.path is None and w.pb.path is None
+    assert_relayed(o)
     assert w.pa.finished and w.pb.finished
     nat_b = w.nat_b
     assert nat_b is not None
@@ -529,13 +550,33 @@ def test_4_cone_symmetric_fails_to_punch() -> None:
     assert w.a.unhandled_nat == 0 and w.b.unhandled_nat == 0
     assert not any(e[2] == "received" and e[3].payload[0] in (0x52, 0x53) for e in w.net.trace
                    if e[1] in ("a", "b"))
+    assert_relayed(o)
+
+
+def assert_relayed(o: Outcome) -> None:
+    """The handshake ran and PAYLOAD arrived through the relay, attributed to A by its session
+    keys, at A's relay address; nothing of it went over UDP between the peers."""
+    w = o.world
+    assert not o.row.punched and o.row.delivered and o.row.path.startswith("relayed")
+    assert [(e.peer_id, e.addr) for e in w.a.handshakes()] == [
+        ("b.test", wire.RelayAddress("b.test", EP_B))]
+    assert [(e.peer_id, e.addr) for e in w.b.handshakes()] == [
+        ("a.test", wire.RelayAddress("a.test", EP_A))]
+    (got,) = w.b.received
+    assert got.data == PAYLOAD and got.peer_id == "a.test"
+    assert got.addr == wire.RelayAddress("a.test", EP_A)
+    # INIT, FINISHED, DATA (at least) one way; RESP (and a KEEPALIVE) back
+    assert w.a.relayed_out >= 3 and w.b.relayed_out >= 1
+    assert w.relay.rv.counters["dgrams_relayed"] == w.a.relayed_out + w.b.relayed_out
+    assert not any(e[1] in ("a", "b") and e[2] == "received" and e[3].payload[0] <= 0x06
+                   for e in w.net.trace)
 
 
 def test_4b_restricted_cone_symmetric_punches() -> None:
     # address-dependent filtering on A's side admits B's new port: the peer-reflexive
     # candidate works as in scenario 3
     o = s4b_restricted_cone_symmetric()
-    assert o.row.success
+    assert o.row.punched and o.row.delivered
     w = o.world
     assert w.nat_b is not None
     assert w.pa.path == (B_WAN, w.nat_b.public_port(w.b.addr, (A_WAN, A_PORT)))
@@ -544,7 +585,8 @@ def test_4b_restricted_cone_symmetric_punches() -> None:
 def test_5_symmetric_symmetric_fails_to_punch() -> None:
     o = s5_symmetric_symmetric()
     w = o.world
-    assert not o.row.success and w.pa.path is None and w.pb.path is None
+    assert not o.row.punched and w.pa.path is None and w.pb.path is None
+    assert_relayed(o)
     assert w.probes["a"].varies and w.probes["b"].varies
     # every ping was dropped at the other side's NAT
     for d in w.net.drops:
@@ -558,11 +600,15 @@ def test_6_udp_blocked_on_a() -> None:
     o = s6_udp_blocked()
     w = o.world
     pa = w.probes["a"]
-    assert pa.no_udp and pa.mapping is None and pa.sent == 6  # 3 tries x 2 server ports
+    assert pa.no_udp and pa.mapping is None and pa.sent == 6  # 3 tries x 2 relay ports
     assert w.probes["b"].mapping == (B_WAN, B_PORT)
-    assert not [s for s in w.server.seen if s[3] == b"a" * wire.EP_LEN]
-    assert len(_drops(w, "nat-a", "UDP blocked")) == pa.sent + w.pa.puncher.pings_sent
-    assert not o.row.success and w.pa.path is None and w.pb.path is None
+    assert w.relay.rv.mappings("a.test") == {} and w.relay.rv.counters["probes_answered"] == 2
+    assert len(_drops(w, "nat-a", "UDP blocked")) == pa.sent
+    a_err, b_err = o.extra["errors"]
+    assert [c for c, _ in a_err] == [wire.E_NO_MAPPING] and "your endpoint" in a_err[0][1]
+    assert [c for c, _ in b_err] == [wire.E_NO_MAPPING] and "target's endpoint" in b_err[0][1]
+    assert w.punchers == {}
+    assert_relayed(o)
 
 
 def test_9a_cgnat_low_ttl_2_dies_before_the_outer_nat() -> None:
@@ -571,7 +617,8 @@ def test_9a_cgnat_low_ttl_2_dies_before_the_outer_nat() -> None:
     # recorded as an unreplied flow, and A's flow toward B then gets another CGNAT port
     o = s9a_cgnat_low_ttl_2()
     w = o.world
-    assert not o.row.success and w.pa.path is None and w.pb.path is None
+    assert not o.row.punched and w.pa.path is None and w.pb.path is None
+    assert_relayed(o)
     low = [d for d in w.net.drops if d.packet.payload[:1] == b"\x52" and d.packet.ttl == 0]
     assert {d.node for d in low if d.packet.src[0] == "192.168.100.2"} == {"cgnat-a"}
     cg = w.net.nodes["cgnat-a"]
@@ -584,7 +631,8 @@ def test_9b_cgnat_low_ttl_3_on_both_sides_reaches_the_cgnat() -> None:
     # needs TTL >= 1) before A sent anything toward B: the unreplied flow of 2b again
     o = s9b_cgnat_low_ttl_3()
     w = o.world
-    assert not o.row.success and w.pa.path is None
+    assert not o.row.punched and w.pa.path is None
+    assert_relayed(o)
     cg = w.net.nodes["cgnat-a"]
     assert ((B_WAN, B_PORT), A_PORT) in cg.unreplied
     first = next(d for d in w.net.drops_at("cgnat-a") if d.packet.src == (B_WAN, B_PORT))
@@ -595,7 +643,7 @@ def test_9c_cgnat_low_ttl_per_side_punches() -> None:
     # each side's low TTL must reach its outermost NAT and no further: 3 for A, 2 for B
     o = s9c_cgnat_low_ttl_per_side()
     w = o.world
-    assert o.row.success and w.pa.path == (B_WAN, B_PORT) and w.pb.path == (A_WAN, A_PORT)
+    assert o.row.punched and o.row.delivered and w.pa.path == (B_WAN, B_PORT) and w.pb.path == (A_WAN, A_PORT)
     assert w.b.received[0].data == PAYLOAD and w.b.received[0].addr == (A_WAN, A_PORT)
     cg, nb = w.net.nodes["cgnat-a"], w.net.nodes["nat-b"]
     assert not cg.unreplied and not nb.unreplied
@@ -621,7 +669,7 @@ def test_8b_rebinding_behind_a_port_restricted_peer_is_stuck() -> None:
     # needs a new punch (or the relay)
     o = s8b_rebind_apdf()
     w, x = o.world, o.extra
-    assert not x["got"] and not o.row.success
+    assert not x["got"] and o.row.punched and not o.row.delivered
     assert [r.data for r in w.b.received] == [b"before"]
     assert _drops(w, "nat-b", "filtered", 0x04, x["new"])
     assert _drops(w, "nat-a", "no mapping", 0x04, (B_WAN, B_PORT))
@@ -767,13 +815,14 @@ def test_emulator_run_until_is_bounded() -> None:
 
 # -- the table ----------------------------------------------------------------------------------
 
-HEADER = ("scenario", "NAT A", "NAT B", "success", "path", "first message")
+HEADER = ("scenario", "NAT A", "NAT B", "punched", "path of A's data", "delivered",
+          "first message")
 
 
 def format_row(r: Row) -> str:
     first = "-" if r.first_message is None else f"{r.first_message * 1000:.0f} ms"
-    return (f"| {r.scenario} | {r.nat_a} | {r.nat_b} | {'yes' if r.success else 'no'} | "
-            f"{r.path} | {first} |")
+    return (f"| {r.scenario} | {r.nat_a} | {r.nat_b} | {'yes' if r.punched else 'no'} | "
+            f"{r.path} | {'yes' if r.delivered else 'no'} | {first} |")
 
 
 def matrix_table() -> str:
