@@ -17,7 +17,7 @@ from ._proto.tcp import Connection, Role
 from .config import Settings
 from .p2pexcept import P2PError
 
-__all__ = ["ProtocolHost", "TcpPeer", "UdpPeer"]
+__all__ = ["NatTap", "ProtocolHost", "TcpPeer", "UdpPeer"]
 
 
 class TcpPeer(Protocol):
@@ -46,6 +46,16 @@ class UdpPeer(Protocol):
 
     def stop(self) -> None:
         """Send CLOSE to every peer and close the socket."""
+
+
+class NatTap(Protocol):
+    """Where a UDP endpoint hands what is NAT traversal's (:mod:`p2psc.nat.agent`)."""
+
+    def nat_datagram(self, data: bytes, addr: Any) -> None:
+        """A discovery or punch datagram (first byte 0x50..0x53) arrived from ``addr``."""
+
+    def relay_datagram(self, data: bytes, addr: Any) -> None:
+        """A sealed datagram is to go through the relay to ``addr`` (a ``RelayAddress``)."""
 
 
 class ProtocolHost(Protocol):

@@ -259,6 +259,11 @@ class Channel(_MessageIterator):
         return self.protocol.suite
 
     @property
+    def path(self) -> str:
+        """How the bytes travel: "direct", or "relayed" through the relay (docs/NAT.md)."""
+        return self.protocol.path
+
+    @property
     def closed(self) -> bool:
         """True once either side closed the channel or the connection was lost."""
         return self.protocol.ended
@@ -399,6 +404,11 @@ class DatagramChannel(_MessageIterator):
     @property
     def peer_id(self) -> str:
         return self.protocol.peer_id or ""
+
+    @property
+    def path(self) -> str:
+        """How the datagrams travel: "direct", "punched" or "relayed" (docs/NAT.md)."""
+        return self.protocol.path or "direct"
 
     @property
     def closed(self) -> bool:

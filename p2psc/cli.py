@@ -617,7 +617,7 @@ async def _ping(args: argparse.Namespace) -> int:
             what = f"connect and handshake, {ch.suite}"
         hs = (time.perf_counter() - t0) * 1000
         where = f" ({addr.host}:{addr.port})" if addr is not None else ""
-        print(f"PING {args.peer_id}{where}: {what} {hs:.2f} ms", flush=True)
+        print(f"PING {args.peer_id}{where}: {what} {hs:.2f} ms, path {ch.path}", flush=True)
         async with ch:
             if not args.udp:  # over TCP the first message asks listen to echo the channel
                 await ch.send(PING_HELLO)
@@ -651,7 +651,7 @@ async def _ping(args: argparse.Namespace) -> int:
                     rtt = (time.perf_counter() - start) * 1000
                     rtts.append(rtt)
                     print(f"{len(reply)} bytes from {args.peer_id}: seq={seq} "
-                          f"time={rtt:.3f} ms", flush=True)
+                          f"time={rtt:.3f} ms path={ch.path}", flush=True)
                 if seq < args.count and args.interval:
                     await asyncio.sleep(args.interval)
     finally:
@@ -676,6 +676,57 @@ def _ping_stats(peer_id: str, sent: int, rtts: list[float], hs: float) -> None:
 
 def cmd_ping(args: argparse.Namespace) -> int:
     return _run(_ping(args), args)
+
+
+_BEHAVIOUR_NOTES = {
+    "no nat": "no NAT: this address is public",
+    "endpoint-independent": "endpoint-independent mapping (a \"cone\"): hole punching works "
+                            "with most peers",
+    "endpoint-dependent": "endpoint-dependent mapping (\"symmetric\"): a new port per "
+                          "destination; punching works only toward an open or full-cone "
+                          "peer, else the relay carries the traffic",
+    "udp blocked": "UDP does not get out: UDP sessions go through the relay over TCP",
+    "unknown": "unknown (one of the two probes went unanswered)",
+}
+
+
+async def _netcheck(args: argparse.Namespace) -> int:
+    import socket as socket_mod
+
+    from .udp_p2p import UdpP2P
+
+    handler = _handler(args)
+    try:
+        nat = handler.nat
+        if nat is None:
+            raise CliError("no relay is configured: add \"relay\": {\"peer_id\": ..., "
+                           "\"host\": ..., \"port\": ...} to conf/config.json (docs/NAT.md)")
+        loop = asyncio.get_running_loop()
+        sock = socket_mod.socket(socket_mod.AF_INET, socket_mod.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind(("0.0.0.0", 0))
+        proto = UdpP2P(handler, handler.get_myid())
+        proto.attach(sock)
+        await loop.create_datagram_endpoint(lambda: proto, sock=sock)
+        report = await nat.netcheck(proto)
+    finally:
+        await handler.close()
+    print(f"relay:        {report.relay}")
+    if report.error is not None:
+        raise CliError(report.error)
+    assert report.relay_rtt is not None
+    print(f"relay RTT:    {report.relay_rtt * 1000:.2f} ms (over the control link)")
+    print(f"TCP:          gets out; seen by the relay as {report.tcp_observed}")
+    print(f"local UDP:    {report.local_udp or 'unknown'}")
+    for i, mapping in enumerate(report.udp_mappings, 1):
+        print(f"UDP mapping:  {mapping or 'no answer'} (seen by the relay's UDP port {i})")
+    print(f"UDP:          {'blocked' if report.behaviour == 'udp blocked' else 'gets out'}")
+    print(f"NAT:          {_BEHAVIOUR_NOTES.get(report.behaviour, report.behaviour)}")
+    return EXIT_OK
+
+
+def cmd_netcheck(args: argparse.Namespace) -> int:
+    return _run(_netcheck(args), args)
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -819,6 +870,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="handshake and per-reply timeout (default: 5; 0: none)")
     p.add_argument("--udp", action="store_true", help="ping over UDP (listen --udp)")
     p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("netcheck", parents=[common],
+                       help="what this network lets through: public mappings, NAT kind, relay",
+                       description="Ask the relay named in conf/config.json how this peer is "
+                       "seen: its TCP and UDP public addresses, whether its NAT maps per "
+                       "destination, whether UDP gets out, and the relay's round-trip time.")
+    p.set_defaults(func=cmd_netcheck)
 
     from .directory.cli import add_directory_parser
     dp = add_directory_parser(sub)

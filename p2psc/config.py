@@ -435,6 +435,8 @@ class PeerConfig:
     find_peer_info_url: str | None
     config_file: str
     xconfig_file: str
+    #: the relay/rendezvous service (the "relay" key; docs/NAT.md), or None
+    relay: PeerAddress | None = None
 
 
 _REQUIRED = ("my_prikey_file", "xconfig", "known_peers_file", "peer_pubkey_path")
@@ -470,6 +472,11 @@ def load_peer_config(conf: Mapping[str, Any]) -> PeerConfig:
     url = conf.get("find_peer_info_url")
     if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
         raise ConfigError(f"{where}: find_peer_info_url must be an http:// or https:// URL")
+    relay = conf.get("relay")
+    if relay is not None:
+        relay = _parse_address(relay, f"{where}: relay")
+        if relay.port == 0:
+            raise ConfigError(f"{where}: relay: port must be from 1 to 65535")
     return PeerConfig(peer_id=me.peer_id, host=me.host, port=me.port, private_key=private_key,
                       peers=peers, settings=settings, find_peer_info_url=url or None,
-                      config_file=where, xconfig_file=str(xconfig))
+                      config_file=where, xconfig_file=str(xconfig), relay=relay)

@@ -114,7 +114,7 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
     __slots__ = (
         "__weakref__", "handler", "myid", "peer_id", "transport", "_raw", "_conn", "_prepared",
         "_flush_handle", "_paused", "_drain_waiters", "_peername", "_got_data", "_lost",
-        "_closed_waiters", "_reading",
+        "_closed_waiters", "_reading", "path",
     )
 
     def __init__(self, handler: ProtocolHost, myid: str, peer_id: str | None = None):
@@ -134,6 +134,9 @@ class TcpP2P(AdapterBase, asyncio.BufferedProtocol):
         self._lost = False
         self._closed_waiters: list[asyncio.Future[Exception | None]] | None = None
         self._reading = False  # in the hooks of a read: sends are written when it is handled
+        #: how this connection's bytes travel: "direct", or "relayed" through the relay
+        #: (docs/NAT.md)
+        self.path = "direct"
 
     # -- hooks for applications ---------------------------------------------------------------
 

@@ -24,8 +24,9 @@ from .config import (
     load_peer_config,
     read_config_file,
 )
+from .nat.agent import NatAgent
 from .p2p import TcpP2P
-from .p2pexcept import ConfigError, StatusError, UnknownPeerError
+from .p2pexcept import ConfigError, PeerUnreachable, RelayError, StatusError, UnknownPeerError
 from .registry import ConnectionRegistry
 from .resolver import PeerResolver
 from .udp_p2p import UdpP2P
@@ -77,7 +78,10 @@ class P2PHandler:
                                             self.settings.timestamp_window)
         self.resolver = PeerResolver(self.config)
         self.connections = ConnectionRegistry(self.settings)
-        self.udp_service = UdpService(self, self.config, self.resolver.resolve)
+        #: NAT traversal through the relay named by the "relay" key (docs/NAT.md), or None
+        self.nat: NatAgent | None = (NatAgent(self, self.config.relay)
+                                     if self.config.relay is not None else None)
+        self.udp_service = UdpService(self, self.config, self.resolver.resolve, nat=self.nat)
         self._scratch: bytearray | None = None
         self._buffer_pool = BufferPool()
         self._receive_budget = ReceiveBudget(self.settings.max_partial_record_bytes,
@@ -115,13 +119,21 @@ class P2PHandler:
             self.config.port if port is None else port)
         log.info("%s listening on %s", myid,
                  ", ".join(str(s.getsockname()) for s in self.server.sockets))
+        if self.nat is not None:
+            self.nat.serve_tcp(lambda: ProtocolClass(self, myid))
         return self.server
 
     async def connect_peer(self, peer_id: str, ProtocolClass: Callable[..., P] = TcpP2P  # type: ignore[assignment]
                            ) -> tuple[asyncio.Transport, P]:
         """Connect to a known peer and start the handshake; returns ``(transport, protocol)``
-        as ``loop.create_connection`` does (``await protocol.wait_handshaked()`` to wait for it)."""
+        as ``loop.create_connection`` does (``await protocol.wait_handshaked()`` to wait for it).
+
+        With a relay configured (docs/NAT.md), a peer that cannot be reached directly within
+        ``nat_direct_timeout`` is reached through the relay (``protocol.path`` is then
+        "relayed"); if neither works, :class:`~p2psc.p2pexcept.PeerUnreachable`."""
         addr, _key = await self.resolver.resolve(peer_id)
+        if self.nat is not None:
+            return await self._connect_or_relay(peer_id, ProtocolClass, addr.host, addr.port)
         try:
             transport, protocol = await self._open_tcp(ProtocolClass, peer_id, addr.host, addr.port)
         except OSError as exc:
@@ -136,6 +148,35 @@ class P2PHandler:
             transport, protocol = await self._open_tcp(ProtocolClass, peer_id, new_addr.host,
                                                        new_addr.port)
         return transport, protocol
+
+    async def _connect_or_relay(self, peer_id: str, ProtocolClass: Callable[..., P], host: str,
+                                port: int) -> tuple[asyncio.Transport, P]:
+        assert self.nat is not None
+        if port == 0:
+            direct_error = "it has no listening address"
+        else:
+            try:
+                return await asyncio.wait_for(self._open_tcp(ProtocolClass, peer_id, host, port),
+                                              self.settings.nat_direct_timeout)
+            except asyncio.TimeoutError:
+                direct_error = f"no answer within {self.settings.nat_direct_timeout:g} s"
+            except OSError as exc:
+                direct_error = exc.strerror or str(exc)
+            log.info("%s at %s:%d: %s; trying the relay", peer_id, host, port, direct_error)
+        myid = self.get_myid()
+        try:
+            transport, protocol = await self.nat.open_circuit(
+                peer_id, lambda: ProtocolClass(self, myid, peer_id))
+        except (RelayError, OSError, asyncio.TimeoutError) as exc:
+            raise PeerUnreachable(f"cannot reach {peer_id}: directly: {direct_error}; through "
+                                  f"the relay: {exc or type(exc).__name__}") from None
+        return transport, protocol  # type: ignore[return-value]
+
+    async def connect_address(self, peer_id: str, host: str, port: int,
+                              ProtocolClass: Callable[..., P]) -> tuple[asyncio.Transport, P]:
+        """Connect to ``peer_id`` at ``host``:``port`` (not looked up) and start the
+        handshake; as :meth:`connect_peer` otherwise."""
+        return await self._open_tcp(ProtocolClass, peer_id, host, port)
 
     async def _open_tcp(self, ProtocolClass: Callable[..., P], peer_id: str, host: str,
                         port: int) -> tuple[asyncio.Transport, P]:
@@ -167,6 +208,8 @@ class P2PHandler:
 
     async def close(self) -> None:
         """Stop serving and close every connection this handler made or accepted."""
+        if self.nat is not None:
+            await self.nat.close()
         if self.server is not None:
             self.server.close()
             server, self.server = self.server, None

@@ -17,7 +17,7 @@ import socket
 from typing import Any
 
 from ._aio import AdapterBase, wall_offset
-from ._host import ProtocolHost
+from ._host import NatTap, ProtocolHost
 from ._proto.events import (
     Closed,
     DatagramReceived,
@@ -27,6 +27,7 @@ from ._proto.events import (
     PeerKeyNeeded,
 )
 from ._proto.udp import UdpEndpoint
+from .nat.wire import RelayAddress, is_nat_datagram
 from .p2pexcept import (
     ChannelNotReady,
     InvalidDataType,
@@ -73,6 +74,10 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         self._delivering: DatagramReceived | None = None  # inside on_datagram
         # the default on_datagram only calls on_recv: then on_recv is called directly
         self._plain_datagrams = type(self).on_datagram is UdpP2P.on_datagram
+        self._nat_tap: NatTap | None = None
+        #: a client's path to its peer: "direct", "punched" or "relayed" (docs/NAT.md);
+        #: None on a server, whose peers each have their own (:meth:`path_of`)
+        self.path: str | None = None
 
     # -- hooks for applications ---------------------------------------------------------------
 
@@ -195,6 +200,12 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         :meth:`stop`."""
         return self._error
 
+    def path_of(self, addr: Any) -> str:
+        """How datagrams to ``addr`` travel: "relayed" through the relay, else "direct" (for
+        a client, :attr:`path` says whether its direct path was punched)."""
+        return "relayed" if type(addr) is RelayAddress else (
+            self.path if self.path is not None and self.path != "relayed" else "direct")
+
     # -- used by the handler ----------------------------------------------------------------
 
     def attach(self, sock: socket.socket, target: tuple[Any, Any] | None = None) -> None:
@@ -202,6 +213,53 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         stdlib loop) and, for a client, its peer's ``(address, public key)``."""
         self._sock = sock
         self._target = target
+
+    # -- used by NAT traversal (p2psc.nat.agent) --------------------------------------------
+
+    def set_nat_tap(self, tap: NatTap | None) -> None:
+        """Hand the NAT datagrams this socket receives (discovery, punching) to ``tap``, and
+        the datagrams sealed for a :class:`~p2psc.nat.wire.RelayAddress` too, to relay."""
+        self._nat_tap = tap
+
+    def send_nat_datagram(self, data: bytes, addr: Any, ttl: int | None = None) -> None:
+        """Send an unsealed NAT datagram from this socket, with IP TTL ``ttl`` if given."""
+        transport, sock = self.transport, self._sock
+        if transport is None or transport.is_closing() or self._closed:
+            return
+        if ttl is None or sock is None:
+            transport.sendto(data, addr)
+            return
+        if sock.family == socket.AF_INET6:
+            level, option = socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS
+        else:
+            level, option = socket.IPPROTO_IP, socket.IP_TTL
+        try:
+            old = sock.getsockopt(level, option)
+            sock.setsockopt(level, option, ttl)
+            try:
+                sock.sendto(data, addr)
+            finally:
+                sock.setsockopt(level, option, old)
+        except OSError as exc:  # best effort, as UDP is
+            log.debug("%s: low-TTL send to %s failed: %s", self.myid, addr, exc)
+
+    def relayed_datagram_received(self, data: bytes, addr: RelayAddress) -> None:
+        """A datagram that came through the relay from the peer endpoint ``addr``."""
+        ep, loop = self._ep, self._loop
+        if ep is None or loop is None or self._closed:
+            return
+        self._handle_datagram(ep, data, addr, loop.time())
+        if ep.timer_dirty:
+            self._rearm_timer()
+
+    def start_handshake(self, addr: Any, public_key: Any) -> None:
+        """A client made without a target: handshake with its peer at ``addr`` now (the path
+        NAT traversal found)."""
+        ep, loop = self._ep, self._loop
+        if ep is None or loop is None or self._closed or self.peer_id is None:
+            raise ChannelNotReady("the UDP endpoint is not open")
+        ep.connect(self.peer_id, public_key, addr, loop.time())
+        self._after([])
 
     # -- asyncio.DatagramProtocol ---------------------------------------------------------------
 
@@ -254,6 +312,10 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
     def _handle_datagram(self, ep: UdpEndpoint, data: bytes | memoryview, addr: Any,
                          now: float) -> None:
         """One received datagram, from either read path: events, then what is to be sent."""
+        tap = self._nat_tap
+        if tap is not None and data and is_nat_datagram(data[0]):
+            tap.nat_datagram(bytes(data), addr)
+            return
         events = ep.receive(data, addr, now)
         if events:
             self._dispatch(events)
@@ -303,7 +365,11 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
 
     def _sent(self, ep: UdpEndpoint, r: tuple[bytes, Any] | None) -> None:
         if r is not None:
-            self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
+            tap = self._nat_tap
+            if tap is not None and type(r[1]) is RelayAddress:
+                tap.relay_datagram(r[0], r[1])
+            else:
+                self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
         if ep.out or ep.timer_dirty:
             self._after([])
 
@@ -327,8 +393,16 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         if transport.is_closing():
             return
         sendto = transport.sendto
+        tap = self._nat_tap
+        if tap is None:
+            for dgram, addr in out:
+                sendto(dgram, addr)
+            return
         for dgram, addr in out:
-            sendto(dgram, addr)
+            if type(addr) is RelayAddress:
+                tap.relay_datagram(dgram, addr)
+            else:
+                sendto(dgram, addr)
 
     def _core_timer(self) -> float | None:
         ep = self._ep

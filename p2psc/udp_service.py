@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ._host import ProtocolHost, UdpPeer
 from .config import PeerAddress, PeerConfig
+from .nat.agent import NatAgent
 from .p2pexcept import StatusError
 from .udp_p2p import UdpP2P
 
@@ -51,8 +52,10 @@ class UdpService:
     :meth:`register`/:meth:`unregister`. ``resolve`` finds a peer's address and key.
     """
 
-    def __init__(self, host: ProtocolHost, config: PeerConfig, resolve: Resolve) -> None:
+    def __init__(self, host: ProtocolHost, config: PeerConfig, resolve: Resolve, *,
+                 nat: NatAgent | None = None) -> None:
         self._host = host
+        self._nat = nat
         self._config = config
         self._resolve = resolve
         self._protocols: set[UdpPeer] = set()
@@ -81,6 +84,8 @@ class UdpService:
     def unregister(self, proto: UdpPeer) -> None:
         """An endpoint's socket closed."""
         self._protocols.discard(proto)
+        if self._nat is not None and isinstance(proto, UdpP2P):
+            self._nat.forget(proto)
         if self._server_protocol is proto:
             self._transport = self._server_protocol = None
 
@@ -110,6 +115,8 @@ class UdpService:
         transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
         self._transport, self._server_protocol = transport, protocol
         log.info("%s serving UDP on %s", myid, transport.get_extra_info("sockname"))
+        if self._nat is not None:
+            self._nat.serve_udp(protocol)
         return transport, protocol
 
     async def connect(self, peer_id: str, ProtocolClass: Callable[..., P]
@@ -117,6 +124,8 @@ class UdpService:
         """Open a UDP socket to a peer and start the handshake; see
         :meth:`~p2psc.p2phandler.P2PHandler.connect_udp_peer`."""
         addr, key = await self._resolve(peer_id)
+        if self._nat is not None:
+            return await self._connect_nat(peer_id, ProtocolClass, addr, key)
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
         infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as peers.json has
@@ -132,6 +141,41 @@ class UdpService:
             return proto
 
         transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
+        return transport, protocol
+
+    async def _connect_nat(self, peer_id: str, ProtocolClass: Callable[..., P],
+                           addr: PeerAddress, key: rsa.RSAPublicKey
+                           ) -> tuple[asyncio.DatagramTransport, P]:
+        """A client through NAT traversal: its socket first, then the path (direct, punched
+        or relayed) found from that socket, then the handshake on that path."""
+        assert self._nat is not None
+        loop = asyncio.get_running_loop()
+        direct: Any = None
+        if addr.port != 0:
+            try:
+                infos = await loop.getaddrinfo(addr.host, addr.port, family=socket.AF_INET,
+                                               type=socket.SOCK_DGRAM)
+                direct = infos[0][4][:2] if infos else None
+            except OSError as exc:
+                log.info("%s: cannot resolve %s (%s); only the rendezvous can help", peer_id,
+                         addr.host, exc)
+        sock = _udp_socket(socket.AF_INET, ("0.0.0.0", 0))
+        myid = self._config.peer_id
+
+        def factory() -> P:
+            proto = ProtocolClass(self._host, myid, peer_id)
+            proto.attach(sock)
+            return proto
+
+        transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
+        try:
+            path, where = await self._nat.find_udp_path(protocol, peer_id, direct)
+            protocol.path = path
+            protocol.start_handshake(where, key)
+        except BaseException:
+            protocol.stop()
+            raise
+        log.info("%s: UDP to %s %s (%s)", myid, peer_id, path, where)
         return transport, protocol
 
     async def close(self) -> None:

@@ -65,6 +65,21 @@ class Settings:
     udp_init_burst: int = 200              # ... with this burst
     udp_init_rate_per_addr: float = 2.0    # INITs/s per source IP (IPv6: per /64) ...
     udp_init_burst_per_addr: int = 5       # ... with this burst
+    # NAT traversal (docs/NAT.md); used only when the config names a "relay"
+    #: false: never hole-punch (a UDP peer that the direct address does not reach is relayed)
+    nat_punch: bool = True
+    #: a direct TCP connect is given this long before the relay is tried
+    nat_direct_timeout: float = 3.0
+    #: one hole-punching attempt: its budget, the interval of its pings, and the TTL of its
+    #: first ping (dies past our own NAT; 0: no such ping)
+    nat_punch_timeout: float = 4.0
+    nat_punch_interval: float = 0.2
+    nat_punch_low_ttl: int = 2
+    #: a UDP server probes the rendezvous this often: holds its NAT mapping open and lets the
+    #: rendezvous see a rebinding
+    nat_probe_interval: float = 25.0
+    #: connecting to the relay (TCP and handshake), and each request to it, at most
+    nat_relay_timeout: float = 5.0
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any], where: str) -> Settings:
@@ -115,6 +130,11 @@ class Settings:
         if s.udp_max_sessions_per_peer < 2:
             raise ConfigError(f"{where}: udp_max_sessions_per_peer must be at least 2 (a live "
                               "session and the handshake that replaces it)")
+        if s.nat_punch_interval <= 0 or s.nat_probe_interval <= 0 or s.nat_relay_timeout <= 0:
+            raise ConfigError(f"{where}: nat_punch_interval, nat_probe_interval and "
+                              "nat_relay_timeout must be positive")
+        if s.nat_punch_low_ttl > 255:
+            raise ConfigError(f"{where}: nat_punch_low_ttl must be from 0 to 255")
         if s.rekey_after_messages < 1 or s.rekey_after_time <= 0:
             raise ConfigError(f"{where}: rekey_after_messages and rekey_after_time must be positive")
         return s

@@ -79,11 +79,12 @@ class Puncher:
         if msg is None or msg.punch_id != self.punch_id or self.finished:
             return False
         if isinstance(msg, wire.PunchPing):
+            if msg.txid in self._txids:
+                return True  # our own ping, come back (a candidate that is our own address)
             self.out.append((wire.encode_punch(wire.U_PUNCH_PONG, self.punch_id, msg.txid),
                              addr, None))
-            if addr not in self.candidates and self.path is None:
-                if self._add_candidate(addr):
-                    self._ping(addr, None)
+            if self.path is None and self._add_candidate(addr):
+                self._ping(addr, None)
             return True
         if self._txids.pop(msg.txid, None) is None:
             return True  # a pong we did not ask for (or asked for twice): ignored
