@@ -409,6 +409,28 @@ def s9c_cgnat_low_ttl_per_side() -> Outcome:
     return _cgnat(3, 2)
 
 
+def _stale(ports: str) -> Outcome:
+    # B's NAT forgets a mapping after 20 s (RFC 4787 REQ-5 asks for 2 min; many NATs use less);
+    # B's last PROBE was 22 s before A's CONNECT, so the PUNCH names a mapping that is gone
+    w = make_world(CONE, dict(mapping=EI, filtering=APD, ports=ports, mapping_timeout=20.0))
+    w.probe()
+    stale = w.probes["b"].mapping
+    w.net.run_for(22.0)
+    w.punch()
+    return conclude(w, f"10 stale mapping: B's NAT {ports} ports, 20 s timeout, PROBE 22 s old",
+                    stale=stale)
+
+
+@scenario("10a")
+def s10a_stale_mapping_random_ports() -> Outcome:
+    return _stale(RANDOM)
+
+
+@scenario("10b")
+def s10b_stale_mapping_preserved_port() -> Outcome:
+    return _stale(PRESERVE)
+
+
 # -- assertions ---------------------------------------------------------------------------------
 
 def _drops(w: World, node: str, reason: str, kind: int | None = None,
@@ -649,6 +671,32 @@ def test_9c_cgnat_low_ttl_per_side_punches() -> None:
     assert not cg.unreplied and not nb.unreplied
 
 
+def test_10a_stale_mapping_with_random_ports_is_relayed() -> None:
+    # B's low-TTL ping made a new mapping on another random port; A pings the dead one (no
+    # mapping at NAT B), B's pings from the new port are filtered by NAT A (A never sent
+    # there). A UDP server must PROBE more often than its NAT's timeout (nat_probe_interval)
+    o = s10a_stale_mapping_random_ports()
+    w = o.world
+    stale = o.extra["stale"]
+    assert w.nat_b is not None and stale in [(B_WAN, m.ext_port) for m in w.nat_b.expired]
+    fresh = w.nat_b.public_port(w.b.addr)
+    assert fresh is not None and (B_WAN, fresh) != stale
+    assert w.peers["a"].punch_frame is not None and w.peers["a"].punch_frame.candidates[0] == stale
+    assert _drops(w, "nat-b", "no mapping", 0x52, (A_WAN, A_PORT))
+    assert _drops(w, "nat-a", "filtered", 0x52, (B_WAN, fresh))
+    assert not o.row.punched
+    assert_relayed(o)
+
+
+def test_10b_stale_mapping_with_port_preservation_still_punches() -> None:
+    # the new mapping gets the same (preserved) port: the stale PUNCH is right by luck
+    o = s10b_stale_mapping_preserved_port()
+    w = o.world
+    assert o.extra["stale"] == (B_WAN, B_PORT)
+    assert w.nat_b is not None and [m.ext_port for m in w.nat_b.expired] == [B_PORT]
+    assert o.row.punched and o.row.delivered and w.pa.path == (B_WAN, B_PORT)
+
+
 def test_8_rebinding_roams_the_session() -> None:
     o = s8_rebind()
     w, x = o.world, o.extra
@@ -838,3 +886,7 @@ def test_zz_matrix(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(MATRIX) == len(SCENARIOS)
     with capsys.disabled():
         print("\n" + table)
+
+
+if __name__ == "__main__":  # PYTHONPATH=.:test python test/test_nat_emulator.py
+    print(matrix_table())
