@@ -27,6 +27,7 @@ from natemu import (
     NatPeer,
     Network,
     ProbeClient,
+    ProbeServer,
     PuncherDriver,
     RelayHost,
     UdpEndpointHost,
@@ -832,6 +833,25 @@ def test_emulator_linux_conflict() -> None:
     assert [d for _, d, _ in h.received] == [b"to the flow"]
     net.run_for(UNREPLIED_TIMEOUT)
     assert n.public_port(h.addr, (S2, 1000)) == late[1] and not n.unreplied
+
+
+@pytest.mark.parametrize("nat, varies, no_udp", [(dict(mapping=EI), False, False),
+                                                  (dict(mapping=APD, ports=RANDOM), True, False),
+                                                  (dict(block_udp=True), False, True)])
+def test_emulator_probe_server(nat: dict[str, Any], varies: bool, no_udp: bool) -> None:
+    net = Network()
+    server = ProbeServer(net.add_host("stun", S1), token=b"t" * 16)
+    n = net.add_nat("nat", A_WAN, "192.168.1.0/24", **nat)
+    udp = UdpEndpointHost(net.add_host("h", A_IP, behind=n), A_PORT, "a.test", keys()["a.test"],
+                          Settings())
+    pc = ProbeClient(udp, server.addrs, token=b"t" * 16, endpoint=EP_A)
+    assert net.run_until(lambda: pc.done, 5.0)
+    assert (pc.varies, pc.no_udp) == (varies, no_udp)
+    if not no_udp:
+        assert set(pc.observed) == set(server.addrs)
+        assert pc.observed[server.addrs[0]] == (A_WAN, n.public_port(udp.addr, server.addrs[0]))
+        assert [(port, src, ep) for _, port, src, ep in server.seen] == [
+            (a[1], pc.observed[a], EP_A) for a in server.addrs]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
