@@ -348,6 +348,37 @@ def s6_udp_blocked() -> Outcome:
                           first_message(w) if ok else None), dict(errors=errors))
 
 
+HAS_UDP_KEEPALIVE = hasattr(Settings(), "udp_keepalive_interval")
+
+
+def _keepalive(interval: float) -> Outcome:
+    # both NATs forget a mapping after 30 s without outbound traffic; after the handshake and
+    # A's payload, 120 s of silence from the applications, then B writes to A
+    nat = dict(CONE, mapping_timeout=30.0)
+    w = make_world(nat, nat, settings=Settings(udp_keepalive_interval=interval))
+    w.probe()
+    w.punch()
+    assert w.handshake_and_send(PAYLOAD)
+    w.net.run_for(120.0)
+    t0 = w.net.now
+    w.b.send("a.test", b"after 120 s of silence")
+    got = w.net.run_until(lambda: len(w.a.received) > 0, 2.0)
+    name = f"7 mapping timeout 30 s, udp_keepalive_interval={interval:g}, B writes after 120 s"
+    path = ("direct, kept open by keepalives" if got else "direct, A's mapping expired")
+    return Outcome(w, row(w, name, True, path, got,
+                          round(w.a.received[0].time - t0, 3) if got else None), dict(t0=t0))
+
+
+if HAS_UDP_KEEPALIVE:
+    @scenario("7a")
+    def s7a_keepalive() -> Outcome:
+        return _keepalive(25.0)
+
+    @scenario("7b")
+    def s7b_no_keepalive() -> Outcome:
+        return _keepalive(0.0)
+
+
 @scenario("8")
 def s8_rebind() -> Outcome:
     return _rebind("8 rebinding (B restricted cone)", RESTRICTED_CONE)
@@ -696,6 +727,37 @@ def test_10b_stale_mapping_with_port_preservation_still_punches() -> None:
     assert o.extra["stale"] == (B_WAN, B_PORT)
     assert w.nat_b is not None and [m.ext_port for m in w.nat_b.expired] == [B_PORT]
     assert o.row.punched and o.row.delivered and w.pa.path == (B_WAN, B_PORT)
+
+
+needs_keepalive = pytest.mark.skipif(not HAS_UDP_KEEPALIVE,
+                                     reason="Settings has no udp_keepalive_interval yet")
+
+
+@needs_keepalive
+def test_7a_keepalives_hold_the_mapping_open() -> None:
+    o = s7a_keepalive()
+    w = o.world
+    assert [(r.data, r.peer_id, r.addr) for r in w.a.received] == [
+        (b"after 120 s of silence", "b.test", (B_WAN, B_PORT))]
+    assert w.nat_a is not None and w.nat_a.expired == []
+    assert w.nat_a.public_port(w.a.addr) == A_PORT
+    # A's keepalives (sealed type 0x05) went out about every 25 s of the silence
+    ka = [e for e in w.net.trace if e[1] == "a" and e[2] == "-> nat-a"
+          and e[3].payload[0] == 0x05 and e[0] > o.extra["t0"] - 120.0]
+    assert 4 <= len(ka) <= 6
+
+
+@needs_keepalive
+def test_7b_without_keepalives_the_mapping_expires() -> None:
+    o = s7b_no_keepalive()
+    w = o.world
+    assert w.a.received == [] and not o.row.delivered
+    assert w.nat_a is not None and [m.ext_port for m in w.nat_a.expired] == [A_PORT]
+    (drop,) = _drops(w, "nat-a", "no mapping", 0x04, (B_WAN, B_PORT))
+    assert drop.time > o.extra["t0"]
+    # nothing left A for B during the silence
+    assert not [e for e in w.net.trace if e[1] == "a" and e[2] == "-> nat-a"
+                and o.extra["t0"] - 119.0 < e[0] <= o.extra["t0"]]
 
 
 def test_8_rebinding_roams_the_session() -> None:
