@@ -3,17 +3,23 @@
 A discrete-event :class:`Network` of virtual hosts, RFC 4787 :class:`Nat` boxes and one core
 :class:`Router`, on a simulated clock (a priority queue of deliveries, a latency per hop,
 optional seeded loss), in the manner of Tailscale's ``tstest/natlab``. The real sans-IO
-objects of p2psc run on its virtual sockets: :class:`UdpEndpointHost` drives a
-:class:`p2psc._proto.udp.UdpEndpoint`, :class:`PuncherDriver` a :class:`p2psc.nat.punch.Puncher`
-on the same socket (the first-byte demux of ``wire.is_nat_datagram``), :class:`ProbeServer` /
-:class:`ProbeClient` the PROBE exchange by which a peer learns its public mapping.
+objects of p2psc run on its virtual sockets:
 
-Topology: every host hangs off one gateway, a NAT (its LAN side) or the core router; every NAT's
-WAN side hangs off the core router. A packet from a host behind NAT A to a host behind NAT B
-takes four hops (host -> NAT A -> core -> NAT B -> host), each ``latency`` long. Routers (the
-NATs when forwarding, the core) decrement the TTL and drop the packet at 0, so a TTL-2 packet
-from a host behind a NAT leaves the NAT with TTL 1 and dies at the core. Addresses: private
-sides 192.168.0.0/16, NAT WAN addresses 198.51.100.0/24, public servers 203.0.113.0/24.
+- :class:`UdpEndpointHost` drives a :class:`p2psc._proto.udp.UdpEndpoint`;
+- :class:`PuncherDriver` a :class:`p2psc.nat.punch.Puncher` on the same socket (the
+  first-byte demux of ``wire.is_nat_datagram``), with the TTL it asks for;
+- :class:`RelayHost` a :class:`p2psc.nat.rendezvous.Rendezvous` (its two PROBE ports, and the
+  control links of :class:`NatPeer`, a peer's minimal side: HELLO, PROBE, CONNECT, PUNCH, DGRAM);
+- :class:`ProbeServer` / :class:`ProbeClient`: a bare PROBE server, and the client side.
+
+Topology: every host hangs off one gateway, a NAT (its LAN side) or the core router; a NAT's
+WAN side hangs off the core router or another NAT's LAN (a home NAT behind a CGNAT). A packet
+from a host behind NAT A to a host behind NAT B takes four hops (host -> NAT A -> core -> NAT B
+-> host), each ``latency`` long. Routers (the NATs when forwarding, the core) decrement the TTL
+and drop the packet at 0, so a TTL-2 packet from a host behind one NAT leaves the NAT with
+TTL 1 and dies at the core. Addresses: private sides 192.168.0.0/16, NAT WAN addresses
+198.51.100.0/24, public servers 203.0.113.0/24. Control links (TCP) are reliable ordered
+pipes with the path's latency: TCP through the NATs is not modelled.
 
 Everything is deterministic: the NATs' random ports, the loss and the adapters' randomness come
 from seeded ``random.Random`` instances, and equal-time events run in scheduling order.
