@@ -40,6 +40,7 @@ from p2psc.nat import wire
 SERVER_IP = "203.0.113.10"
 A_WAN, B_WAN = "198.51.100.1", "198.51.100.2"
 A_IP, B_IP = "192.168.1.10", "192.168.2.20"
+SAME_LAN_B = "192.168.1.20"
 A_PORT, B_PORT = 5000, 6000
 EP_A, EP_B = b"ep-a-udp", b"ep-b-udp"
 
@@ -181,9 +182,10 @@ class World:
 
 def make_world(nat_a: dict[str, Any] | None, nat_b: dict[str, Any] | None, *, seed: int = 1,
                settings: Settings | None = None, latency: float = 0.010, loss: float = 0.0,
-               cgnat_a: dict[str, Any] | None = None) -> World:
+               cgnat_a: dict[str, Any] | None = None, same_nat: bool = False) -> World:
     """``cgnat_a``: A's NAT (``nat_a``, a home NAT) sits behind a carrier-grade NAT with these
-    parameters, whose WAN address is then A_WAN."""
+    parameters, whose WAN address is then A_WAN. ``same_nat``: B is on A's LAN (SAME_LAN_B),
+    behind A's NAT (``nat_b`` unused)."""
     net = Network(seed=seed, latency=latency, loss=loss)
     relay = RelayHost(net.add_host("relay", SERVER_IP), seed=seed)
     s = settings or Settings()
@@ -195,9 +197,12 @@ def make_world(nat_a: dict[str, Any] | None, nat_b: dict[str, Any] | None, *, se
                                      **nat_a)
     else:
         na = net.add_nat("nat-a", A_WAN, "192.168.1.0/24", **nat_a) if nat_a is not None else None
-    nb = net.add_nat("nat-b", B_WAN, "192.168.2.0/24", **nat_b) if nat_b is not None else None
+    if same_nat:
+        nb = na
+    else:
+        nb = net.add_nat("nat-b", B_WAN, "192.168.2.0/24", **nat_b) if nat_b is not None else None
     ha = net.add_host("a", A_IP, behind=na)
-    hb = net.add_host("b", B_IP, behind=nb)
+    hb = net.add_host("b", SAME_LAN_B if same_nat else B_IP, behind=nb)
     a = UdpEndpointHost(ha, A_PORT, "a.test", keys()["a.test"], s, key_lookup=lookup,
                         accept_from="b.test", seed=31)
     b = UdpEndpointHost(hb, B_PORT, "b.test", keys()["b.test"], s, key_lookup=lookup, seed=32)
@@ -461,6 +466,15 @@ def s10a_stale_mapping_random_ports() -> Outcome:
 @scenario("10b")
 def s10b_stale_mapping_preserved_port() -> Outcome:
     return _stale(PRESERVE)
+
+
+@scenario("11")
+def s11_same_nat() -> Outcome:
+    # both behind one NAT that does not hairpin: only the local candidates can work
+    w = make_world(CONE, None, same_nat=True)
+    w.probe()
+    w.punch()
+    return conclude(w, "11 both behind one NAT (no hairpinning)")
 
 
 # -- assertions ---------------------------------------------------------------------------------
@@ -758,6 +772,19 @@ def test_7b_without_keepalives_the_mapping_expires() -> None:
     # nothing left A for B during the silence
     assert not [e for e in w.net.trace if e[1] == "a" and e[2] == "-> nat-a"
                 and o.extra["t0"] - 119.0 < e[0] <= o.extra["t0"]]
+
+
+def test_11_same_nat_punches_over_the_lan() -> None:
+    o = s11_same_nat()
+    w = o.world
+    assert o.row.punched and o.row.delivered
+    # the public candidates need hairpinning, which this NAT does not do; the LAN ones answer
+    assert w.pa.path == (SAME_LAN_B, B_PORT) and w.pb.path == (A_IP, A_PORT)
+    assert _drops(w, "nat-a", "hairpin", 0x52)
+    (got,) = w.b.received
+    assert got.data == PAYLOAD and got.addr == (A_IP, A_PORT) and got.peer_id == "a.test"
+    # even the low-TTL ping gets there: a LAN is switched, not routed
+    assert o.row.first_message is not None and o.row.first_message < 0.2
 
 
 def test_8_rebinding_roams_the_session() -> None:
