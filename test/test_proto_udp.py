@@ -10,12 +10,13 @@ import pytest
 from conftest import rsa_key
 from p2psc._proto import rsakeys as keys
 from p2psc.config import Settings
-from p2psc.p2pexcept import ChannelNotReady, ConfigError, HandshakeTimeout, MessageTooLarge
+from p2psc.p2pexcept import (ChannelNotReady, ConfigError, ConnectionLost, HandshakeTimeout,
+                             MessageTooLarge)
 from p2psc._proto.replay import ReplayWindow
 from p2psc._proto.events import Closed, HandshakeComplete, HandshakeFailed, PeerKeyNeeded
 from p2psc._proto.ratelimit import InitRateLimiter, TokenBucket
-from p2psc._proto.udp_wire import (HEADER_LEN, T_DATA, T_FINISHED, T_INIT, T_KEEPALIVE, T_RESP,
-                                    max_payload_limit)
+from p2psc._proto.udp_wire import (HDR, HEADER_LEN, T_CLOSE, T_DATA, T_FINISHED, T_INIT,
+                                    T_KEEPALIVE, T_RESP, max_payload_limit)
 from udp_util import Endpoint as UdpEndpoint
 
 A_ADDR = ("10.0.0.1", 40000)
@@ -322,15 +323,15 @@ def test_rekey_after_time(monkeypatch: pytest.MonkeyPatch) -> None:
     net = Net(monkeypatch, rekey_after_time=30.0)
     net.established()
     old = net.a.session_for_peer("b.test")
-    net.tick(31.0)
+    net.tick(31.0)   # (a keepalive is due at 25 s: sent now, before the rekey's INIT)
     assert net.to_b([send_a(net, b"x")]) == [b"x"]
-    assert [d[0] for d in net.a_out()] == [T_INIT]
+    assert [d[0] for d in net.a_out()] == [T_KEEPALIVE, T_INIT]
 
 
 def test_simultaneous_rekeys_are_not_new_peers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Both ends start a rekey before either INIT arrives (the responder's later deadline
     passed too, e.g. under load): each side hears of rekeys only, never of a new peer."""
-    net = Net(monkeypatch, rekey_after_time=30.0)
+    net = Net(monkeypatch, rekey_after_time=30.0, udp_keepalive_interval=0)  # (INITs counted)
     net.established()
     net.tick(34.0)  # past the initiator's deadline (30 s) and the responder's (33 s)
     in_flight = [send_a(net, b"from a")]
@@ -439,6 +440,240 @@ def test_roaming(monkeypatch: pytest.MonkeyPatch) -> None:
     bad[-1] ^= 1
     assert net.b.receive(bytes(bad), ("10.6.6.6", 1), net.now) is None
     assert net.b.session_for_addr(new_addr) is not None
+
+
+# -- keepalives ------------------------------------------------------------------------------
+
+
+def kinds(out: list[tuple[bytes, Any]]) -> list[int]:
+    return [d[0] for d, _ in out]
+
+
+def test_keepalive_after_exactly_the_interval_of_silence_and_never_answered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(monkeypatch)  # the default interval: 25 s
+    net.established()
+    a, b, t0 = net.a, net.b, net.now
+    sa, sb = a.session_for_peer("b.test"), b.session_for_peer("a.test")
+    assert sa is not None and sb is not None and sa.remote_index == sb.index
+    for ep in (a, b):
+        ep.handle_timer(t0 + 15.0)          # the handshake's own timers have all run
+        assert ep.datagrams_to_send() == []
+        assert ep.get_timer() == t0 + 25.0  # the next deadline is the keepalive
+        ep.handle_timer(t0 + 24.999)
+        assert ep.datagrams_to_send() == [] and ep.get_timer() == t0 + 25.0
+        ep.handle_timer(t0 + 25.0)
+        assert ep.get_timer() == t0 + 50.0
+    [(ka_a, to)] = a.datagrams_to_send()
+    assert to == B_ADDR
+    [(ka_b, to)] = b.datagrams_to_send()
+    assert to == A_ADDR
+    # sealed like the KEEPALIVE that answers FINISHED: the next counter (FINISHED, or that
+    # answer, took 0), an empty payload
+    assert HDR.unpack_from(ka_a) == (T_KEEPALIVE, sb.index, 1) and len(ka_a) == HEADER_LEN + 16
+    assert HDR.unpack_from(ka_b) == (T_KEEPALIVE, sa.index, 1) and len(ka_b) == HEADER_LEN + 16
+    # received: nothing for the application, no event, no answer; the peer is alive
+    now = t0 + 25.0
+    assert b.ep.receive(ka_a, A_ADDR, now) == [] and b.datagrams_to_send() == []
+    assert a.ep.receive(ka_b, B_ADDR, now) == [] and a.datagrams_to_send() == []
+    assert sa.last_recv == sb.last_recv == now
+    assert a.take_events() == [] and b.take_events() == []
+    # a replayed keepalive is dropped like any replayed datagram
+    assert b.ep.receive(ka_a, A_ADDR, now + 1) == [] and sb.last_recv == now
+
+
+def test_sending_pushes_the_keepalive_back_receiving_does_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(monkeypatch)
+    net.established()
+    a, b, t0 = net.a, net.b, net.now
+    a.handle_timer(t0 + 15.0)
+    b.handle_timer(t0 + 15.0)
+    assert a.get_timer() == b.get_timer() == t0 + 25.0 and not a.timer_dirty
+    heap = len(a._timers)
+    net.now = t0 + 10.0
+    for i in range(100):                    # the per-datagram path: a float stored, no timer
+        assert b.receive(send_a(net, b"m%d" % i), A_ADDR, net.now) == b"m%d" % i
+    assert len(a._timers) == heap and not a.timer_dirty
+    reply = b.send_to_addr(A_ADDR, b"reply", t0 + 20.0)
+    assert a.receive(reply[0], B_ADDR, t0 + 20.0) == b"reply"
+    for ep in (a, b):
+        ep.handle_timer(t0 + 25.0)          # a sent 15 s ago, b 5 s ago: no keepalive
+        assert ep.datagrams_to_send() == []
+    assert a.get_timer() == t0 + 35.0 and b.get_timer() == t0 + 45.0
+    a.handle_timer(t0 + 34.999)
+    assert a.datagrams_to_send() == []
+    a.handle_timer(t0 + 35.0)
+    assert kinds(a.datagrams_to_send()) == [T_KEEPALIVE]
+    b.handle_timer(t0 + 44.999)
+    assert b.datagrams_to_send() == []      # a's data and keepalive were received, not sent
+    b.handle_timer(t0 + 45.0)
+    assert kinds(b.datagrams_to_send()) == [T_KEEPALIVE]
+
+
+def test_finished_and_its_answer_count_as_sending(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FINISHED resent after the session is established (the initiator) and the KEEPALIVE
+    that answers it (the responder) are datagrams to the peer: each pushes the keepalive back."""
+    net = Net(monkeypatch)
+    a, b, t0 = net.a, net.b, net.now
+    net.connect()
+    net.to_b(net.a_out())
+    net.to_a(net.b_out())
+    assert kinds(a.datagrams_to_send()) == [T_FINISHED]  # lost
+    assert net.to_b([send_a(net, b"x")]) == [b"x"]      # b is established by the data
+    for t in (1.0, 3.0, 7.0):               # a resends FINISHED; b answers each, the last
+        net.now = t0 + t                    # answer arrives
+        a.handle_timer(net.now)
+        assert b.ep.receive(a.datagrams_to_send()[0][0], A_ADDR, net.now) == []
+        answer = b.datagrams_to_send()
+        assert kinds(answer) == [T_KEEPALIVE]
+    net.to_a(answer)
+    for ep in (a, b):
+        ep.handle_timer(t0 + 31.999)
+        assert ep.datagrams_to_send() == [] and ep.get_timer() == t0 + 32.0
+        ep.handle_timer(t0 + 32.0)
+        assert kinds(ep.datagrams_to_send()) == [T_KEEPALIVE]
+
+
+def test_the_first_keepalive_is_one_interval_after_the_handshake(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not one interval after INIT or RESP went: the handshake took 4 s here."""
+    # (no FINISHED resent; b keeps its half-open session for 60 s)
+    net = Net(monkeypatch, udp_handshake_retry=100.0, udp_handshake_timeout=60.0)
+    a, b, t0 = net.a, net.b, net.now
+    net.connect()
+    b.ep.receive(net.a_out()[0], A_ADDR, t0 + 1.0)      # b's session is made at t0 + 1
+    (resp, _), = net.b_out()
+    a.ep.receive(resp, B_ADDR, t0 + 2.0)                # a's is established at t0 + 2
+    fin = net.a_out()                                   # FINISHED lost
+    a.handle_timer(t0 + 26.999)
+    assert a.datagrams_to_send() == []
+    a.handle_timer(t0 + 27.0)
+    [(ka, _)] = a.datagrams_to_send()
+    # a's keepalive is the first datagram that authenticates at b: it establishes b's session
+    assert b.ep.receive(ka, A_ADDR, t0 + 28.0) == [HandshakeComplete("a.test", A_ADDR, False)]
+    assert b.datagrams_to_send() == []
+    b.handle_timer(t0 + 52.999)
+    assert b.datagrams_to_send() == []
+    b.handle_timer(t0 + 53.0)
+    assert kinds(b.datagrams_to_send()) == [T_KEEPALIVE]
+    assert fin and b.ep.receive(fin[0], A_ADDR, t0 + 54.0) == []   # late FINISHED: answered
+    assert kinds(b.datagrams_to_send()) == [T_KEEPALIVE]
+
+
+def test_keepalive_interval_zero_sends_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2psc._proto.udp import _K_KEEPALIVE
+    net = Net(monkeypatch, udp_keepalive_interval=0, udp_session_idle_timeout=1000.0)
+    net.established()
+    a, b, t0 = net.a, net.b, net.now
+    for ep in (a, b):
+        ep.handle_timer(t0 + 15.0)
+        assert all(kind != _K_KEEPALIVE for _, _, kind, _ in ep._timers)
+    assert a.get_timer() == t0 + 600.0      # the rekey deadline (the initiator's)
+    assert b.get_timer() == t0 + 660.0
+    for ep in (a, b):
+        ep.handle_timer(t0 + 599.0)
+        assert ep.datagrams_to_send() == []
+
+
+def test_keepalives_hold_live_peers_and_a_silent_peer_still_expires(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(monkeypatch, udp_keepalive_interval=10.0, udp_session_idle_timeout=30.0)
+    net.established()
+    a, b = net.a, net.b
+    sa, sb = a.session_for_peer("b.test"), b.session_for_peer("a.test")
+    sent = {"a": 0, "b": 0}
+    for _ in range(60):                     # 300 s, ten idle timeouts, the applications silent
+        net.tick(5.0)
+        out_a, out_b = a.datagrams_to_send(), b.datagrams_to_send()
+        assert set(kinds(out_a) + kinds(out_b)) <= {T_KEEPALIVE}
+        sent["a"] += len(out_a)
+        sent["b"] += len(out_b)
+        assert net.to_b([d for d, _ in out_a]) == [] and net.to_a(out_b) == []
+    assert sent == {"a": 30, "b": 30}       # one every 10 s each: none answers another
+    assert a.take_events() == [] and b.take_events() == []
+    assert a.session_for_peer("b.test") is sa and b.session_for_peer("a.test") is sb
+    # b goes away: a goes on sending its keepalives, which do not count as received
+    last = net.now
+    assert sa.last_recv == last
+    for t in (10.0, 20.0, 29.999):
+        a.handle_timer(last + t)
+        assert a.take_events() == []
+    assert kinds(a.datagrams_to_send()) == [T_KEEPALIVE, T_KEEPALIVE]
+    a.handle_timer(last + 30.0)
+    [ev] = a.take_events()
+    assert type(ev) is Closed and ev.peer_id == "b.test" and type(ev.error) is ConnectionLost
+    assert a.sessions == {}
+
+
+def test_keepalive_roams_on_the_newest_counter_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(monkeypatch, udp_keepalive_interval=10.0)
+    net.established()
+    a, b, t0 = net.a, net.b, net.now
+    sb = b.session_for_peer("a.test")
+    a.handle_timer(t0 + 10.0)
+    [(ka1, _)] = a.datagrams_to_send()
+    a.handle_timer(t0 + 20.0)
+    [(ka2, _)] = a.datagrams_to_send()
+    new, other = ("10.0.0.99", 5555), ("10.0.0.77", 7777)
+    now = t0 + 20.0
+    assert b.ep.receive(ka2, new, now) == []   # the newest: the session moves there
+    assert b.session_for_addr(new) is sb and b.session_for_addr(A_ADDR) is None
+    assert b.peer_at(new) == "a.test"
+    # an older keepalive (delayed, or relayed from elsewhere): accepted, moves nothing
+    assert b.ep.receive(ka1, other, now) == [] and b.peer_at(other) is None
+    assert b.ep.receive(ka2, other, now) == []  # (a replay: dropped)
+    assert b.session_for_addr(new) is sb and b.datagrams_to_send() == []
+    _, to = b.send("a.test", b"reply", now)  # type: ignore[misc]
+    assert to == new
+    b.handle_timer(now + 10.0)              # b's own keepalive goes to the new address too
+    assert [(d[0], to) for d, to in b.datagrams_to_send()] == [(T_KEEPALIVE, new)]
+
+
+def test_no_keepalive_while_handshaking(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(monkeypatch, udp_keepalive_interval=10.0, udp_handshake_retry=50.0,
+              udp_handshake_timeout=100.0)
+    a, b, t0 = net.a, net.b, net.now
+    net.connect()
+    net.to_b(net.a_out())
+    assert kinds(net.b_out()) == [T_RESP]   # lost: a sent INIT, b sent RESP, neither is done
+    for t in (10.0, 20.0, 30.0, 40.0):
+        for ep in (a, b):
+            ep.handle_timer(t0 + t)
+            assert ep.datagrams_to_send() == []
+    assert a.get_timer() == t0 + 50.0       # the INIT retransmission
+    assert b.get_timer() == t0 + 100.0      # the half-open session's end
+
+
+def test_no_keepalive_from_a_retired_or_closed_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(monkeypatch, udp_keepalive_interval=10.0, rekey_after_messages=3,
+              udp_rekey_grace=60.0)
+    net.established()
+    a, b, t0 = net.a, net.b, net.now
+    old_a, old_b = a.session_for_peer("b.test"), b.session_for_peer("a.test")
+    for i in range(3):                      # the third send starts a rekey
+        net.to_b([send_a(net, b"m%d" % i)])
+    net.pump()
+    assert a.take_events() == [HandshakeComplete("b.test", B_ADDR, True)]
+    assert b.take_events() == [HandshakeComplete("a.test", A_ADDR, True)]
+    new_a, new_b = a.session_for_peer("b.test"), b.session_for_peer("a.test")
+    assert new_a is not old_a and new_b is not old_b
+    assert old_a is not None and old_b is not None and old_a.retired and old_b.retired
+    assert old_a.index in a.sessions and old_b.index in b.sessions   # in their grace period
+    assert new_a is not None and new_b is not None
+    for ep, new in ((a, new_a), (b, new_b)):
+        ep.handle_timer(t0 + 10.0)          # one keepalive, on the new session only
+        [(ka, _)] = ep.datagrams_to_send()
+        assert HDR.unpack_from(ka)[:2] == (T_KEEPALIVE, new.remote_index)
+    a.close_all()                           # CLOSE on both sessions; b forgets them
+    closes = a.datagrams_to_send()
+    assert kinds(closes) == [T_CLOSE, T_CLOSE]
+    net.to_b([d for d, _ in closes])
+    assert b.take_events() == [Closed(None, "a.test", A_ADDR)] and b.sessions == {}
+    for t in (20.0, 30.0, 40.0):
+        a.handle_timer(t0 + t)
+        b.handle_timer(t0 + t)
+        assert a.datagrams_to_send() == [] and b.datagrams_to_send() == []
 
 
 # -- rate limits and unknown peers ----------------------------------------------------------

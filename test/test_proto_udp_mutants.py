@@ -464,7 +464,9 @@ def test_rekey_after_messages_exactly() -> None:
 
 
 def test_rekey_after_time_exactly_for_each_role() -> None:
-    a, b = client(rekey_after_time=100.0), server(rekey_after_time=100.0)
+    # (no keepalives: the datagrams counted here are the rekey's)
+    a = client(rekey_after_time=100.0, udp_keepalive_interval=0)
+    b = server(rekey_after_time=100.0, udp_keepalive_interval=0)
     handshake(a, b)
     a.handle_timer(T + 99.5)
     a.send("b.test", b"x", T + 99.5)
@@ -482,7 +484,7 @@ def test_rekey_after_time_exactly_for_each_role() -> None:
 
 
 def test_a_failed_rekey_is_reported_and_tried_again_on_the_next_send() -> None:
-    a, b = client(rekey_after_time=50.0), server()
+    a, b = client(rekey_after_time=50.0, udp_keepalive_interval=0), server()  # (INITs counted)
     handshake(a, b)
     a.handle_timer(T + 50.0)
     a.send("b.test", b"x", T + 50.0)
@@ -851,6 +853,30 @@ def test_idle_expiry_at_exactly_the_timeout() -> None:
     assert b.sessions == {}
 
 
+def test_idle_expiry_when_the_deadline_rounds_below_the_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """0.7 + 0.1 rounds to 0.7999999999999999, and 0.7999999999999999 - 0.7 < 0.1: the idle
+    timer rescheduled for last_recv + idle must find itself due at that very time (it used to
+    compare now - last_recv >= idle, reschedule for the same time and spin in handle_timer)."""
+    assert (0.7 + 0.1) - 0.7 < 0.1
+    a, b = client(now=0.65, udp_session_idle_timeout=0.1), server(now=0.65)
+    handshake(a, b, now=0.65)
+    schedule, calls = a._schedule, [0]
+
+    def bounded(*args: Any) -> None:   # fail, rather than hang, if it spins
+        calls[0] += 1
+        assert calls[0] < 100, "handle_timer reschedules the idle timer for a time already due"
+        schedule(*args)
+
+    monkeypatch.setattr(a, "_schedule", bounded)
+    d, _ = b.send("a.test", b"x", 0.7)  # type: ignore[misc]
+    assert a.receive(d, B, 0.7) == [DatagramReceived(b"x", "b.test", B)]
+    assert a.handle_timer(0.75) == []           # rescheduled for last_recv + idle
+    assert a.get_timer() == 0.7 + 0.1
+    [ev] = a.handle_timer(0.7 + 0.1)
+    assert type(ev) is Closed and a.sessions == {}
+
+
 def test_an_expired_session_reports_its_latest_address() -> None:
     a, b = client(udp_session_idle_timeout=30.0), server()
     handshake(a, b)
@@ -861,7 +887,9 @@ def test_an_expired_session_reports_its_latest_address() -> None:
 
 
 def test_a_rekey_by_time_that_could_not_start_is_tried_again_once_there_is_room() -> None:
-    a, b = client(rekey_after_time=50.0, udp_max_sessions=2), server()
+    # (no keepalives: the datagrams counted here are the handshakes')
+    a = client(rekey_after_time=50.0, udp_max_sessions=2, udp_keepalive_interval=0)
+    b = server()
     handshake(a, b)
     a.connect("c.test", pub("c.test"), ("10.0.0.3", 1), T + 45.0)  # never answered
     for t in (46.0, 48.0, 50.0):               # INIT to c resent; at T + 50 the rekey is due

@@ -14,11 +14,11 @@ from conftest import make_peer, rsa_key, run
 from p2psc import keys
 from p2psc._proto import ratelimit, rsakeys
 from p2psc.config import Settings
-from p2psc.p2pexcept import (ChannelNotReady, HandshakeTimeout, InvalidDataType, MessageTooLarge,
-                             MissRemoteAddr)
+from p2psc.p2pexcept import (ChannelNotReady, ConnectionLost, HandshakeTimeout, InvalidDataType,
+                             MessageTooLarge, MissRemoteAddr)
 from p2psc.p2phandler import P2PHandler
 from p2psc._proto.udp import UdpEndpoint
-from p2psc._proto.udp_wire import T_DATA, T_INIT
+from p2psc._proto.udp_wire import T_DATA, T_INIT, T_KEEPALIVE
 from udp_util import Collector, Echo, UdpRelay, fd_limit_at_least, raw_socket, udp_port
 
 FAST = {"udp_handshake_retry": 0.2, "udp_handshake_timeout": 3.0}
@@ -274,6 +274,51 @@ def test_rekey_by_time_keeps_the_flow(pair: Any) -> None:
         assert cproto.received == [b"recv:m%d" % i for i in range(n)]
         assert cproto.handshaked_calls == 1 and len(sproto.handshaked_peers) == 1
         assert cproto.endpoint.session_for_peer("server.test") is not first  # rekeyed
+        await client.close()
+        await server.close()
+
+    run(main(), timeout=20)
+
+
+@pytest.mark.parametrize("interval", [0.2, 0.0])
+def test_keepalives_hold_a_silent_session_open(pair: Any, interval: float) -> None:
+    """Both applications silent for 2.5 s, past a 1 s udp_session_idle_timeout. Keepalives
+    every 0.2 s (counted on a relay): one stream each way, none answering another, nothing
+    delivered, and the session lives on. Without them (0): nothing is sent, and it expires."""
+    server_dir, client_dir = pair
+    for d in pair:
+        d.update_conf(udp_keepalive_interval=interval, udp_session_idle_timeout=1.0)
+
+    async def main() -> None:
+        server, sproto = await start_server(server_dir)
+        relay = await UdpRelay(udp_port(server)).start()
+        client, cproto = await start_client(client_dir, server_dir, relay.port)
+        await asyncio.wait_for(cproto.wait_handshaked(), 10)
+        cproto.send(b"hello")
+        await asyncio.wait_for(cproto.expect(1), 5)
+        session = cproto.endpoint.session_for_peer("server.test")
+        start = {k: len(v) for k, v in relay.captured.items()}
+        await asyncio.sleep(2.5)
+        quiet = {k: [d[0] for d in v[start[k]:]] for k, v in relay.captured.items()}
+        if interval:
+            for direction in ("c2s", "s2c"):
+                # at most one per 0.2 s from each side (a ping-pong would be twice that)
+                assert set(quiet[direction]) == {T_KEEPALIVE}, quiet
+                assert 6 <= len(quiet[direction]) <= 13, quiet
+            assert sproto.closed_peers == []
+            assert cproto.endpoint.session_for_peer("server.test") is session
+            assert [d for d, _ in sproto.received] == [b"hello"]
+            assert cproto.received == [b"recv:hello"]
+            cproto.send(b"still there")
+            await asyncio.wait_for(cproto.expect(2), 5)
+            assert cproto.received == [b"recv:hello", b"recv:still there"]
+            assert cproto.handshaked_calls == 1 and len(sproto.handshaked_peers) == 1
+        else:
+            assert quiet == {"c2s": [], "s2c": []}
+            [(peer, error)] = sproto.closed_peers
+            assert peer == "client.test" and isinstance(error, ConnectionLost)
+            assert cproto.endpoint.session_for_peer("server.test") is None
+        relay.close()
         await client.close()
         await server.close()
 

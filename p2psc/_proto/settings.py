@@ -58,6 +58,9 @@ class Settings:
     udp_handshake_retry: float = 1.0
     udp_handshake_timeout: float = 15.0
     udp_session_idle_timeout: float = 180.0
+    #: an established session on which nothing was sent for this long sends an authenticated
+    #: KEEPALIVE datagram, to hold NAT mappings open and the peer's idle timer off (0: never)
+    udp_keepalive_interval: float = 25.0
     udp_rekey_grace: float = 10.0
     udp_max_sessions: int = 10000          # sessions (any state) one UDP socket holds at most
     udp_max_sessions_per_peer: int = 8     # ... and with any one peer

@@ -1,5 +1,5 @@
 """UDP sessions, sans-IO: sessions by index, replay windows, timers, handshake
-retransmission, rekeying, roaming, idle expiry (the datagram formats are in
+retransmission, rekeying, roaming, keepalives, idle expiry (the datagram formats are in
 :mod:`p2psc._proto.udp_wire`, the INIT rate limits in :mod:`p2psc._proto.ratelimit`).
 
 :class:`UdpEndpoint` is everything one UDP socket needs, with no socket and no asyncio: feed
@@ -124,6 +124,7 @@ class Session:
         "index",
         "init_dgram",
         "last_recv",
+        "last_send",
         "needs_rekey",
         "peer_id",
         "peer_key",
@@ -158,6 +159,7 @@ class Session:
         self.window = ReplayWindow(_REPLAY_WINDOW)
         self.confirmed = False      # an authenticated datagram came from the peer
         self.last_recv = now
+        self.last_send = now        # anything sealed and sent on it (keepalives)
         self.started = now
         self.tries = 0
         self.needs_rekey = False
@@ -176,7 +178,7 @@ class Session:
 
 
 # timer kinds
-_K_INIT, _K_FINISHED, _K_HALFOPEN, _K_IDLE, _K_REKEY, _K_GRACE = range(6)
+_K_INIT, _K_FINISHED, _K_HALFOPEN, _K_IDLE, _K_REKEY, _K_GRACE, _K_KEEPALIVE = range(7)
 
 
 class UdpEndpoint:
@@ -256,7 +258,11 @@ class UdpEndpoint:
         else:
             heapq.heappush(timers, (when, next(self._seq), kind, s))
             self.timer_dirty = True
-        if len(timers) > 4 * len(self.sessions) + 64:  # drop entries of removed sessions
+        # drop entries of removed sessions. A live session has up to 5 (an initiator just
+        # established: INIT, FINISHED, idle, rekey, keepalive; then idle and keepalive, and
+        # rekey until it fires), so the bound leaves room and a compaction that finds most
+        # entries live is not repeated on every push.
+        if len(timers) > 6 * len(self.sessions) + 64:
             # in place: handle_timer may be popping from this very list (a timer that
             # reschedules itself); a new list would leave it running due entries from the old
             # one while the new one keeps copies of them, so they would run twice
@@ -544,6 +550,9 @@ class UdpEndpoint:
         self._claim_addr(s)
         settings = self.settings
         self._schedule(now + settings.udp_session_idle_timeout, _K_IDLE, s)
+        # (one interval from now: INIT or RESP, sent before, do not bring the first one forward)
+        if settings.udp_keepalive_interval > 0:
+            self._schedule(now + settings.udp_keepalive_interval, _K_KEEPALIVE, s)
         # the responder rekeys by time only if the initiator did not
         factor = 1.0 if s.role is Role.INITIATOR else 1.1
         self._schedule(now + settings.rekey_after_time * factor, _K_REKEY, s)
@@ -706,7 +715,9 @@ class UdpEndpoint:
         if addr != s.addr:
             self._roam(s, addr, newest)
         if t == T_FINISHED:
+            # (only FINISHED is answered: a KEEPALIVE is never, or two peers would ping-pong)
             self.out.append((self._seal(s, T_KEEPALIVE, b""), s.addr))
+            s.last_send = now
         elif t == T_CLOSE:
             was_latest = self.latest.get(s.peer_id) is s
             self._remove(s)
@@ -740,6 +751,7 @@ class UdpEndpoint:
             return None
         if s.needs_rekey or s.send_ctr >= self._rekey_messages:
             self._maybe_rekey(s, now)
+        s.last_send = now  # (the keepalive timer reads it when it fires: no heap push here)
         return self._seal(s, T_DATA, data), s.addr
 
     def send_to_addr(self, addr: Any, data: bytes | bytearray | memoryview,
@@ -754,6 +766,7 @@ class UdpEndpoint:
             raise ChannelNotReady(f"no authenticated session with {addr}")
         if s.needs_rekey or s.send_ctr >= self._rekey_messages:
             self._maybe_rekey(s, now)
+        s.last_send = now
         return self._seal(s, T_DATA, data), s.addr
 
     def _queue(self, peer_id: str, data: bytes | bytearray | memoryview, now: float) -> None:
@@ -809,7 +822,8 @@ class UdpEndpoint:
 
     def handle_timer(self, now: float) -> list[Event]:
         """Run every timer due at ``now``: INIT and FINISHED retransmission, handshake
-        timeouts, rekey deadlines, grace periods and idle expiry. Returns the events."""
+        timeouts, rekey deadlines, grace periods, keepalives and idle expiry. Returns the
+        events."""
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, kind, s = heapq.heappop(timers)
@@ -826,16 +840,22 @@ class UdpEndpoint:
                     self._remove(s)
             elif kind == _K_IDLE:
                 idle = self.settings.udp_session_idle_timeout
-                if now - s.last_recv >= idle:
+                due = s.last_recv + idle
+                # (the deadline compared as it is scheduled: with `now - last_recv >= idle`,
+                # rounding could find it not due at the very time it is rescheduled for, and
+                # this loop would pop it again forever)
+                if due <= now:
                     self._expire(s, ConnectionLost(f"nothing received from {s.peer_id} for "
                                                    f"{idle:g} s (udp_session_idle_timeout)"))
                 else:
-                    self._schedule(s.last_recv + idle, _K_IDLE, s)
+                    self._schedule(due, _K_IDLE, s)
             elif kind == _K_REKEY:
                 s.needs_rekey = True
             elif kind == _K_GRACE:
                 log.debug("session %08x with %s: grace period over", s.index, s.peer_id)
                 self._remove(s)
+            elif kind == _K_KEEPALIVE:
+                self._timer_keepalive(s, now)
         self.timer_dirty = True
         return self._take_events()
 
@@ -876,7 +896,23 @@ class UdpEndpoint:
             return
         s.tries += 1
         self.out.append((self._seal(s, T_FINISHED, s.result.finished_mac()), s.addr))
+        s.last_send = now
         self._schedule(now + settings.udp_handshake_retry * (2 ** s.tries), _K_FINISHED, s)
+
+    def _timer_keepalive(self, s: Session, now: float) -> None:
+        """One KEEPALIVE if nothing was sent on ``s`` for ``udp_keepalive_interval`` (sends
+        only store ``last_send``; this timer reschedules itself from it, one heap entry per
+        session; only an established session starts it). A retired session sends none, and
+        its timer ends."""
+        if s.retired:
+            return
+        interval = self.settings.udp_keepalive_interval
+        due = s.last_send + interval   # (the deadline as scheduled: no float drift)
+        if due <= now:
+            self.out.append((self._seal(s, T_KEEPALIVE, b""), s.addr))
+            s.last_send = now
+            due = now + interval
+        self._schedule(due, _K_KEEPALIVE, s)
 
     def _expire(self, s: Session, err: P2PError) -> None:
         was_latest = self.latest.get(s.peer_id) is s

@@ -6,7 +6,8 @@ Datagrams (integers big-endian)::
     RESP      u8 0x02 | u32 receiver index | RESP body   (ext = u32 sender index)
     FINISHED  u8 0x03 | u32 receiver index | u64 counter | AEAD(FINISHED MAC)
     DATA      u8 0x04 | u32 receiver index | u64 counter | AEAD(payload)
-    KEEPALIVE u8 0x05 | u32 receiver index | u64 counter | AEAD(empty)   (answers FINISHED)
+    KEEPALIVE u8 0x05 | u32 receiver index | u64 counter | AEAD(empty)   (answers FINISHED;
+                                                                        holds a quiet session)
     CLOSE     u8 0x06 | u32 receiver index | u64 counter | AEAD(empty)
 
 The AEAD's associated data is the 13-byte header; its nonce is the direction's IV XOR the
