@@ -1046,6 +1046,10 @@ class NatPeer:
                                      seed=self.seed)
         elif isinstance(f, wire.Punch):
             self.punch_frame = f
+            # as NatAgent.find_udp_path: no punch without a mapping of our own or candidates
+            # of theirs (a relay-only PUNCH); the frame still names their endpoint
+            if not f.candidates or self.probe is None or self.probe.mapping is None:
+                return
             self.punch = PuncherDriver(self.udp, f.punch_id, f.candidates, seed=self.seed + 1,
                                        **self.punch_kw)
         elif isinstance(f, wire.RelayedDgram):

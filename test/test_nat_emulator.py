@@ -339,18 +339,20 @@ def s6_udp_blocked() -> Outcome:
     w = make_world(dict(CONE, block_udp=True), CONE)
     w.probe()   # A's PROBEs are never answered: A knows it has no UDP path
     pa, pb = w.peers["a"], w.peers["b"]
-    # the rendezvous refuses to CONNECT an endpoint it never saw a PROBE from, in either
-    # direction: no PUNCH, so nobody learns the other's endpoint id from the rendezvous
+    # with no mapping of A's there is nothing to punch: the rendezvous answers A's CONNECT
+    # with a relay-only PUNCH (B's endpoint id, B's candidates) and tells B nothing; B's
+    # CONNECT toward A likewise gets a PUNCH without candidates
     pa.connect("b.test")
     pb.connect("a.test")
     w.net.run_for(1.0)
     errors = ([(e.code, e.text) for e in pa.errors], [(e.code, e.text) for e in pb.errors])
-    # relayed anyway, A naming B's endpoint id (its HELLO's), which it has to know out of band
+    assert pa.punch_frame is not None and pb.punch_frame is not None
     w.t_punch = w.net.now
-    ok = w.handshake_and_send(PAYLOAD, via=wire.RelayAddress("b.test", EP_B))
-    return Outcome(w, row(w, "6 UDP blocked on A", False,
-                          "relayed (B's endpoint id known out of band)", ok,
-                          first_message(w) if ok else None), dict(errors=errors))
+    ok = w.handshake_and_send(PAYLOAD, via=wire.RelayAddress(
+        "b.test", pa.punch_frame.peer_endpoint))
+    return Outcome(w, row(w, "6 UDP blocked on A", False, "relayed", ok,
+                          first_message(w) if ok else None),
+                   dict(errors=errors, frames=(pa.punch_frame, pb.punch_frame)))
 
 
 HAS_UDP_KEEPALIVE = hasattr(Settings(), "udp_keepalive_interval")
@@ -671,10 +673,12 @@ def test_6_udp_blocked_on_a() -> None:
     assert pa.no_udp and pa.mapping is None and pa.sent == 6  # 3 tries x 2 relay ports
     assert w.probes["b"].mapping == (B_WAN, B_PORT)
     assert w.relay.rv.mappings("a.test") == {} and w.relay.rv.counters["probes_answered"] == 2
-    assert len(_drops(w, "nat-a", "UDP blocked")) == pa.sent
-    a_err, b_err = o.extra["errors"]
-    assert [c for c, _ in a_err] == [wire.E_NO_MAPPING] and "your endpoint" in a_err[0][1]
-    assert [c for c, _ in b_err] == [wire.E_NO_MAPPING] and "target's endpoint" in b_err[0][1]
+    assert len(_drops(w, "nat-a", "UDP blocked")) == pa.sent  # no pings tried
+    assert o.extra["errors"] == ([], [])
+    to_a, to_b = o.extra["frames"]
+    assert to_a.peer_endpoint == EP_B and to_a.candidates[0] == (B_WAN, B_PORT)
+    assert to_b.candidates == ()
+    assert w.relay.rv.counters["relay_only"] == 2 and w.relay.rv.counters["punches"] == 0
     assert w.punchers == {}
     assert_relayed(o)
 
