@@ -3,12 +3,13 @@ in-process emulator) record; conftest prints them at the end of the run."""
 
 from __future__ import annotations
 
-ROWS: list[tuple[str, str, str, str, bool, str | None, float | None]] = []
+ROWS: list[tuple[str, str, str, str, bool | str, str | None, float | None]] = []
 
 
-def record(source: str, client_nat: str, server_nat: str, transport: str, ok: bool,
+def record(source: str, client_nat: str, server_nat: str, transport: str, ok: bool | str,
            path: str | None, first_ms: float | None) -> None:
-    """One cell: where it ran, the NATs, the transport, success, path, time to first message."""
+    """One cell: where it ran, the NATs, the transport, the result (True: "ok", False:
+    "FAILED", or a text), the path, and the time to the first echoed message."""
     ROWS.append((source, client_nat, server_nat, transport, ok, path, first_ms))
 
 
@@ -20,6 +21,7 @@ def table() -> str:
              "|---|---|---|---|---|---|---|"]
     for source, a, b, transport, ok, path, ms in ROWS:
         first = f"{ms:.0f} ms" if ms is not None else "-"
-        lines.append(f"| {source} | {a} | {b} | {transport} | {'ok' if ok else 'FAILED'} "
+        result = ok if isinstance(ok, str) else ("ok" if ok else "FAILED")
+        lines.append(f"| {source} | {a} | {b} | {transport} | {result} "
                      f"| {path or '-'} | {first} |")
     return "\n".join(lines)

@@ -41,7 +41,11 @@ its PING: nobody can use either for amplification.
 **A relayed circuit** is a new TCP connection to the relay's port that starts with
 ``b"P2RC" | u8 version | 32 B token`` instead of a p2psc record (whose first byte, the top
 of a u32 length, is 0); the relay answers one byte, 0, once both ends are joined, and from
-then on forwards the bytes both ways unchanged.
+then on forwards the bytes both ways unchanged. A refused token (unknown, used, expired) is a
+close without an answer. Bytes sent after the preamble but before the 0 are held (at most
+64 KiB, then reading pauses) and forwarded at the join.
+
+The UDP ports in WELCOME are on the relay's own address (the one the control link reached).
 """
 
 from __future__ import annotations
@@ -299,6 +303,7 @@ def encode(frame: Frame) -> bytes:
     if t is Error:
         assert isinstance(frame, Error)
         text = frame.text.encode("utf-8")[:MAX_ERROR_TEXT]
+        text = text.decode("utf-8", "ignore").encode("utf-8")  # not cut inside a character
         return bytes((R_ERROR,)) + _U32.pack(frame.request) + bytes((frame.code,)) + text
     raise TypeError(f"not a frame: {frame!r}")
 
@@ -460,9 +465,9 @@ class PunchPong:
 
 
 def encode_probe(token: bytes, endpoint: bytes, txid: bytes) -> bytes:
-    body = bytes((U_PROBE,)) + token + _ep(endpoint) + txid
     if len(token) != TOKEN_LEN or len(txid) != 8:
         raise ValueError("bad probe token or txid length")
+    body = bytes((U_PROBE,)) + token + _ep(endpoint) + txid
     return body + bytes(PROBE_SIZE - len(body))
 
 
