@@ -252,6 +252,22 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         if ep.timer_dirty:
             self._rearm_timer()
 
+    def last_heard(self, peer_id: str) -> float | None:
+        """The loop time of the last authenticated datagram from ``peer_id`` (None without an
+        established session)."""
+        return self._ep.last_heard(peer_id) if self._ep is not None else None
+
+    def move_peer(self, peer_id: str, addr: Any) -> bool:
+        """Send to ``peer_id`` at ``addr`` from now on (a path NAT traversal chose); its side
+        follows on the keepalive sent at once. False if nothing moved (see
+        :meth:`~p2psc._proto.udp.UdpEndpoint.move_peer`)."""
+        ep, loop = self._ep, self._loop
+        if ep is None or loop is None or self._closed:
+            return False
+        moved = ep.move_peer(peer_id, addr, loop.time())
+        self._after([])
+        return moved
+
     def start_handshake(self, addr: Any, public_key: Any) -> None:
         """A client made without a target: handshake with its peer at ``addr`` now (the path
         NAT traversal found)."""

@@ -172,6 +172,7 @@ class UdpService:
             path, where = await self._nat.find_udp_path(protocol, peer_id, direct)
             protocol.path = path
             protocol.start_handshake(where, key)
+            self._nat.supervise(protocol)
         except BaseException:
             protocol.stop()
             raise

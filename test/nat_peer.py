@@ -110,6 +110,7 @@ async def client(kind: str, workdir: str, peer_id: str, count: int, hold: float)
                 result["after_hold"] = data == payload(count)
             except asyncio.TimeoutError:
                 result["after_hold"] = False
+            result["path_end"] = proto.path
         result["ok"] = echoed == count and result.get("after_hold", True) is True
     except Exception as exc:  # reported, not raised: the test reads the JSON line
         result["error"] = f"{type(exc).__name__}: {exc}"

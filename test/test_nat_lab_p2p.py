@@ -109,6 +109,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         lab.add_site("g", "cone", udp_timeout=3)  # servers behind a NAT that forgets fast
         lab.add_site("k", "cone")          # a client whose NAT will rebind its port
         lab.add_public_host("pubsrv")      # a server on a public address (no NAT)
+        lab.add_site("d", "cone")          # a client whose punched path will go dead
+        lab.add_site("u", "udp_blocked")   # a client whose network lets UDP out later
         w.peer("relay.lab", "srv", RELAY_PORT)
         w.peer("sa-udp", "hosta", 40001)
         w.peer("sa-tcp", "hosta", 40002)
@@ -116,6 +118,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w.peer("sg-ka", "hostg", 40001, udp_keepalive_interval=1.0)
         w.peer("sg-noka", "hostg", 40002, udp_keepalive_interval=0)
         w.peer("sp-udp", "pubsrv", 40001)
+        w.peer("sa-ka", "hosta", 40003, udp_keepalive_interval=1.0)
+        w.peer("cd", "hostd", udp_keepalive_interval=1.0, nat_path_timeout=3.0,
+               nat_upgrade_interval=0)
+        w.peer("cu", "hostu", nat_upgrade_interval=2.0)
         w.peer("cb", "hostb")
         w.peer("cb-ka", "hostb", udp_keepalive_interval=1.0)
         w.peer("cb-noka", "hostb", udp_keepalive_interval=0)
@@ -129,7 +135,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert readline(relay, 20), "the relay did not start"
         for peer_id, kind in (("sa-udp", "serve-udp"), ("sa-tcp", "serve-tcp"),
                               ("sc-udp", "serve-udp"), ("sg-ka", "serve-udp"),
-                              ("sg-noka", "serve-udp"), ("sp-udp", "serve-udp")):
+                              ("sg-noka", "serve-udp"), ("sp-udp", "serve-udp"),
+                              ("sa-ka", "serve-udp")):
             proc = w.start(w.where[peer_id][0], PEER, kind, str(w.peers[peer_id].workdir),
                            log=peer_id)
             assert json.loads(readline(proc, 20)) == {"serving": kind, "attached": True}
@@ -223,3 +230,64 @@ def test_a_rebinding_nat_keeps_the_session(world: World) -> None:
     record("lab", "cone, rebinding mid-session", "none (public)", "udp",
            result.get("ok", False), result.get("path"), result.get("first_ms"))
     assert result["ok"] and result["after_hold"] is True, result
+
+
+def run_with_change(world: World, peer_id: str, target: str, hold: float,
+                    change: Any) -> dict[str, Any]:
+    """A client that echoes 3 messages, then is silent for ``hold`` seconds while ``change()``
+    alters the network, then sends one more; its final JSON line."""
+    ns = world.where[peer_id][0]
+    proc = world.start(ns, PEER, "udp", str(world.peers[peer_id].workdir), target, "3",
+                       str(hold), log=peer_id)
+    try:
+        progress = json.loads(readline(proc, 60))
+        assert progress.get("echoed") == 3, (progress, proc.log_path.read_text()[-3000:])  # type: ignore[attr-defined]
+        change()
+        line = readline(proc, 60)
+    finally:
+        world.lab.stop(proc)
+    result: dict[str, Any] = json.loads(line)
+    result["stderr"] = proc.log_path.read_text()[-3000:]  # type: ignore[attr-defined]
+    return result
+
+
+def test_a_punched_path_that_dies_falls_back_to_the_relay(world: World) -> None:
+    """UDP between the two sites stops getting through (the relay's TCP still does): after
+    nat_path_timeout (3 s here) without an authenticated datagram, the client moves the
+    session to the relay, the server follows, and the next message arrives, once."""
+    server_wan = world.lab.addr("nata")
+
+    def cut() -> None:
+        for direction in ("daddr", "saddr"):
+            world.lab.run("natd", ["nft", "insert", "rule", "ip", "filter", "forward", "ip",
+                                   direction, server_wan, "meta", "l4proto", "udp", "drop"])
+
+    result = run_with_change(world, "cd", "sa-ka", 8.0, cut)
+    record("lab", "cone, its UDP to the server cut mid-session", "cone", "udp",
+           result.get("ok", False), f"{result.get('path')} -> {result.get('path_end')}",
+           result.get("first_ms"))
+    assert result["path"] == "punched" and result["ok"] and result["after_hold"] is True, result
+    assert result["path_end"] == "relayed", result
+    assert "relaying" in result["stderr"]
+
+
+def test_a_relayed_session_moves_to_a_punched_path_when_udp_opens(world: World) -> None:
+    """The client's network blocks UDP, so it starts relayed over TCP; UDP is let out
+    mid-session; within nat_upgrade_interval (2 s here) it punches and moves the session,
+    keys and counters unchanged, and the next message arrives over the punched path."""
+    def open_udp() -> None:
+        listing = world.lab.run("natu", ["nft", "-a", "list", "chain", "ip", "filter",
+                                         "forward"]).stdout
+        handles = [line.rsplit("# handle", 1)[1].strip() for line in listing.splitlines()
+                   if "udp" in line and "drop" in line and "# handle" in line]
+        assert handles, listing
+        for h in handles:
+            world.lab.run("natu", ["nft", "delete", "rule", "ip", "filter", "forward",
+                                   "handle", h])
+
+    result = run_with_change(world, "cu", "sa-udp", 8.0, open_udp)
+    record("lab", "UDP blocked, then opened mid-session", "cone", "udp",
+           result.get("ok", False), f"{result.get('path')} -> {result.get('path_end')}",
+           result.get("first_ms"))
+    assert result["path"] == "relayed" and result["ok"] and result["after_hold"] is True, result
+    assert result["path_end"] == "punched", result

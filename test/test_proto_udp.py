@@ -888,3 +888,58 @@ def test_simultaneous_rekeys_keep_both_directions_after_the_grace_period(
         assert net.to_b([send_a(net, b"a to b")]) == [b"a to b"]
         r = net.b.send("a.test", b"b to a", net.now)
         assert r is not None and net.to_a([r]) == [b"b to a"]
+
+
+def test_move_peer_sends_there_and_the_peer_follows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This side chose another path (NAT traversal): its session sends there from now on,
+    with a keepalive at once, and the peer's session roams to where that keepalive came from."""
+    net = Net(monkeypatch)
+    net.established()
+    a, b = net.a, net.b
+    new_b = ("10.0.0.2", 20000)   # b over a punched path (b's public mapping)
+    new_a = ("10.0.0.9", 31000)   # where b sees a's datagrams come from on that path
+    heard = a.last_heard("b.test")
+    assert heard == net.now
+    assert a.move_peer("b.test", new_b, net.now + 1) is True
+    [(ka, to)] = a.datagrams_to_send()
+    assert ka[0] == T_KEEPALIVE and to == new_b
+    assert a.peer_at(new_b) == "b.test" and a.peer_at(B_ADDR) is None
+    _, to = a.send("b.test", b"next", net.now)  # type: ignore[misc]
+    assert to == new_b
+    assert b.ep.receive(ka, new_a, net.now) == []   # nothing for the application
+    assert b.peer_at(new_a) == "a.test"             # b follows: its newest datagram came there
+    _, back = b.send("a.test", b"reply", net.now)   # type: ignore[misc]
+    assert back == new_a
+    assert a.last_heard("b.test") == heard          # a keepalive of ours is not hearing
+    # back to the first address: allowed, it is still b's
+    assert a.move_peer("b.test", B_ADDR, net.now) is True
+    assert [to for _, to in a.datagrams_to_send()] == [B_ADDR]
+
+
+def test_move_peer_refuses_without_a_session_or_onto_another_peers_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(monkeypatch)
+    a = net.a
+    assert a.move_peer("b.test", ("10.0.0.3", 1), net.now) is False   # no session yet
+    assert a.last_heard("b.test") is None
+    net.connect()
+    assert a.move_peer("b.test", ("10.0.0.3", 1), net.now) is False   # still handshaking
+    a.datagrams_to_send()
+    net.pump()
+    # b serves c.test too: c's address cannot be given to a's session with b, on b's side
+    kc = rsa_key("c.test")
+    net.pubs["c.test"] = kc.public_key()
+    c = UdpEndpoint("c.test", kc, Settings(), key_lookup=net.pubs.get, accept_from="b.test",
+                    now=net.now, wall_offset=WALL)
+    c_addr = ("10.0.0.3", 40000)
+    c.connect("b.test", net.pubs["b.test"], B_ADDR, net.now)
+    for _ in range(4):
+        for d, _ in c.datagrams_to_send():
+            net.b.receive(d, c_addr, net.now)
+        for d, to in net.b.datagrams_to_send():
+            if to == c_addr:
+                c.receive(d, B_ADDR, net.now)
+    assert net.b.peer_at(c_addr) == "c.test"
+    assert net.b.move_peer("a.test", c_addr, net.now) is False
+    assert net.b.datagrams_to_send() == [] and net.b.peer_at(c_addr) == "c.test"
+    assert net.b.move_peer("nobody", c_addr, net.now) is False

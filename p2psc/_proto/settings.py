@@ -83,6 +83,11 @@ class Settings:
     nat_probe_interval: float = 25.0
     #: connecting to the relay (TCP and handshake), and each request to it, at most
     nat_relay_timeout: float = 5.0
+    #: a UDP client's direct or punched path from which nothing authenticated came for this
+    #: long is given up for the relay (0: never)
+    nat_path_timeout: float = 60.0
+    #: a relayed UDP client tries to punch a direct path this often (0: never)
+    nat_upgrade_interval: float = 60.0
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any], where: str) -> Settings:

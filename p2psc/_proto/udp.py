@@ -333,6 +333,38 @@ class UdpEndpoint:
         s = self.by_addr.get(addr)
         return s.peer_id if s is not None else None
 
+    def last_heard(self, peer_id: str) -> float | None:
+        """When the latest established session with ``peer_id`` last received an
+        authenticated datagram (None without one)."""
+        s = self.latest.get(peer_id)
+        return s.last_recv if s is not None else None
+
+    def move_peer(self, peer_id: str, addr: Any, now: float) -> bool:
+        """This side chose another path to ``peer_id`` (NAT traversal: a punched path, or the
+        relay): its latest established session sends to ``addr`` from now on, starting with a
+        keepalive at once, which, being the newest authenticated datagram of the session,
+        moves the peer's side too. False (nothing changes) without such a session, or when
+        another peer's session holds ``addr``."""
+        s = self.latest.get(peer_id)
+        if s is None or s.state is not State.ESTABLISHED or s.retired or s.send_cipher is None:
+            return False
+        holder = self.by_addr.get(addr)
+        if holder is not None and holder is not s and holder.peer_id != peer_id:
+            return False
+        if addr != s.addr:
+            log.info("%s: this side moves the session %08x from %s to %s", peer_id, s.index,
+                     s.addr, addr)
+            if self.by_addr.get(s.addr) is s:
+                del self.by_addr[s.addr]
+            s.addr = addr
+            s.addr_verified = False
+            self.by_addr[addr] = s
+            if self.known.get(peer_id) is not None:
+                self.known[peer_id] = (self.known[peer_id][0], addr)
+        self.out.append((self._seal(s, T_KEEPALIVE, b""), addr))
+        s.last_send = now
+        return True
+
     # -- initiating -------------------------------------------------------------------------
 
     def connect(self, peer_id: str, public_key: rsa.RSAPublicKey, addr: Any, now: float) -> None:

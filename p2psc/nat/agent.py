@@ -144,6 +144,10 @@ class _EndpointTap:
         self.probes: dict[bytes, asyncio.Future[wire.Addr]] = {}
         self.punchers: dict[bytes, tuple[Puncher, asyncio.Event]] = {}
         self.mappings: list[Any] = [None, None]
+        # a client's peer, as find_udp_path learned it (for supervise)
+        self.peer_id: str | None = None
+        self.peer_endpoint: bytes | None = None
+        self.direct: Any = None
 
     # NatTap
     def nat_datagram(self, data: bytes, addr: Any) -> None:
@@ -475,6 +479,7 @@ class NatAgent:
         ``nat_punch_timeout``, the relay. A peer the relay does not know is tried at its
         direct address, as without NAT traversal."""
         tap = self._tap(proto)
+        tap.peer_id, tap.direct = peer_id, direct
         try:
             await self.ensure_link()
         except RelayError as exc:
@@ -493,6 +498,7 @@ class NatAgent:
                      peer_id, exc)
             return "direct", direct
         assert isinstance(punch, wire.Punch)
+        tap.peer_endpoint = punch.peer_endpoint
         if mapped is not None and punch.candidates and self.settings.nat_punch:
             extra = [direct] if direct is not None else []
             path = await tap.punch(punch, extra)
@@ -501,6 +507,67 @@ class NatAgent:
         elif mapped is None:
             log.info("%s: no UDP answer from the relay: UDP seems blocked; relaying", self.myid)
         return "relayed", wire.RelayAddress(peer_id, punch.peer_endpoint)
+
+    def supervise(self, proto: UdpP2P) -> None:
+        """Watch the path of a client that :meth:`find_udp_path` placed: a direct or punched
+        path from which nothing authenticated came for ``nat_path_timeout`` is given up for
+        the relay, and a relayed session tries to punch every ``nat_upgrade_interval``
+        (iroh moves relayed connections to direct paths the same way). The session, its keys
+        and its counters stay; only where its datagrams go changes, and the peer follows on
+        the first authenticated datagram from the new path."""
+        for tap in self._taps.values():
+            if tap.proto is proto and tap.peer_id is not None:
+                self._start(self._supervise(tap, tap.peer_id))
+                return
+
+    async def _supervise(self, tap: _EndpointTap, peer_id: str) -> None:
+        s = self.settings
+        proto = tap.proto
+        loop = asyncio.get_running_loop()
+        try:
+            await proto.wait_handshaked()
+        except P2PError:
+            return
+        periods = [p for p in (s.nat_path_timeout, s.nat_upgrade_interval) if p > 0]
+        if not periods:
+            return
+        tick = max(0.05, min(5.0, *(p / 4 for p in periods)))
+        next_upgrade = loop.time() + s.nat_upgrade_interval
+        while not self._closed and not proto.is_closed and tap.endpoint in self._taps:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            if proto.path != "relayed":
+                heard = proto.last_heard(peer_id)
+                if (s.nat_path_timeout and heard is not None and tap.peer_endpoint is not None
+                        and now - heard > s.nat_path_timeout
+                        and proto.move_peer(peer_id, wire.RelayAddress(peer_id,
+                                                                       tap.peer_endpoint))):
+                    log.warning("%s: nothing from %s over its %s path for %.0f s: relaying",
+                                self.myid, peer_id, proto.path, now - heard)
+                    proto.path = "relayed"
+                    next_upgrade = now + s.nat_upgrade_interval
+            elif s.nat_upgrade_interval and s.nat_punch and now >= next_upgrade:
+                next_upgrade = now + s.nat_upgrade_interval
+                try:
+                    path = await self._try_punch(tap, peer_id)
+                except RelayError as exc:
+                    log.debug("%s: punching toward %s again failed: %s", self.myid, peer_id, exc)
+                    continue
+                if path is not None and not proto.is_closed and proto.move_peer(peer_id, path):
+                    proto.path = "direct" if path == tap.direct else "punched"
+                    log.info("%s: %s now reached over a %s path", self.myid, peer_id,
+                             proto.path)
+
+    async def _try_punch(self, tap: _EndpointTap, peer_id: str) -> Any:
+        """One more punch attempt from ``tap``'s socket toward ``peer_id``: the path, or None."""
+        if await tap.probe(0) is None:
+            return None
+        punch = await self._request(
+            lambda req: wire.Connect(req, tap.endpoint, tap.local_addrs(), peer_id))
+        assert isinstance(punch, wire.Punch)
+        if not punch.candidates:
+            return None
+        return await tap.punch(punch, [tap.direct] if tap.direct is not None else [])
 
     async def _punch_back(self, punch: wire.Punch) -> None:
         """The rendezvous says a peer wants to reach our UDP server: punch toward it."""
