@@ -41,6 +41,8 @@ _PROBE_TRIES = 3
 _PROBE_WAIT = 0.5          # seconds per probe try, growing linearly
 _BACKOFF_MAX = 30.0        # between attempts to re-establish the control link while serving
 _MAX_PENDING = 256         # requests in flight on the control link, at most
+_MAX_PUNCHES = 8           # punch attempts running at once per UDP endpoint, at most
+_MAX_JOINS = 16            # relayed circuits being joined at once (INCOMING), at most
 
 
 class AgentHost(Protocol):
@@ -208,7 +210,13 @@ class _EndpointTap:
         return None
 
     async def punch(self, punch: wire.Punch, extra: list[Any]) -> Any:
-        """Run one punch attempt; the address of the path found, or None."""
+        """Run one punch attempt; the address of the path found, or None (also when
+        ``_MAX_PUNCHES`` attempts already run on this socket: whatever the relay says, a peer
+        pings at most that many candidate sets at once)."""
+        if len(self.punchers) >= _MAX_PUNCHES or punch.punch_id in self.punchers:
+            log.info("%s: punch toward %s not started: %d attempts already run on this "
+                     "socket", self.agent.myid, punch.peer_id, len(self.punchers))
+            return None
         s = self.agent.settings
         loop = asyncio.get_running_loop()
         candidates: list[Any] = [tuple(c) for c in punch.candidates]
@@ -267,6 +275,7 @@ class NatAgent:
         self._link_lost: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._relay_ips: dict[int, str] = {}
+        self._joining = 0
         self._closed = False
         self._dropped_dgrams = 0
 
@@ -282,6 +291,9 @@ class NatAgent:
             raise RelayError("NAT traversal is closed")
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.get_running_loop().create_task(self._connect_link())
+            # its failure is reported to whoever waits; retrieved here for when nobody does
+            self._connecting.add_done_callback(
+                lambda t: None if t.cancelled() else t.exception())
         try:
             return await asyncio.wait_for(asyncio.shield(self._connecting),
                                           self.settings.nat_relay_timeout)
@@ -497,7 +509,8 @@ class NatAgent:
             log.info("%s: rendezvous with %s failed (%s); trying it directly", self.myid,
                      peer_id, exc)
             return "direct", direct
-        assert isinstance(punch, wire.Punch)
+        if not isinstance(punch, wire.Punch):
+            raise PeerUnreachable(f"the relay answered CONNECT with {type(punch).__name__}")
         tap.peer_endpoint = punch.peer_endpoint
         if mapped is not None and punch.candidates and self.settings.nat_punch:
             extra = [direct] if direct is not None else []
@@ -564,8 +577,7 @@ class NatAgent:
             return None
         punch = await self._request(
             lambda req: wire.Connect(req, tap.endpoint, tap.local_addrs(), peer_id))
-        assert isinstance(punch, wire.Punch)
-        if not punch.candidates:
+        if not isinstance(punch, wire.Punch) or not punch.candidates:
             return None
         return await tap.punch(punch, [tap.direct] if tap.direct is not None else [])
 
@@ -598,17 +610,29 @@ class NatAgent:
                            ) -> tuple[asyncio.Transport, TcpP2P]:
         """A relayed TCP connection to ``peer_id`` with a ``factory`` protocol."""
         answer = await self._request(lambda req: wire.Open(req, peer_id))
-        assert isinstance(answer, wire.Circuit)
-        return await self._join(answer.token, factory)
+        if not isinstance(answer, wire.Circuit):
+            raise RelayError(f"the relay answered OPEN with {type(answer).__name__}")
+        try:
+            return await self._join(answer.token, factory)
+        except asyncio.TimeoutError:
+            raise RelayError(f"the relayed circuit to {peer_id} was not joined in time") from None
 
     async def _accept_circuit(self, token: bytes, source: str) -> None:
         factory = self._tcp_factory
         if factory is None:
             return
+        if self._joining >= _MAX_JOINS:
+            log.warning("%s: relayed connection from %s ignored: %d being joined already",
+                        self.myid, source, self._joining)
+            return
+        self._joining += 1
         try:
             await self._join(token, factory)
-        except (OSError, P2PError) as exc:
-            log.info("%s: relayed connection from %s failed: %s", self.myid, source, exc)
+        except (OSError, P2PError, asyncio.TimeoutError) as exc:
+            log.info("%s: relayed connection from %s failed: %s", self.myid, source,
+                     exc or type(exc).__name__)
+        finally:
+            self._joining -= 1
 
     async def _join(self, token: bytes, factory: Callable[[], TcpP2P]
                     ) -> tuple[asyncio.Transport, TcpP2P]:
