@@ -1,0 +1,112 @@
+"""Attacks on NAT traversal (outside review): a peer attached to the relay, a malicious relay,
+and strangers on the network, against real sockets on 127.0.0.1 and the sans-IO objects.
+Each test names the weakness it pins down; docs/NAT.md ("Threat model") says what is out of
+scope and why."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nat_util import RELAY_ID, FrameClient, RelayEnv, probe, start_relay, udp_socket, until
+
+from p2psc.nat import wire
+from p2psc.nat.wire import Addr, RelayAddress
+from p2psc.p2phandler import P2PHandler
+from p2psc.udp_p2p import UdpP2P
+
+A, B, C = "alice.test", "bob.test", "carol.test"
+EP_M = b"mallory!"
+
+
+class UdpEcho(UdpP2P):
+    def on_datagram(self, data: bytes, peer_id: str, addr: Any) -> None:
+        self.reply(data)
+
+
+def run(coro: Any, timeout: float = 60) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+def with_relay(env: RelayEnv, peer: Any, **settings: Any) -> P2PHandler:
+    peer.update_conf(relay={"peer_id": RELAY_ID, "host": "127.0.0.1", "port": env.port},
+                     nat_punch_timeout=3.0, nat_relay_timeout=3.0, **settings)
+    return P2PHandler(workdir=peer.workdir)
+
+
+async def with_env(tmp_path: Path, body: Any, peers: tuple[str, ...] = (A, B)) -> None:
+    env = await start_relay(tmp_path, peers)
+    handlers: list[P2PHandler] = []
+    try:
+        await body(env, handlers)
+    finally:
+        for h in handlers:
+            await h.close()
+        await env.close()
+
+
+async def udp_server_bob(env: RelayEnv, handlers: list[P2PHandler], **settings: Any
+                         ) -> P2PHandler:
+    """bob: a UDP server that uses the relay (attached, its mapping probed)."""
+    b = with_relay(env, env.peers[B].dir, **settings)
+    handlers.append(b)
+    await b.run_as_udp_server(UdpEcho, host="127.0.0.1", port=0)
+    assert b.nat is not None
+    await b.nat.ensure_link()
+    await until(lambda: b.nat is not None and b.nat._udp_server is not None
+                and any(b.nat._udp_server.mappings), 5, "bob's probes")
+    return b
+
+
+async def mallory_punch(env: RelayEnv, target: str = B,
+                        local: tuple[Addr, ...] = ()) -> tuple[FrameClient, wire.Punch]:
+    """alice (the attacker) attaches with a raw control link, probes, and CONNECTs to
+    ``target``: the relay gives her the punch id it also gives the target."""
+    alice = env.peers[A]
+    la = await env.attach(alice, hello=wire.Hello(wire.FLAG_UDP, EP_M))
+    sock = await udp_socket(alice)
+    assert alice.welcome is not None
+    await probe(sock, alice.welcome.probe_token, EP_M, env.server.udp_ports[0])
+    la.send_frame(wire.Connect(1, EP_M, local, target))
+    return la, await la.expect(wire.Punch)
+
+
+# -- 1. a relayed NAT datagram reaches the puncher, whose answer kills the UDP socket ------------
+
+def test_relayed_punch_ping_does_not_kill_the_udp_server(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    """A peer on the relay CONNECTs to bob (so it knows the punch id bob now answers) and
+    relays him a PUNCH_PING in a DGRAM. It reached bob's Puncher with a RelayAddress as
+    source; the PONG went to ``transport.sendto(RelayAddress)``: TypeError -> asyncio's
+    "Fatal write error on datagram transport" -> bob's UDP server socket closed for everyone.
+    NAT datagrams never travel through the relay: a relayed one is dropped."""
+    caplog.set_level(logging.DEBUG)
+
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        b = await udp_server_bob(env, handlers)
+        assert b.nat is not None and b.nat._udp_server is not None
+        ep_b = b.nat._udp_server.endpoint
+        la, punch = await mallory_punch(env)
+        assert punch.peer_endpoint == ep_b
+        await until(lambda: b.nat is not None and b.nat._udp_server is not None
+                    and punch.punch_id in b.nat._udp_server.punchers, 5, "bob punching")
+        ping = wire.encode_punch(wire.U_PUNCH_PING, punch.punch_id, b"txid0001")
+        for payload in (ping, wire.encode_probe_reply(b"txid0001", Addr("127.0.0.1", 1)),
+                        bytes((wire.U_PROBE,)) + bytes(63)):
+            la.send_frame(wire.Dgram(EP_M, ep_b, B, payload))
+        await la.nothing(0.3)
+        transport = b.udp_transport
+        assert transport is not None and not transport.is_closing(), "bob's UDP socket died"
+        assert b.udp_server_protocol is not None
+        puncher = b.nat._udp_server.punchers[punch.punch_id][0]
+        assert not any(isinstance(c, RelayAddress) for c in puncher.candidates)
+        assert "Fatal write error" not in caplog.text
+        assert "Traceback" not in caplog.text
+
+    run(with_env(tmp_path, body))
