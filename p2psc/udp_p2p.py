@@ -222,9 +222,15 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         self._nat_tap = tap
 
     def send_nat_datagram(self, data: bytes, addr: Any, ttl: int | None = None) -> None:
-        """Send an unsealed NAT datagram from this socket, with IP TTL ``ttl`` if given."""
+        """Send an unsealed NAT datagram from this socket, with IP TTL ``ttl`` if given. Only
+        to a socket address: a :class:`~p2psc.nat.wire.RelayAddress` is none (the stdlib
+        transport would close itself on it), and NAT datagrams never go through the relay."""
         transport, sock = self.transport, self._sock
         if transport is None or transport.is_closing() or self._closed:
+            return
+        if type(addr) is RelayAddress:
+            log.debug("%s: NAT datagram for %s not sent: not a socket address", self.myid,
+                      addr)
             return
         if ttl is None or sock is None:
             transport.sendto(data, addr)
@@ -244,9 +250,15 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
             log.debug("%s: low-TTL send to %s failed: %s", self.myid, addr, exc)
 
     def relayed_datagram_received(self, data: bytes, addr: RelayAddress) -> None:
-        """A datagram that came through the relay from the peer endpoint ``addr``."""
+        """A datagram that came through the relay from the peer endpoint ``addr``. A NAT
+        datagram (discovery, punching) never travels through the relay: one that did is
+        dropped (its answer would go to a RelayAddress)."""
         ep, loop = self._ep, self._loop
         if ep is None or loop is None or self._closed:
+            return
+        if data and is_nat_datagram(data[0]):
+            log.debug("%s: dropped a relayed NAT datagram (type %#x) from %s", self.myid,
+                      data[0], addr)
             return
         self._handle_datagram(ep, data, addr, loop.time())
         if ep.timer_dirty:

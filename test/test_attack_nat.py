@@ -104,6 +104,11 @@ def test_relayed_punch_ping_does_not_kill_the_udp_server(tmp_path: Path,
         transport = b.udp_transport
         assert transport is not None and not transport.is_closing(), "bob's UDP socket died"
         assert b.udp_server_protocol is not None
+        # (and a NAT datagram is never sent to a RelayAddress, whoever asks)
+        b.udp_server_protocol.send_nat_datagram(ping, RelayAddress(A, EP_M))
+        b.udp_server_protocol.send_nat_datagram(ping, RelayAddress(A, EP_M), 2)
+        await asyncio.sleep(0.05)
+        assert not transport.is_closing()
         puncher = b.nat._udp_server.punchers[punch.punch_id][0]
         assert not any(isinstance(c, RelayAddress) for c in puncher.candidates)
         assert "Fatal write error" not in caplog.text
