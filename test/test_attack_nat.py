@@ -115,3 +115,83 @@ def test_relayed_punch_ping_does_not_kill_the_udp_server(tmp_path: Path,
         assert "Traceback" not in caplog.text
 
     run(with_env(tmp_path, body))
+
+
+# -- 2. the relayed circuit's hand-off to the p2psc protocol drops bytes -------------------------
+
+class _FakeHost:
+    """What NatAgent needs of a handler, for agent tests against a fake relay."""
+
+    def __init__(self, **settings: Any) -> None:
+        from p2psc.config import Settings
+        self.settings = Settings(**settings)
+
+    def get_myid(self) -> str:
+        return B
+
+    async def connect_address(self, *a: Any) -> Any:
+        raise OSError("no control link in this test")
+
+
+class _Collect(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.path = "direct"
+        self.got = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.got += data
+
+
+class _StreamingRelay(asyncio.Protocol):
+    """A relay's circuit side: answers the preamble with 0, then streams ``chunks`` one per
+    loop iteration (the other peer's first bytes, arriving just after the join)."""
+
+    chunks = [bytes([i]) * 1000 for i in range(1, 41)]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        self.buf = b""
+        self.joined = False
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) >= wire.CIRCUIT_PREAMBLE_LEN and not self.joined:
+            self.joined = True
+            self.transport.write(b"\x00")
+            self._next(0)
+
+    def _next(self, i: int) -> None:
+        if i < len(self.chunks):
+            self.transport.write(self.chunks[i])
+            asyncio.get_running_loop().call_soon(self._next, i + 1)
+
+
+def test_circuit_handoff_loses_no_bytes_sent_right_after_the_join() -> None:
+    """The peer's first bytes that arrive after the relay's 0 but before ``_join`` resumes
+    (``wait_for`` adds a loop iteration or two) went to ``_CircuitJoin.data_received``, which
+    dropped them once ``joined`` was done: a relayed connection that starts with a corrupt or
+    missing INIT. The joiner must stop reading at the join until the protocol takes over."""
+    from p2psc.config import PeerAddress
+    from p2psc.nat.agent import NatAgent
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_StreamingRelay, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        agent = NatAgent(_FakeHost(), PeerAddress(RELAY_ID, "127.0.0.1", port))  # type: ignore[arg-type]
+        want = b"".join(_StreamingRelay.chunks)
+        try:
+            for _ in range(5):
+                transport, proto = await agent._join(bytes(32), _Collect)  # type: ignore[arg-type]
+                got = proto.got  # type: ignore[attr-defined]
+                try:
+                    await until(lambda: len(got) >= len(want), 2, "the streamed bytes")
+                except AssertionError:
+                    pass
+                transport.close()
+                assert bytes(got) == want, f"{len(want) - len(got)} bytes lost at the hand-off"
+        finally:
+            server.close()
+            await agent.close()
+
+    run(main())
