@@ -107,19 +107,24 @@ class _ControlLink(TcpP2P):
 
 class _CircuitJoin(asyncio.Protocol):
     """The start of a relayed circuit: send the preamble, wait for the relay's one-byte
-    answer; then the transport goes to the real protocol."""
+    answer; then the transport goes to the real protocol. Reading pauses at the answer, until
+    the real protocol has it: what arrives in between would be lost."""
 
     def __init__(self, token: bytes) -> None:
         self.token = token
         self.joined: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
         transport.write(wire.circuit_preamble(self.token))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.joined.done():
             return
         if data[:1] == b"\x00":
+            if self.transport is not None:
+                self.transport.pause_reading()
             self.joined.set_result(data[1:])
         else:
             self.joined.set_exception(RelayError("the relay refused the circuit"))
@@ -559,6 +564,10 @@ class NatAgent:
         proto.path = "relayed"
         transport.set_protocol(proto)
         proto.connection_made(transport)
+        # (reading resumes first, so that a pause the protocol makes on ``rest`` holds; the
+        # transport reads nothing before this call returns)
+        if not transport.is_closing():
+            transport.resume_reading()
         if rest:
             proto.data_received(rest)
         return transport, proto
