@@ -195,3 +195,94 @@ def test_circuit_handoff_loses_no_bytes_sent_right_after_the_join() -> None:
             await agent.close()
 
     run(main())
+
+
+# -- 3. punch requests make a peer ping whatever addresses they name, without bound ---------------
+
+async def victims(n: int) -> list[Any]:
+    return [await udp_socket() for _ in range(n)]
+
+
+def received(socks: list[Any]) -> int:
+    return sum(s.queue.qsize() for s in socks)
+
+
+def test_connect_burst_from_one_peer_runs_one_punch_at_a_time_at_the_target(tmp_path: Path
+                                                                           ) -> None:
+    """Through an honest relay, a peer sends its whole CONNECT burst (20) to bob, each naming
+    7 "local addresses" that are a victim's. Bob ran one Puncher per PUNCH, all at once, each
+    pinging every candidate every ``nat_punch_interval``: ~20 x 7 x 6 datagrams per second
+    toward the victim for ~1.5 KB of frames, again every 4 s. One attempt per requesting peer
+    at a time bounds it to one attempt's pings."""
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        await udp_server_bob(env, handlers)
+        socks = await victims(7)
+        local = tuple(Addr("127.0.0.1", s.port) for s in socks)
+        la, _ = await mallory_punch(env, local=local)
+        for i in range(2, 20):
+            la.send_frame(wire.Connect(i, EP_M, local, B))
+        await asyncio.sleep(1.0)
+        n = received(socks)
+        # one attempt: a low-TTL ping and ~1.0 / 0.2 rounds to each of the 7 (x2 for slack)
+        assert n <= 2 * 7 * (1 + 1.0 / 0.2 + 1), f"{n} datagrams toward the victim"
+        for s in socks:
+            s.transport.close()
+
+    run(with_env(tmp_path, body))
+
+
+def relay_link_to(env: RelayEnv, peer_id: str) -> Any:
+    """The relay's end of ``peer_id``'s control link: frames sent on it are a malicious relay's."""
+    link = env.server.rendezvous.link_of(peer_id)
+    assert link is not None
+    return link
+
+
+def test_a_malicious_relays_punch_flood_is_bounded(tmp_path: Path) -> None:
+    """A malicious relay sends bob 200 PUNCH frames (each as from another peer id), each with 8
+    candidates at a victim. Every one became a Puncher at once (200 x 8 low-TTL pings
+    immediately, then 200 x 8 every 0.2 s): the relay makes bob flood any address, ~100 times
+    what it sends. The agent runs a bounded number of answering attempts at once."""
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        b = await udp_server_bob(env, handlers)
+        assert b.nat is not None and b.nat._udp_server is not None
+        ep_b = b.nat._udp_server.endpoint
+        socks = await victims(8)
+        cands = tuple(Addr("127.0.0.1", s.port) for s in socks)
+        link = relay_link_to(env, B)
+        for i in range(200):
+            link.send(wire.encode(wire.Punch(0, bytes([i % 256]) * 16, ep_b, EP_M, cands,
+                                             f"p{i}.test")))
+        await asyncio.sleep(1.0)
+        n = received(socks)
+        assert n <= 8 * 8 * (1 + 1.0 / 0.2 + 1) * 2, f"{n} datagrams toward the victim"
+        assert b.udp_transport is not None and not b.udp_transport.is_closing()
+        for s in socks:
+            s.transport.close()
+
+    run(with_env(tmp_path, body))
+
+
+def test_a_malicious_relays_incoming_flood_opens_a_bounded_number_of_connections(
+        tmp_path: Path) -> None:
+    """A malicious relay sends bob 200 INCOMING frames and never answers the circuit
+    preambles: bob opened 200 TCP connections (and tasks) at once, each held for twice
+    ``nat_relay_timeout``. A bounded number of joins run at once; the rest are refused."""
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        b = with_relay(env, env.peers[B].dir)
+        handlers.append(b)
+        from p2psc.p2p import TcpP2P
+        await b.run_as_server(TcpP2P, host="127.0.0.1", port=0)
+        assert b.nat is not None
+        await b.nat.ensure_link()
+        await until(lambda: env.server.rendezvous.link_of(B) is not None, 5, "bob attached")
+        env.server.preamble = lambda side, token: None  # type: ignore[method-assign]
+        link = relay_link_to(env, B)
+        for i in range(200):
+            link.send(wire.encode(wire.Incoming(i.to_bytes(32, "big"), A)))
+        await asyncio.sleep(1.0)
+        held = len(env.server._accepted)
+        assert held <= 32, f"bob holds {held} circuit connections open for the relay"
+        assert len(b.nat._tasks) <= 32
+
+    run(with_env(tmp_path, body))
