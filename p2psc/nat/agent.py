@@ -41,6 +41,13 @@ _PROBE_TRIES = 3
 _PROBE_WAIT = 0.5          # seconds per probe try, growing linearly
 _BACKOFF_MAX = 30.0        # between attempts to re-establish the control link while serving
 _MAX_PENDING = 256         # requests in flight on the control link, at most
+#: punch attempts that answer the relay's PUNCH at once: one per requesting peer, and at most
+#: this many in all. Each pings the addresses the PUNCH names (its requester chose some of
+#: them), so a flood of PUNCH (a CONNECT burst, a malicious relay) must not multiply them.
+_MAX_PUNCH_BACKS = 8
+#: relayed circuits being joined at once on INCOMING (a TCP connection to the relay each);
+#: an honest relay offers a peer at most its ``circuits_per_peer`` (8 by default)
+_MAX_JOINS = 16
 
 
 class AgentHost(Protocol):
@@ -235,11 +242,16 @@ class _EndpointTap:
         finally:
             # go on answering the other side's pings until the budget ends
             delay = max(0.0, puncher.deadline - loop.time())
-            loop.call_later(delay, self.punchers.pop, punch.punch_id, None)
+            loop.call_later(delay, self._forget_puncher, punch.punch_id, puncher)
         log.info("%s: punch toward %s %s after %d pings", self.agent.myid, punch.peer_id,
                  f"found {puncher.path}" if puncher.path is not None else "found no path",
                  puncher.pings_sent)
         return puncher.path
+
+    def _forget_puncher(self, punch_id: bytes, puncher: Puncher) -> None:
+        entry = self.punchers.get(punch_id)
+        if entry is not None and entry[0] is puncher:  # (not a later attempt's, same id)
+            del self.punchers[punch_id]
 
     def local_addrs(self) -> tuple[wire.Addr, ...]:
         """The socket's own address, as a candidate for peers on the same network."""
@@ -270,6 +282,9 @@ class NatAgent:
         self._relay_ips: dict[int, str] = {}
         self._closed = False
         self._dropped_dgrams = 0
+        self._punching: set[str] = set()    # peers whose PUNCH an attempt answers now
+        self._joining = 0                   # circuits being joined on INCOMING
+        self._ignored: dict[str, int] = {}  # frames ignored over a limit, by kind
 
     # -- the control link -------------------------------------------------------------------------
 
@@ -358,12 +373,24 @@ class NatAgent:
             return
         if t is wire.Incoming:
             assert isinstance(frame, wire.Incoming)
+            if self._tcp_factory is None:
+                return
+            if self._joining >= _MAX_JOINS:
+                self._ignore("INCOMING", f"{_MAX_JOINS} relayed circuits are being joined")
+                return
+            self._joining += 1
             self._start(self._accept_circuit(frame.token, frame.source_peer))
             return
         if t is wire.Punch:
             assert isinstance(frame, wire.Punch)
             if frame.request == 0:
-                self._start(self._punch_back(frame))
+                if frame.peer_id in self._punching:
+                    self._ignore("PUNCH", f"a punch toward {frame.peer_id} is under way")
+                elif len(self._punching) >= _MAX_PUNCH_BACKS:
+                    self._ignore("PUNCH", f"{_MAX_PUNCH_BACKS} punches are under way")
+                else:
+                    self._punching.add(frame.peer_id)
+                    self._start(self._punch_back(frame))
                 return
         request = getattr(frame, "request", 0)
         fut = self._requests.pop(request, None)
@@ -372,6 +399,13 @@ class NatAgent:
         elif t is wire.Error:
             assert isinstance(frame, wire.Error)
             log.info("%s: the relay says: %s", self.myid, frame.text)
+
+    def _ignore(self, kind: str, why: str) -> None:
+        """A frame ``kind`` from the relay not acted on (over a limit): logged at the 1st,
+        100th, 10000th time."""
+        n = self._ignored[kind] = self._ignored.get(kind, 0) + 1
+        if n in (1, 100, 10000):
+            log.info("%s: %s from the relay ignored: %s (%d so far)", self.myid, kind, why, n)
 
     def control_closed(self, link: _ControlLink) -> None:
         """The control link ended (its ``on_closed``)."""
@@ -509,10 +543,13 @@ class NatAgent:
 
     async def _punch_back(self, punch: wire.Punch) -> None:
         """The rendezvous says a peer wants to reach our UDP server: punch toward it."""
-        tap = self._taps.get(punch.endpoint)
-        if tap is None or tap is not self._udp_server or not self.settings.nat_punch:
-            return
-        await tap.punch(punch, [])
+        try:
+            tap = self._taps.get(punch.endpoint)
+            if tap is None or tap is not self._udp_server or not self.settings.nat_punch:
+                return
+            await tap.punch(punch, [])
+        finally:
+            self._punching.discard(punch.peer_id)
 
     def send_dgram(self, source: bytes, addr: wire.RelayAddress, data: bytes) -> None:
         """Send a sealed datagram through the relay."""
@@ -540,13 +577,15 @@ class NatAgent:
         return await self._join(answer.token, factory)
 
     async def _accept_circuit(self, token: bytes, source: str) -> None:
-        factory = self._tcp_factory
-        if factory is None:
-            return
         try:
+            factory = self._tcp_factory
+            if factory is None:
+                return
             await self._join(token, factory)
         except (OSError, P2PError) as exc:
             log.info("%s: relayed connection from %s failed: %s", self.myid, source, exc)
+        finally:
+            self._joining -= 1
 
     async def _join(self, token: bytes, factory: Callable[[], TcpP2P]
                     ) -> tuple[asyncio.Transport, TcpP2P]:
