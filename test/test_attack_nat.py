@@ -286,3 +286,33 @@ def test_a_malicious_relays_incoming_flood_opens_a_bounded_number_of_connections
         assert len(b.nat._tasks) <= 32
 
     run(with_env(tmp_path, body))
+
+
+# -- 4. one peer holds all of another's circuits -----------------------------------------------
+
+def test_one_peer_cannot_take_all_of_a_targets_circuits(tmp_path: Path) -> None:
+    """alice OPENs 8 circuits to bob and never joins them (again every
+    ``circuit_join_timeout``, 0.8 requests/s, well within her rate): bob is at
+    ``circuits_per_peer`` and nobody else can open a circuit to him: ERROR E_LIMIT "the target
+    has 8 circuits". Circuits between one pair of peers have a limit of their own
+    (``circuits_per_pair``), below the per-peer one."""
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        la = await env.attach(env.peers[A])
+        lb = await env.attach(env.peers[B], hello=wire.Hello(wire.FLAG_TCP, bytes(8)))
+        lc = await env.attach(env.peers[C])
+        per_peer = env.server.limits.circuits_per_peer
+        got = 0
+        for req in range(1, per_peer + 1):
+            la.send_frame(wire.Open(req, B))
+            frame = await la.next()
+            if isinstance(frame, wire.Circuit):
+                got += 1
+                await lb.expect(wire.Incoming)
+            else:
+                assert isinstance(frame, wire.Error) and frame.code == wire.E_LIMIT
+        assert got < per_peer
+        lc.send_frame(wire.Open(99, B))
+        frame = await lc.next()
+        assert isinstance(frame, wire.Circuit), f"carol cannot reach bob: {frame}"
+
+    run(with_env(tmp_path, body, peers=(A, B, C)))
