@@ -316,3 +316,46 @@ def test_one_peer_cannot_take_all_of_a_targets_circuits(tmp_path: Path) -> None:
         assert isinstance(frame, wire.Circuit), f"carol cannot reach bob: {frame}"
 
     run(with_env(tmp_path, body, peers=(A, B, C)))
+
+
+# -- 5. a relayed peer whose id looks like an IP address shares that address's rate limits ------
+
+def test_a_relayed_peer_named_like_an_ip_address_has_rate_buckets_of_its_own() -> None:
+    """Peer ids may look like IPv4 addresses ("10.0.0.1" is a valid id). The UDP core keys its
+    INIT buckets (and the handler its directory-lookup budget) on ``addr[0]``, which for a
+    RelayAddress is the peer id: a relayed peer named "10.0.0.1" spent the buckets of the
+    real host 10.0.0.1, whose handshakes were then refused. A RelayAddress has a key of its
+    own kind."""
+    from conftest import rsa_key
+
+    from p2psc._proto.ratelimit import rate_key
+    from p2psc._proto.udp import UdpEndpoint
+    from p2psc.config import Settings
+    from p2psc.lookup_budget import LookupBudget
+
+    relayed = RelayAddress("10.0.0.1", EP_M)
+    assert rate_key(relayed) != rate_key(("10.0.0.1", 40000))
+    budget = LookupBudget(1.0, 2, 8)
+    for _ in range(2):
+        assert budget.acquire(relayed, 0.0) is not None
+    assert budget.acquire(("10.0.0.1", 40000), 0.0) is not None
+
+    now, wall = 100.0, 1_700_000_000.0
+    s = Settings(udp_init_rate_per_addr=0.001, udp_init_burst_per_addr=3)
+    keys = {n: rsa_key(n) for n in ("a.test", "b.test", "m.test")}
+    pubs = {n: k.public_key() for n, k in keys.items()}
+    b = UdpEndpoint("b.test", keys["b.test"], s, key_lookup=pubs.get, now=now, wall_offset=wall)
+
+    def init_from(name: str) -> bytes:
+        c = UdpEndpoint(name, keys[name], s, key_lookup=pubs.get, accept_from="b.test", now=now,
+                        wall_offset=wall)
+        c.connect("b.test", pubs["b.test"], ("10.0.0.2", 10098), now)
+        (dgram, _), = c.datagrams_to_send()
+        return dgram
+
+    for _ in range(5):  # mallory, "10.0.0.1" on the relay, spends her own bucket
+        b.receive(init_from("m.test"), relayed, now)
+    b.datagrams_to_send()
+    b.receive(init_from("a.test"), ("10.0.0.1", 40000), now)
+    assert [addr for _, addr in b.datagrams_to_send()] == [("10.0.0.1", 40000)], \
+        "the real 10.0.0.1 got no RESP: its bucket was spent by a relayed peer"
