@@ -122,8 +122,9 @@ class Addr(NamedTuple):
 
 class RelayAddress(NamedTuple):
     """The "address" of a peer endpoint reached through the relay: its authenticated peer id
-    and its endpoint id. It stands where a socket address would in the UDP core, so a rate
-    limit keyed on ``addr[0]`` is per peer."""
+    and its endpoint id. It stands where a socket address would in the UDP core, whose rate
+    limits key it per peer (:func:`p2psc._proto.ratelimit.rate_key`: apart from any IP
+    address, even for a peer id that looks like one)."""
 
     peer_id: str
     endpoint: bytes
