@@ -359,3 +359,34 @@ def test_a_relayed_peer_named_like_an_ip_address_has_rate_buckets_of_its_own() -
     b.receive(init_from("a.test"), ("10.0.0.1", 40000), now)
     assert [addr for _, addr in b.datagrams_to_send()] == [("10.0.0.1", 40000)], \
         "the real 10.0.0.1 got no RESP: its bucket was spent by a relayed peer"
+
+
+# -- 6. a relay that answers a request with a frame of the wrong kind --------------------------
+
+def test_an_answer_of_the_wrong_kind_is_a_relay_error_not_an_assertion(tmp_path: Path) -> None:
+    """A (malicious or broken) relay answers OPEN with a PUNCH and CONNECT with a CIRCUIT,
+    each naming the request. ``open_circuit`` and ``find_udp_path`` asserted the kind: the
+    application's ``connect_peer`` / ``connect_udp_peer`` got an AssertionError (under
+    ``python -O``, an AttributeError), not the documented PeerUnreachable."""
+    from p2psc import PeerUnreachable
+    from p2psc.nat.rendezvous import SendFrame
+    from p2psc.p2p import TcpP2P
+
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        b = await udp_server_bob(env, handlers)
+        await b.run_as_server(TcpP2P, host="127.0.0.1", port=0)
+        rv = env.server.rendezvous
+        rv._open = lambda peer, f, now: [SendFrame(peer.link, wire.encode(  # type: ignore
+            wire.Punch(f.request, bytes(16), bytes(8), bytes(8), (), B)))]
+        rv._connect = lambda peer, f, now: [SendFrame(peer.link, wire.encode(  # type: ignore
+            wire.Circuit(f.request, bytes(32))))]
+        a_dir = env.peers[A].dir
+        a_dir.know(env.peers[B].dir, port=0)
+        a = with_relay(env, a_dir)
+        handlers.append(a)
+        with pytest.raises(PeerUnreachable):
+            await a.connect_peer(B)
+        with pytest.raises(PeerUnreachable):
+            await a.connect_udp_peer(B)
+
+    run(with_env(tmp_path, body))
