@@ -24,7 +24,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..config import PeerAddress, Settings
 from ..p2p import TcpP2P
@@ -34,6 +34,7 @@ from . import wire
 from .punch import Puncher
 
 log = logging.getLogger("p2psc.nat")
+F = TypeVar("F", wire.Punch, wire.Circuit)
 
 __all__ = ["NatAgent", "AgentHost", "NetReport", "nat_behaviour"]
 
@@ -422,9 +423,9 @@ class NatAgent:
         if not self._closed:
             log.info("%s: control link to relay %s closed", self.myid, self.relay.peer_id)
 
-    async def _request(self, make: Callable[[int], wire.Frame]) -> wire.Frame:
-        """Send a request frame and wait for its answer; an ERROR answer raises
-        :class:`RelayError`."""
+    async def _request(self, make: Callable[[int], wire.Frame], expect: type[F]) -> F:
+        """Send a request frame and wait for its answer, of type ``expect``; an ERROR
+        answer, or one of another kind, raises :class:`RelayError`."""
         await self.ensure_link()
         if len(self._requests) >= _MAX_PENDING:
             raise RelayError("too many requests in flight to the relay")
@@ -442,6 +443,11 @@ class NatAgent:
         if isinstance(answer, wire.Error):
             reason = answer.text or wire.ERROR_NAMES.get(answer.code, str(answer.code))
             raise RelayError(f"the relay refused: {reason}")
+        if not isinstance(answer, expect):
+            log.warning("%s: the relay answered a request with %s, not %s", self.myid,
+                        type(answer).__name__.upper(), expect.__name__.upper())
+            raise RelayError(f"the relay answered with {type(answer).__name__.upper()}, not "
+                             f"{expect.__name__.upper()}")
         return answer
 
     # -- serving ----------------------------------------------------------------------------------
@@ -524,14 +530,14 @@ class NatAgent:
         mapped = await tap.probe(0)
         try:
             punch = await self._request(
-                lambda req: wire.Connect(req, tap.endpoint, tap.local_addrs(), peer_id))
+                lambda req: wire.Connect(req, tap.endpoint, tap.local_addrs(), peer_id),
+                wire.Punch)
         except RelayError as exc:
             if direct is None:
                 raise PeerUnreachable(f"cannot reach {peer_id}: {exc}") from None
             log.info("%s: rendezvous with %s failed (%s); trying it directly", self.myid,
                      peer_id, exc)
             return "direct", direct
-        assert isinstance(punch, wire.Punch)
         if mapped is not None and punch.candidates and self.settings.nat_punch:
             extra = [direct] if direct is not None else []
             path = await tap.punch(punch, extra)
@@ -572,8 +578,7 @@ class NatAgent:
     async def open_circuit(self, peer_id: str, factory: Callable[[], TcpP2P]
                            ) -> tuple[asyncio.Transport, TcpP2P]:
         """A relayed TCP connection to ``peer_id`` with a ``factory`` protocol."""
-        answer = await self._request(lambda req: wire.Open(req, peer_id))
-        assert isinstance(answer, wire.Circuit)
+        answer = await self._request(lambda req: wire.Open(req, peer_id), wire.Circuit)
         return await self._join(answer.token, factory)
 
     async def _accept_circuit(self, token: bytes, source: str) -> None:
