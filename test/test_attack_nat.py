@@ -390,3 +390,58 @@ def test_an_answer_of_the_wrong_kind_is_a_relay_error_not_an_assertion(tmp_path:
             await a.connect_udp_peer(B)
 
     run(with_env(tmp_path, body))
+
+
+# -- 7. log lines forged through peer ids and error texts in frames -----------------------------
+
+FORGED = "\n2030-01-01 00:00:00 INFO p2psc.relay: FORGED line"
+
+
+def forged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "\n2030-01-01" in r.getMessage()]
+
+
+def test_a_peer_cannot_forge_lines_in_the_relays_log(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A frame's peer id was any UTF-8: alice CONNECTs to (or OPENs) a target named
+    "nobody<newline><a whole log line>", and the relay logs "CONNECT 1 to nobody..." verbatim
+    at INFO: a line of her making in the operator's log. A peer id in a frame must be a valid
+    peer id (the alphabet of ids on file); any other is a malformed frame."""
+    caplog.set_level(logging.DEBUG)
+
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        for frame in (wire.Connect(1, EP_M, (), "nobody" + FORGED),
+                      wire.Open(2, "nobody" + FORGED),
+                      wire.Dgram(EP_M, EP_M, "nobody" + FORGED, b"x")):
+            la = await env.attach(env.peers[A])
+            la.send_frame(frame)
+            got = await la.next()
+            assert got is None, f"the link stays up after {frame}: {got}"
+        assert forged(caplog) == []
+
+    run(with_env(tmp_path, body))
+
+
+def test_a_relay_cannot_forge_lines_in_a_peers_log(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A malicious relay's ERROR text (and a peer id in its PUNCH or INCOMING) went verbatim
+    into the peer's log ("the relay says: ...") and into RelayError messages."""
+    caplog.set_level(logging.DEBUG)
+
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        b = await udp_server_bob(env, handlers)
+        from p2psc.p2p import TcpP2P
+        await b.run_as_server(TcpP2P, host="127.0.0.1", port=0)
+        assert b.nat is not None and b.nat._udp_server is not None
+        ep_b = b.nat._udp_server.endpoint
+        link = relay_link_to(env, B)
+        link.send(wire.encode(wire.Error(0, wire.E_BAD_REQUEST, "x" + FORGED)))
+        await asyncio.sleep(0.2)
+        for frame in (wire.Incoming(bytes(32), "x" + FORGED),
+                      wire.Punch(0, bytes(16), ep_b, EP_M, (), "x" + FORGED)):
+            await until(lambda: env.server.rendezvous.link_of(B) is not None, 10, "bob back")
+            relay_link_to(env, B).send(wire.encode(frame))
+            await asyncio.sleep(0.3)
+        assert forged(caplog) == []
+
+    run(with_env(tmp_path, body))
