@@ -397,6 +397,12 @@ def test_an_answer_of_the_wrong_kind_is_a_relay_error_not_an_assertion(tmp_path:
 FORGED = "\n2030-01-01 00:00:00 INFO p2psc.relay: FORGED line"
 
 
+def raw_id(peer_id: str) -> bytes:
+    """A frame's id field, whatever the id (``wire.encode`` refuses an invalid one)."""
+    b = peer_id.encode()
+    return bytes((len(b),)) + b
+
+
 def forged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "\n2030-01-01" in r.getMessage()]
 
@@ -410,11 +416,12 @@ def test_a_peer_cannot_forge_lines_in_the_relays_log(tmp_path: Path,
     caplog.set_level(logging.DEBUG)
 
     async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
-        for frame in (wire.Connect(1, EP_M, (), "nobody" + FORGED),
-                      wire.Open(2, "nobody" + FORGED),
-                      wire.Dgram(EP_M, EP_M, "nobody" + FORGED, b"x")):
+        bad = raw_id("nobody" + FORGED)
+        for frame in (bytes((wire.C_CONNECT,)) + bytes(4) + EP_M + b"\x00" + bad,
+                      bytes((wire.C_OPEN,)) + bytes(4) + bad,
+                      bytes((wire.C_DGRAM,)) + EP_M + EP_M + bad + b"x"):
             la = await env.attach(env.peers[A])
-            la.send_frame(frame)
+            la.send(frame)
             got = await la.next()
             assert got is None, f"the link stays up after {frame}: {got}"
         assert forged(caplog) == []
@@ -437,10 +444,11 @@ def test_a_relay_cannot_forge_lines_in_a_peers_log(tmp_path: Path,
         link = relay_link_to(env, B)
         link.send(wire.encode(wire.Error(0, wire.E_BAD_REQUEST, "x" + FORGED)))
         await asyncio.sleep(0.2)
-        for frame in (wire.Incoming(bytes(32), "x" + FORGED),
-                      wire.Punch(0, bytes(16), ep_b, EP_M, (), "x" + FORGED)):
+        bad = raw_id("x" + FORGED)
+        for frame in (bytes((wire.R_INCOMING,)) + bytes(32) + bad,
+                      bytes((wire.R_PUNCH,)) + bytes(4 + 16) + ep_b + EP_M + b"\x00" + bad):
             await until(lambda: env.server.rendezvous.link_of(B) is not None, 10, "bob back")
-            relay_link_to(env, B).send(wire.encode(frame))
+            relay_link_to(env, B).send(frame)
             await asyncio.sleep(0.3)
         assert forged(caplog) == []
 
