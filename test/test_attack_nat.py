@@ -453,3 +453,44 @@ def test_a_relay_cannot_forge_lines_in_a_peers_log(tmp_path: Path,
         assert forged(caplog) == []
 
     run(with_env(tmp_path, body))
+
+
+# -- 8. closing a handler with relayed UDP sessions ----------------------------------------------
+
+class _UCollect(UdpP2P):
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def on_recv(self, data: bytes, addr: Any) -> None:
+        self.got.put_nowait(data)
+
+
+@pytest.mark.parametrize("closing", ["server", "client"])
+def test_closing_a_handler_with_relayed_sessions_is_clean(tmp_path: Path, closing: str,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    """``handler.close()`` closes the NAT agent first (the UDP endpoints lose their NAT tap),
+    then the UDP endpoints, which send CLOSE to each session: for a relayed one, to a
+    RelayAddress, which went to ``transport.sendto``: "Fatal write error on datagram
+    transport" and a traceback in the loop, on every shutdown."""
+    caplog.set_level(logging.DEBUG)
+
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        b = await udp_server_bob(env, handlers)
+        env.peers[A].dir.know(env.peers[B].dir, port=0)
+        a = with_relay(env, env.peers[A].dir, nat_punch=False)
+        handlers.append(a)
+        _, proto = await a.connect_udp_peer(B, _UCollect)
+        await asyncio.wait_for(proto.wait_handshaked(), 10)
+        assert proto.path == "relayed"
+        proto.send(b"hello")
+        assert await asyncio.wait_for(proto.got.get(), 5) == b"hello"
+        victim = b if closing == "server" else a
+        handlers.remove(victim)
+        await victim.close()
+        await asyncio.sleep(0.2)
+        assert "Fatal write error" not in caplog.text
+        assert "Traceback" not in caplog.text
+
+    run(with_env(tmp_path, body))
