@@ -377,9 +377,8 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
 
     def _sent(self, ep: UdpEndpoint, r: tuple[bytes, Any] | None) -> None:
         if r is not None:
-            tap = self._nat_tap
-            if tap is not None and type(r[1]) is RelayAddress:
-                tap.relay_datagram(r[0], r[1])
+            if type(r[1]) is RelayAddress:
+                self._relay(r[0], r[1])
             else:
                 self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
         if ep.out or ep.timer_dirty:
@@ -405,16 +404,21 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         if transport.is_closing():
             return
         sendto = transport.sendto
-        tap = self._nat_tap
-        if tap is None:
-            for dgram, addr in out:
-                sendto(dgram, addr)
-            return
         for dgram, addr in out:
             if type(addr) is RelayAddress:
-                tap.relay_datagram(dgram, addr)
+                self._relay(dgram, addr)
             else:
                 sendto(dgram, addr)
+
+    def _relay(self, dgram: bytes, addr: RelayAddress) -> None:
+        """A sealed datagram for a peer endpoint behind the relay: to the NAT tap, or dropped
+        if there is none any more (NAT traversal closed: never to the socket, which would
+        close itself on such an address)."""
+        tap = self._nat_tap
+        if tap is not None:
+            tap.relay_datagram(dgram, addr)
+        else:
+            log.debug("%s: datagram for %s dropped: NAT traversal is closed", self.myid, addr)
 
     def _core_timer(self) -> float | None:
         ep = self._ep

@@ -461,9 +461,13 @@ class _UCollect(UdpP2P):
     def __init__(self, *a: Any) -> None:
         super().__init__(*a)
         self.got: asyncio.Queue[bytes] = asyncio.Queue()
+        self.peer_closed: list[str] = []
 
     def on_recv(self, data: bytes, addr: Any) -> None:
         self.got.put_nowait(data)
+
+    def on_peer_closed(self, peer_id: str, error: Exception | None) -> None:
+        self.peer_closed.append(peer_id)
 
 
 @pytest.mark.parametrize("closing", ["server", "client"])
@@ -490,6 +494,8 @@ def test_closing_a_handler_with_relayed_sessions_is_clean(tmp_path: Path, closin
         handlers.remove(victim)
         await victim.close()
         await asyncio.sleep(0.2)
+        if closing == "server":  # (its CLOSE came through the relay)
+            await until(lambda: proto.peer_closed == [B], 5, "the client told of the close")
         assert "Fatal write error" not in caplog.text
         assert "Traceback" not in caplog.text
 
