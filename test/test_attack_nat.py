@@ -500,3 +500,56 @@ def test_closing_a_handler_with_relayed_sessions_is_clean(tmp_path: Path, closin
         assert "Traceback" not in caplog.text
 
     run(with_env(tmp_path, body))
+
+
+# -- 9. a relay that stalls the control link's handshake past nat_relay_timeout -----------------
+
+class _Staller(asyncio.Protocol):
+    """Accepts, reads, answers nothing, and closes after ``hold`` seconds."""
+
+    hold = 0.6
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        asyncio.get_running_loop().call_later(self.hold, transport.close)
+
+
+def test_a_stalled_control_link_leaves_no_unretrieved_task_exception(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``ensure_link`` waits ``nat_relay_timeout`` on a shielded connect task; when it gives
+    up, the task runs on, and when it then fails (the relay closes, or the handshake times
+    out) nobody retrieves its RelayError: asyncio logs "Task exception was never retrieved"
+    with a traceback, once per attempt (the keeper of a serving peer retries forever)."""
+    import gc
+
+    from conftest import make_peer
+
+    from p2psc import RelayError
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Staller, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        d = make_peer(tmp_path, A)
+        d.update_conf(relay={"peer_id": RELAY_ID, "host": "127.0.0.1", "port": port},
+                      nat_relay_timeout=0.3)
+        relay_dir = make_peer(tmp_path, RELAY_ID)
+        d.know(relay_dir, port=port)
+        h = P2PHandler(workdir=d.workdir)
+        try:
+            assert h.nat is not None
+            with pytest.raises(RelayError):
+                await h.nat.ensure_link()
+            await asyncio.sleep(_Staller.hold + 0.3)  # the connect task fails now
+            with pytest.raises(RelayError):
+                await h.nat.ensure_link()  # (a new attempt: the old task is dropped)
+            await asyncio.sleep(0.1)
+            gc.collect()
+            await asyncio.sleep(0.05)
+        finally:
+            await h.close()
+            server.close()
+        gc.collect()
+
+    caplog.set_level(logging.DEBUG)
+    run(main())
+    assert "never retrieved" not in caplog.text
