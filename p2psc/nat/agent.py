@@ -51,6 +51,11 @@ _MAX_PUNCH_BACKS = 8
 _MAX_JOINS = 16
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class AgentHost(Protocol):
     """What the agent needs of the handler (:class:`~p2psc.p2phandler.P2PHandler`)."""
 
@@ -299,6 +304,8 @@ class NatAgent:
             raise RelayError("NAT traversal is closed")
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.get_running_loop().create_task(self._connect_link())
+            # (its RelayError is retrieved even when every waiter gave up before it came)
+            self._connecting.add_done_callback(_retrieve)
         try:
             return await asyncio.wait_for(asyncio.shield(self._connecting),
                                           self.settings.nat_relay_timeout)
