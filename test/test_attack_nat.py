@@ -553,3 +553,46 @@ def test_a_stalled_control_link_leaves_no_unretrieved_task_exception(
     caplog.set_level(logging.DEBUG)
     run(main())
     assert "never retrieved" not in caplog.text
+
+
+# -- 10. a control link that the relay closes right after WELCOME ---------------------------------
+
+@pytest.mark.parametrize("who", ["malicious relay", "same id twice"])
+def test_a_link_closed_right_after_welcome_is_not_redialled_in_a_tight_loop(
+        tmp_path: Path, who: str) -> None:
+    """The keeper of a serving peer backed off only when connecting failed. A link that the
+    relay accepts and then closes at once (two processes of one peer id, each replacing the
+    other's link; a relay that is full of it; a malicious relay) was redialled at once, again
+    and again: a p2psc handshake (RSA on both sides) and two INFO lines per round, as fast
+    as they go. A link that did not stay up a while counts as a failure for the backoff."""
+    from p2psc.p2p import TcpP2P
+
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        b = with_relay(env, env.peers[B].dir)
+        handlers.append(b)
+        await b.run_as_server(TcpP2P, host="127.0.0.1", port=0)
+        await until(lambda: env.server.rendezvous.link_of(B) is not None, 5, "bob attached")
+        if who == "same id twice":  # a second process of bob's: each link replaces the other
+            before = env.server.rendezvous.counters["attached"]
+            b2 = P2PHandler(workdir=env.peers[B].dir.workdir)
+            handlers.append(b2)
+            await b2.run_as_server(TcpP2P, host="127.0.0.1", port=0)
+            await asyncio.sleep(3.0)
+            rounds = env.server.rendezvous.counters["attached"] - before
+            assert rounds <= 8, f"the two redialled the relay {rounds} times in 3 s"
+            return
+        # a malicious relay: every link of bob's is closed right after its WELCOME
+        orig = env.server.link_attached
+
+        def attach_and_drop(link: Any) -> None:
+            orig(link)
+            asyncio.get_running_loop().call_soon(link.abort)
+
+        env.server.link_attached = attach_and_drop  # type: ignore[method-assign]
+        before = env.server.rendezvous.counters["attached"]
+        relay_link_to(env, B).abort()
+        await asyncio.sleep(3.0)
+        rounds = env.server.rendezvous.counters["attached"] - before
+        assert rounds <= 4, f"bob redialled the relay {rounds} times in 3 s"
+
+    run(with_env(tmp_path, body))
