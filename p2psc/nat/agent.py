@@ -41,6 +41,7 @@ __all__ = ["NatAgent", "AgentHost", "NetReport", "nat_behaviour"]
 _PROBE_TRIES = 3
 _PROBE_WAIT = 0.5          # seconds per probe try, growing linearly
 _BACKOFF_MAX = 30.0        # between attempts to re-establish the control link while serving
+_STABLE_LINK = 10.0        # a control link that closed sooner counts as a failed attempt
 _MAX_PENDING = 256         # requests in flight on the control link, at most
 #: punch attempts that answer the relay's PUNCH at once: one per requesting peer, and at most
 #: this many in all. Each pings the addresses the PUNCH names (its requester chose some of
@@ -284,6 +285,7 @@ class NatAgent:
         self._next_request = 0
         self._keeper: asyncio.Task[None] | None = None
         self._link_lost: asyncio.Event | None = None
+        self._link_up_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._relay_ips: dict[int, str] = {}
         self._closed = False
@@ -332,6 +334,7 @@ class NatAgent:
             raise RelayError(f"the relay {r.peer_id} refused this peer: {exc}") from None
         self._link, self.welcome = link, welcome
         self._link_lost = asyncio.Event()
+        self._link_up_at = asyncio.get_running_loop().time()
         self._send_hello()
         log.info("%s: control link to relay %s up (seen as %s:%d)", self.myid, r.peer_id,
                  welcome.observed.host, welcome.observed.port)
@@ -481,6 +484,7 @@ class NatAgent:
         """While serving: keep the control link up (reconnecting with backoff) and the UDP
         server's mapping known to the rendezvous and open (a probe every
         ``nat_probe_interval``)."""
+        loop = asyncio.get_running_loop()
         backoff = 1.0
         while not self._closed:
             try:
@@ -490,7 +494,6 @@ class NatAgent:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
-            backoff = 1.0
             server = self._udp_server
             if server is not None:
                 for index in (0, 1):
@@ -502,6 +505,18 @@ class NatAgent:
                 await asyncio.wait_for(lost.wait(), self.settings.nat_probe_interval)
             except asyncio.TimeoutError:
                 pass
+            if not lost.is_set():
+                continue
+            # a link that the relay closed soon after it came up (another process of this
+            # peer id replacing it, a full or hostile relay) is a failed attempt: back off
+            # rather than redial at once, again and again
+            if loop.time() - self._link_up_at < _STABLE_LINK:
+                log.warning("%s: the relay closed the control link within %g s; retrying in "
+                            "%g s", self.myid, _STABLE_LINK, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+            else:
+                backoff = 1.0
 
     # -- UDP --------------------------------------------------------------------------------------
 
