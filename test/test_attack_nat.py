@@ -596,3 +596,35 @@ def test_a_link_closed_right_after_welcome_is_not_redialled_in_a_tight_loop(
         assert rounds <= 4, f"bob redialled the relay {rounds} times in 3 s"
 
     run(with_env(tmp_path, body))
+
+
+# -- 11. relayed datagrams sent while the control link is down ---------------------------------
+
+def test_datagrams_sent_while_the_link_is_down_start_one_reconnect(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every relayed datagram sent while the control link was down started a task of its own
+    to reconnect (each waiting ``nat_relay_timeout``, each logging its failure): an
+    application sending 2,000 datagrams while the relay is unreachable got 2,000 tasks and
+    2,000 log lines. One reconnect at a time."""
+    caplog.set_level(logging.INFO)
+
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        await udp_server_bob(env, handlers)
+        env.peers[A].dir.know(env.peers[B].dir, port=0)
+        a = with_relay(env, env.peers[A].dir, nat_punch=False)
+        handlers.append(a)
+        _, proto = await a.connect_udp_peer(B, _UCollect)
+        await asyncio.wait_for(proto.wait_handshaked(), 10)
+        assert a.nat is not None
+        await env.server.close()  # the relay goes away
+        await until(lambda: a.nat is not None and a.nat._link is None, 5, "alice's link down")
+        caplog.clear()
+        for i in range(2000):
+            proto.send(b"%d" % i)
+        await asyncio.sleep(0)
+        assert len(a.nat._tasks) <= 2, f"{len(a.nat._tasks)} reconnect tasks"
+        await asyncio.sleep(3.5)  # (nat_relay_timeout: the attempts fail)
+        lines = [r for r in caplog.records if r.name == "p2psc.nat"]
+        assert len(lines) <= 5, f"{len(lines)} log lines"
+
+    run(with_env(tmp_path, body))
