@@ -624,7 +624,8 @@ def test_datagrams_sent_while_the_link_is_down_start_one_reconnect(
         await asyncio.sleep(0)
         assert len(a.nat._tasks) <= 2, f"{len(a.nat._tasks)} reconnect tasks"
         await asyncio.sleep(3.5)  # (nat_relay_timeout: the attempts fail)
-        lines = [r for r in caplog.records if r.name == "p2psc.nat"]
-        assert len(lines) <= 5, f"{len(lines)} log lines"
+        lines = [r for r in caplog.records
+                 if r.name == "p2psc.nat" and r.getMessage().startswith(A)]
+        assert len(lines) <= 10, f"{len(lines)} log lines"  # (about one a second)
 
     run(with_env(tmp_path, body))

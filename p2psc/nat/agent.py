@@ -290,6 +290,8 @@ class NatAgent:
         self._relay_ips: dict[int, str] = {}
         self._closed = False
         self._dropped_dgrams = 0
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._reconnect_after = 0.0
         self._punching: set[str] = set()    # peers whose PUNCH an attempt answers now
         self._joining = 0                   # circuits being joined on INCOMING
         self._ignored: dict[str, int] = {}  # frames ignored over a limit, by kind
@@ -587,7 +589,12 @@ class NatAgent:
                 log.info("%s: datagram for %s dropped: no control link to the relay "
                          "(%d so far)", self.myid, addr.peer_id, self._dropped_dgrams)
             if self._link is None and not self._closed:
-                self._start(self._reconnect_quietly())
+                # one reconnect at a time, at most one a second: not one per datagram
+                now = asyncio.get_running_loop().time()
+                busy = self._reconnecting is not None and not self._reconnecting.done()
+                if not busy and now >= self._reconnect_after:
+                    self._reconnect_after = now + 1.0
+                    self._reconnecting = self._start(self._reconnect_quietly())
 
     async def _reconnect_quietly(self) -> None:
         try:
@@ -722,10 +729,11 @@ class NatAgent:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def _start(self, coro: Any) -> None:
+    def _start(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
         """Stop: no more reconnecting; the control link closes."""
