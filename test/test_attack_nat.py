@@ -185,7 +185,7 @@ def test_circuit_handoff_loses_no_bytes_sent_right_after_the_join() -> None:
                 transport, proto = await agent._join(bytes(32), _Collect)  # type: ignore[arg-type]
                 got = proto.got  # type: ignore[attr-defined]
                 try:
-                    await until(lambda: len(got) >= len(want), 2, "the streamed bytes")
+                    await until(lambda got=got: len(got) >= len(want), 2, "the streamed bytes")
                 except AssertionError:
                     pass
                 transport.close()
