@@ -208,15 +208,17 @@ class P2PHandler:
 
     async def close(self) -> None:
         """Stop serving and close every connection this handler made or accepted."""
-        if self.nat is not None:
-            await self.nat.close()
         if self.server is not None:
             self.server.close()
             server, self.server = self.server, None
         else:
             server = None
-        self.connections.close_all()
+        # (UDP, then NAT traversal, then TCP: a relayed session's CLOSE goes out over the
+        # control link, which is one of the TCP connections)
         await self.udp_service.close()
+        if self.nat is not None:
+            await self.nat.close()
+        self.connections.close_all()
         if server is not None:
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)

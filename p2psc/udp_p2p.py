@@ -222,9 +222,15 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         self._nat_tap = tap
 
     def send_nat_datagram(self, data: bytes, addr: Any, ttl: int | None = None) -> None:
-        """Send an unsealed NAT datagram from this socket, with IP TTL ``ttl`` if given."""
+        """Send an unsealed NAT datagram from this socket, with IP TTL ``ttl`` if given. Only
+        to a socket address: a :class:`~p2psc.nat.wire.RelayAddress` is none (the stdlib
+        transport would close itself on it), and NAT datagrams never go through the relay."""
         transport, sock = self.transport, self._sock
         if transport is None or transport.is_closing() or self._closed:
+            return
+        if type(addr) is RelayAddress:
+            log.debug("%s: NAT datagram for %s not sent: not a socket address", self.myid,
+                      addr)
             return
         if ttl is None or sock is None:
             transport.sendto(data, addr)
@@ -244,9 +250,15 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
             log.debug("%s: low-TTL send to %s failed: %s", self.myid, addr, exc)
 
     def relayed_datagram_received(self, data: bytes, addr: RelayAddress) -> None:
-        """A datagram that came through the relay from the peer endpoint ``addr``."""
+        """A datagram that came through the relay from the peer endpoint ``addr``. A NAT
+        datagram (discovery, punching) never travels through the relay: one that did is
+        dropped (its answer would go to a RelayAddress)."""
         ep, loop = self._ep, self._loop
         if ep is None or loop is None or self._closed:
+            return
+        if data and is_nat_datagram(data[0]):
+            log.debug("%s: dropped a relayed NAT datagram (type %#x) from %s", self.myid,
+                      data[0], addr)
             return
         self._handle_datagram(ep, data, addr, loop.time())
         if ep.timer_dirty:
@@ -381,9 +393,8 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
 
     def _sent(self, ep: UdpEndpoint, r: tuple[bytes, Any] | None) -> None:
         if r is not None:
-            tap = self._nat_tap
-            if tap is not None and type(r[1]) is RelayAddress:
-                tap.relay_datagram(r[0], r[1])
+            if type(r[1]) is RelayAddress:
+                self._relay(r[0], r[1])
             else:
                 self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
         if ep.out or ep.timer_dirty:
@@ -409,16 +420,21 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
         if transport.is_closing():
             return
         sendto = transport.sendto
-        tap = self._nat_tap
-        if tap is None:
-            for dgram, addr in out:
-                sendto(dgram, addr)
-            return
         for dgram, addr in out:
             if type(addr) is RelayAddress:
-                tap.relay_datagram(dgram, addr)
+                self._relay(dgram, addr)
             else:
                 sendto(dgram, addr)
+
+    def _relay(self, dgram: bytes, addr: RelayAddress) -> None:
+        """A sealed datagram for a peer endpoint behind the relay: to the NAT tap, or dropped
+        if there is none any more (NAT traversal closed: never to the socket, which would
+        close itself on such an address)."""
+        tap = self._nat_tap
+        if tap is not None:
+            tap.relay_datagram(dgram, addr)
+        else:
+            log.debug("%s: datagram for %s dropped: NAT traversal is closed", self.myid, addr)
 
     def _core_timer(self) -> float | None:
         ep = self._ep

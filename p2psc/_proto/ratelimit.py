@@ -35,7 +35,12 @@ class TokenBucket:
 def rate_key(addr: Any) -> Hashable:
     """The rate-limit key of a source address: its IP address (the port is ignored), for IPv6
     the /64 prefix (one host or site commonly holds a whole /64). An IPv4-mapped IPv6 address
-    counts as its IPv4 address."""
+    counts as its IPv4 address. An address that is no socket address (its second field is not
+    an integer port: a :class:`~p2psc.nat.wire.RelayAddress`, whose first field is a peer id
+    the relay authenticated) has a key of its own kind: a peer id that looks like an IP
+    address shares no bucket with that address."""
+    if isinstance(addr, tuple) and len(addr) >= 2 and not isinstance(addr[1], int):
+        return ("relayed", addr[0])
     host = addr[0] if isinstance(addr, tuple) and addr else addr
     if not isinstance(host, str):
         return host  # type: ignore[no-any-return]

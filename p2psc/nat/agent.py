@@ -24,7 +24,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..config import PeerAddress, Settings
 from ..p2p import TcpP2P
@@ -34,15 +34,28 @@ from . import wire
 from .punch import Puncher
 
 log = logging.getLogger("p2psc.nat")
+F = TypeVar("F", wire.Punch, wire.Circuit)
 
 __all__ = ["NatAgent", "AgentHost", "NetReport", "nat_behaviour"]
 
 _PROBE_TRIES = 3
 _PROBE_WAIT = 0.5          # seconds per probe try, growing linearly
 _BACKOFF_MAX = 30.0        # between attempts to re-establish the control link while serving
+_STABLE_LINK = 10.0        # a control link that closed sooner counts as a failed attempt
 _MAX_PENDING = 256         # requests in flight on the control link, at most
 _MAX_PUNCHES = 8           # punch attempts running at once per UDP endpoint, at most
-_MAX_JOINS = 16            # relayed circuits being joined at once (INCOMING), at most
+#: punch attempts that answer the relay's PUNCH at once: one per requesting peer, and at most
+#: this many in all. Each pings the addresses the PUNCH names (its requester chose some of
+#: them), so a flood of PUNCH (a CONNECT burst, a malicious relay) must not multiply them.
+_MAX_PUNCH_BACKS = 8
+#: relayed circuits being joined at once on INCOMING (a TCP connection to the relay each);
+#: an honest relay offers a peer at most its ``circuits_per_peer`` (8 by default)
+_MAX_JOINS = 16
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class AgentHost(Protocol):
@@ -109,19 +122,24 @@ class _ControlLink(TcpP2P):
 
 class _CircuitJoin(asyncio.Protocol):
     """The start of a relayed circuit: send the preamble, wait for the relay's one-byte
-    answer; then the transport goes to the real protocol."""
+    answer; then the transport goes to the real protocol. Reading pauses at the answer, until
+    the real protocol has it: what arrives in between would be lost."""
 
     def __init__(self, token: bytes) -> None:
         self.token = token
         self.joined: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
         transport.write(wire.circuit_preamble(self.token))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.joined.done():
             return
         if data[:1] == b"\x00":
+            if self.transport is not None:
+                self.transport.pause_reading()
             self.joined.set_result(data[1:])
         else:
             self.joined.set_exception(RelayError("the relay refused the circuit"))
@@ -242,11 +260,16 @@ class _EndpointTap:
         finally:
             # go on answering the other side's pings until the budget ends
             delay = max(0.0, puncher.deadline - loop.time())
-            loop.call_later(delay, self.punchers.pop, punch.punch_id, None)
+            loop.call_later(delay, self._forget_puncher, punch.punch_id, puncher)
         log.info("%s: punch toward %s %s after %d pings", self.agent.myid, punch.peer_id,
                  f"found {puncher.path}" if puncher.path is not None else "found no path",
                  puncher.pings_sent)
         return puncher.path
+
+    def _forget_puncher(self, punch_id: bytes, puncher: Puncher) -> None:
+        entry = self.punchers.get(punch_id)
+        if entry is not None and entry[0] is puncher:  # (not a later attempt's, same id)
+            del self.punchers[punch_id]
 
     def local_addrs(self) -> tuple[wire.Addr, ...]:
         """The socket's own address, as a candidate for peers on the same network."""
@@ -273,11 +296,16 @@ class NatAgent:
         self._next_request = 0
         self._keeper: asyncio.Task[None] | None = None
         self._link_lost: asyncio.Event | None = None
+        self._link_up_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._relay_ips: dict[int, str] = {}
-        self._joining = 0
         self._closed = False
         self._dropped_dgrams = 0
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._reconnect_after = 0.0
+        self._punching: set[str] = set()    # peers whose PUNCH an attempt answers now
+        self._joining = 0                   # circuits being joined on INCOMING
+        self._ignored: dict[str, int] = {}  # frames ignored over a limit, by kind
 
     # -- the control link -------------------------------------------------------------------------
 
@@ -291,9 +319,8 @@ class NatAgent:
             raise RelayError("NAT traversal is closed")
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.get_running_loop().create_task(self._connect_link())
-            # its failure is reported to whoever waits; retrieved here for when nobody does
-            self._connecting.add_done_callback(
-                lambda t: None if t.cancelled() else t.exception())
+            # (its RelayError is retrieved even when every waiter gave up before it came)
+            self._connecting.add_done_callback(_retrieve)
         try:
             return await asyncio.wait_for(asyncio.shield(self._connecting),
                                           self.settings.nat_relay_timeout)
@@ -320,6 +347,7 @@ class NatAgent:
             raise RelayError(f"the relay {r.peer_id} refused this peer: {exc}") from None
         self._link, self.welcome = link, welcome
         self._link_lost = asyncio.Event()
+        self._link_up_at = asyncio.get_running_loop().time()
         self._send_hello()
         log.info("%s: control link to relay %s up (seen as %s:%d)", self.myid, r.peer_id,
                  welcome.observed.host, welcome.observed.port)
@@ -369,12 +397,24 @@ class NatAgent:
             return
         if t is wire.Incoming:
             assert isinstance(frame, wire.Incoming)
+            if self._tcp_factory is None:
+                return
+            if self._joining >= _MAX_JOINS:
+                self._ignore("INCOMING", f"{_MAX_JOINS} relayed circuits are being joined")
+                return
+            self._joining += 1
             self._start(self._accept_circuit(frame.token, frame.source_peer))
             return
         if t is wire.Punch:
             assert isinstance(frame, wire.Punch)
             if frame.request == 0:
-                self._start(self._punch_back(frame))
+                if frame.peer_id in self._punching:
+                    self._ignore("PUNCH", f"a punch toward {frame.peer_id} is under way")
+                elif len(self._punching) >= _MAX_PUNCH_BACKS:
+                    self._ignore("PUNCH", f"{_MAX_PUNCH_BACKS} punches are under way")
+                else:
+                    self._punching.add(frame.peer_id)
+                    self._start(self._punch_back(frame))
                 return
         request = getattr(frame, "request", 0)
         fut = self._requests.pop(request, None)
@@ -383,6 +423,13 @@ class NatAgent:
         elif t is wire.Error:
             assert isinstance(frame, wire.Error)
             log.info("%s: the relay says: %s", self.myid, frame.text)
+
+    def _ignore(self, kind: str, why: str) -> None:
+        """A frame ``kind`` from the relay not acted on (over a limit): logged at the 1st,
+        100th, 10000th time."""
+        n = self._ignored[kind] = self._ignored.get(kind, 0) + 1
+        if n in (1, 100, 10000):
+            log.info("%s: %s from the relay ignored: %s (%d so far)", self.myid, kind, why, n)
 
     def control_closed(self, link: _ControlLink) -> None:
         """The control link ended (its ``on_closed``)."""
@@ -399,9 +446,9 @@ class NatAgent:
         if not self._closed:
             log.info("%s: control link to relay %s closed", self.myid, self.relay.peer_id)
 
-    async def _request(self, make: Callable[[int], wire.Frame]) -> wire.Frame:
-        """Send a request frame and wait for its answer; an ERROR answer raises
-        :class:`RelayError`."""
+    async def _request(self, make: Callable[[int], wire.Frame], expect: type[F]) -> F:
+        """Send a request frame and wait for its answer, of type ``expect``; an ERROR
+        answer, or one of another kind, raises :class:`RelayError`."""
         await self.ensure_link()
         if len(self._requests) >= _MAX_PENDING:
             raise RelayError("too many requests in flight to the relay")
@@ -419,6 +466,11 @@ class NatAgent:
         if isinstance(answer, wire.Error):
             reason = answer.text or wire.ERROR_NAMES.get(answer.code, str(answer.code))
             raise RelayError(f"the relay refused: {reason}")
+        if not isinstance(answer, expect):
+            log.warning("%s: the relay answered a request with %s, not %s", self.myid,
+                        type(answer).__name__.upper(), expect.__name__.upper())
+            raise RelayError(f"the relay answered with {type(answer).__name__.upper()}, not "
+                             f"{expect.__name__.upper()}")
         return answer
 
     # -- serving ----------------------------------------------------------------------------------
@@ -445,6 +497,7 @@ class NatAgent:
         """While serving: keep the control link up (reconnecting with backoff) and the UDP
         server's mapping known to the rendezvous and open (a probe every
         ``nat_probe_interval``)."""
+        loop = asyncio.get_running_loop()
         backoff = 1.0
         while not self._closed:
             try:
@@ -454,7 +507,6 @@ class NatAgent:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
-            backoff = 1.0
             server = self._udp_server
             if server is not None:
                 for index in (0, 1):
@@ -466,6 +518,18 @@ class NatAgent:
                 await asyncio.wait_for(lost.wait(), self.settings.nat_probe_interval)
             except asyncio.TimeoutError:
                 pass
+            if not lost.is_set():
+                continue
+            # a link that the relay closed soon after it came up (another process of this
+            # peer id replacing it, a full or hostile relay) is a failed attempt: back off
+            # rather than redial at once, again and again
+            if loop.time() - self._link_up_at < _STABLE_LINK:
+                log.warning("%s: the relay closed the control link within %g s; retrying in "
+                            "%g s", self.myid, _STABLE_LINK, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+            else:
+                backoff = 1.0
 
     # -- UDP --------------------------------------------------------------------------------------
 
@@ -502,15 +566,14 @@ class NatAgent:
         mapped = await tap.probe(0)
         try:
             punch = await self._request(
-                lambda req: wire.Connect(req, tap.endpoint, tap.local_addrs(), peer_id))
+                lambda req: wire.Connect(req, tap.endpoint, tap.local_addrs(), peer_id),
+                wire.Punch)
         except RelayError as exc:
             if direct is None:
                 raise PeerUnreachable(f"cannot reach {peer_id}: {exc}") from None
             log.info("%s: rendezvous with %s failed (%s); trying it directly", self.myid,
                      peer_id, exc)
             return "direct", direct
-        if not isinstance(punch, wire.Punch):
-            raise PeerUnreachable(f"the relay answered CONNECT with {type(punch).__name__}")
         tap.peer_endpoint = punch.peer_endpoint
         if mapped is not None and punch.candidates and self.settings.nat_punch:
             extra = [direct] if direct is not None else []
@@ -576,17 +639,20 @@ class NatAgent:
         if await tap.probe(0) is None:
             return None
         punch = await self._request(
-            lambda req: wire.Connect(req, tap.endpoint, tap.local_addrs(), peer_id))
-        if not isinstance(punch, wire.Punch) or not punch.candidates:
+            lambda req: wire.Connect(req, tap.endpoint, tap.local_addrs(), peer_id), wire.Punch)
+        if not punch.candidates:
             return None
         return await tap.punch(punch, [tap.direct] if tap.direct is not None else [])
 
     async def _punch_back(self, punch: wire.Punch) -> None:
         """The rendezvous says a peer wants to reach our UDP server: punch toward it."""
-        tap = self._taps.get(punch.endpoint)
-        if tap is None or tap is not self._udp_server or not self.settings.nat_punch:
-            return
-        await tap.punch(punch, [])
+        try:
+            tap = self._taps.get(punch.endpoint)
+            if tap is None or tap is not self._udp_server or not self.settings.nat_punch:
+                return
+            await tap.punch(punch, [])
+        finally:
+            self._punching.discard(punch.peer_id)
 
     def send_dgram(self, source: bytes, addr: wire.RelayAddress, data: bytes) -> None:
         """Send a sealed datagram through the relay."""
@@ -596,7 +662,12 @@ class NatAgent:
                 log.info("%s: datagram for %s dropped: no control link to the relay "
                          "(%d so far)", self.myid, addr.peer_id, self._dropped_dgrams)
             if self._link is None and not self._closed:
-                self._start(self._reconnect_quietly())
+                # one reconnect at a time, at most one a second: not one per datagram
+                now = asyncio.get_running_loop().time()
+                busy = self._reconnecting is not None and not self._reconnecting.done()
+                if not busy and now >= self._reconnect_after:
+                    self._reconnect_after = now + 1.0
+                    self._reconnecting = self._start(self._reconnect_quietly())
 
     async def _reconnect_quietly(self) -> None:
         try:
@@ -609,24 +680,17 @@ class NatAgent:
     async def open_circuit(self, peer_id: str, factory: Callable[[], TcpP2P]
                            ) -> tuple[asyncio.Transport, TcpP2P]:
         """A relayed TCP connection to ``peer_id`` with a ``factory`` protocol."""
-        answer = await self._request(lambda req: wire.Open(req, peer_id))
-        if not isinstance(answer, wire.Circuit):
-            raise RelayError(f"the relay answered OPEN with {type(answer).__name__}")
+        answer = await self._request(lambda req: wire.Open(req, peer_id), wire.Circuit)
         try:
             return await self._join(answer.token, factory)
         except asyncio.TimeoutError:
             raise RelayError(f"the relayed circuit to {peer_id} was not joined in time") from None
 
     async def _accept_circuit(self, token: bytes, source: str) -> None:
-        factory = self._tcp_factory
-        if factory is None:
-            return
-        if self._joining >= _MAX_JOINS:
-            log.warning("%s: relayed connection from %s ignored: %d being joined already",
-                        self.myid, source, self._joining)
-            return
-        self._joining += 1
         try:
+            factory = self._tcp_factory
+            if factory is None:
+                return
             await self._join(token, factory)
         except (OSError, P2PError, asyncio.TimeoutError) as exc:
             log.info("%s: relayed connection from %s failed: %s", self.myid, source,
@@ -650,6 +714,10 @@ class NatAgent:
         proto.path = "relayed"
         transport.set_protocol(proto)
         proto.connection_made(transport)
+        # (reading resumes first, so that a pause the protocol makes on ``rest`` holds; the
+        # transport reads nothing before this call returns)
+        if not transport.is_closing():
+            transport.resume_reading()
         if rest:
             proto.data_received(rest)
         return transport, proto
@@ -738,10 +806,11 @@ class NatAgent:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def _start(self, coro: Any) -> None:
+    def _start(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
         """Stop: no more reconnecting; the control link closes."""

@@ -60,6 +60,9 @@ class RelayLimits:
     max_peers: int = 10_000
     #: circuits (pending or spliced) a peer may be either end of
     circuits_per_peer: int = 8
+    #: circuits (pending or spliced) between the same two peers, either way: below
+    #: ``circuits_per_peer``, so that one peer cannot take all of another's
+    circuits_per_pair: int = 4
     #: circuits (pending or spliced) in total
     max_circuits: int = 1024
     #: CONNECT and OPEN requests per second per peer, and their burst
@@ -297,6 +300,7 @@ class Rendezvous:
         self._pending: OrderedDict[int, _Circuit] = OrderedDict()  # oldest (first due) first
         self._circuit_tokens: dict[bytes, tuple[_Circuit, int]] = {}
         self._circuit_count: Counter[str] = Counter()
+        self._pair_count: Counter[tuple[str, str]] = Counter()
         self._next_cid = 1
 
     # -- introspection ----------------------------------------------------------------------------
@@ -512,6 +516,11 @@ class Rendezvous:
             return self._refuse(peer, what, f.request, wire.E_NOT_CONNECTED, now)
         if not target.flags & wire.FLAG_TCP:
             return self._refuse(peer, what, f.request, wire.E_NO_TCP, now)
+        pair = _pair(peer.peer_id, target.peer_id)
+        per_pair = self.limits.circuits_per_pair
+        if self._pair_count[pair] >= per_pair:
+            return self._refuse(peer, what, f.request, wire.E_LIMIT, now,
+                                f"you have {per_pair} circuits with the target")
         per_peer = self.limits.circuits_per_peer
         if self._circuit_count[peer.peer_id] >= per_peer:
             return self._refuse(peer, what, f.request, wire.E_LIMIT, now,
@@ -532,6 +541,7 @@ class Rendezvous:
         self._circuit_tokens[token_b] = (circ, 1)
         self._circuit_count[peer.peer_id] += 1
         self._circuit_count[target.peer_id] += 1
+        self._pair_count[pair] += 1
         self.counters["circuits_opened"] += 1
         return [SendFrame(peer.link, wire.encode(wire.Circuit(f.request, token_a))),
                 SendFrame(target.link, wire.encode(wire.Incoming(token_b, peer.peer_id))),
@@ -583,6 +593,10 @@ class Rendezvous:
             self._circuit_count[p] -= 1
             if self._circuit_count[p] <= 0:
                 del self._circuit_count[p]
+        pair = _pair(*circ.peers)
+        self._pair_count[pair] -= 1
+        if self._pair_count[pair] <= 0:
+            del self._pair_count[pair]
 
     def charge_relay_bytes(self, peer_id: str, n: int, now: float) -> float:
         """``peer_id`` had ``n`` bytes relayed over a circuit: the seconds to stop reading
@@ -735,6 +749,11 @@ def _unmapped(host: str, port: int) -> Addr:
         if mapped is not None:
             return Addr(str(mapped), port)
     return Addr(host, port)
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    """The key of the circuits between ``a`` and ``b``, whichever opened them."""
+    return (a, b) if a <= b else (b, a)
 
 
 def _candidates(mapping: dict[int, Addr], local: tuple[Addr, ...]) -> tuple[Addr, ...]:

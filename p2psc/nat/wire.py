@@ -5,7 +5,9 @@ Three kinds of bytes:
 **Control frames** travel between a peer and its relay inside the p2psc records of an
 ordinary, authenticated and encrypted p2psc TCP connection (the relay is a p2psc peer with
 its own id and key), one frame per message. The first byte is the type; integers are
-big-endian; ``id`` is a peer id (u8 length + UTF-8, 1..255 bytes); ``addr`` is
+big-endian; ``id`` is a peer id (u8 length + its bytes; a valid peer id, as
+:func:`p2psc._proto.rsakeys.validate_peer_id` says: any other is a malformed frame, so
+that no frame can put a newline or a control character into a log line); ``addr`` is
 ``u8 family (4|6) | 4 or 16 bytes | u16 port``; ``ep`` is an 8-byte endpoint id (a random
 name the peer gives one of its UDP sockets)::
 
@@ -25,7 +27,8 @@ name the peer gives one of its UDP sockets)::
     CIRCUIT  0x84  u32 request | 32 B token
     PONG     0x85  u64 cookie
     INCOMING 0x86  32 B token | id source
-    ERROR    0x87  u32 request | u8 code | UTF-8 text (at most 200 bytes)
+    ERROR    0x87  u32 request | u8 code | UTF-8 text (at most 200 bytes; decoded with its
+                   control characters replaced by "?": it is logged and shown)
 
 **UDP datagrams** share the socket of p2psc's own UDP (types 0x01..0x06); theirs are
 0x50..0x53, so a socket tells them apart by the first byte::
@@ -55,7 +58,8 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..p2pexcept import ProtocolError
+from .._proto.rsakeys import validate_peer_id
+from ..p2pexcept import ConfigError, ProtocolError
 
 __all__ = [
     "VERSION", "FLAG_TCP", "FLAG_UDP", "EP_LEN", "TOKEN_LEN", "PUNCH_ID_LEN", "CIRCUIT_TOKEN_LEN",
@@ -122,8 +126,9 @@ class Addr(NamedTuple):
 
 class RelayAddress(NamedTuple):
     """The "address" of a peer endpoint reached through the relay: its authenticated peer id
-    and its endpoint id. It stands where a socket address would in the UDP core, so a rate
-    limit keyed on ``addr[0]`` is per peer."""
+    and its endpoint id. It stands where a socket address would in the UDP core, whose rate
+    limits key it per peer (:func:`p2psc._proto.ratelimit.rate_key`: apart from any IP
+    address, even for a peer id that looks like one)."""
 
     peer_id: str
     endpoint: bytes
@@ -225,11 +230,24 @@ Frame = (Hello | Connect | Dgram | Open | Ping | Welcome | Punch | RelayedDgram 
          | Incoming | Error)
 
 
+def _valid_id(peer_id: str) -> bool:
+    try:
+        validate_peer_id(peer_id)
+    except ConfigError:
+        return False
+    return True
+
+
 def _id(peer_id: str) -> bytes:
+    if not _valid_id(peer_id):
+        raise ValueError("not a valid peer id")
     b = peer_id.encode("utf-8")
-    if not 1 <= len(b) <= 255:
-        raise ValueError("a peer id is 1 to 255 bytes of UTF-8")
     return bytes((len(b),)) + b
+
+
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable (newlines, escapes) as "?"."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _addr(a: Addr) -> bytes:
@@ -347,9 +365,12 @@ class _Reader:
         if n == 0:
             raise ProtocolError("empty peer id in NAT frame")
         try:
-            return self.take(n).decode("utf-8")
+            peer_id = self.take(n).decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError("peer id in NAT frame is not UTF-8") from None
+        if not _valid_id(peer_id):
+            raise ProtocolError("invalid peer id in NAT frame")
+        return peer_id
 
     def addr(self) -> Addr:
         family = self.u8()
@@ -430,7 +451,7 @@ def decode_relay_frame(data: bytes | memoryview
         text = r.rest()
         if len(text) > MAX_ERROR_TEXT:
             raise ProtocolError("NAT error text too long")
-        frame = Error(request, code, text.decode("utf-8", "replace"))
+        frame = Error(request, code, _printable(text.decode("utf-8", "replace")))
     else:
         raise ProtocolError(f"unknown NAT frame type 0x{t:02x} from the relay")
     r.end()
