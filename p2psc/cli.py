@@ -703,12 +703,19 @@ async def _netcheck(args: argparse.Namespace) -> int:
                            "\"host\": ..., \"port\": ...} to conf/config.json (docs/NAT.md)")
         loop = asyncio.get_running_loop()
         sock = socket_mod.socket(socket_mod.AF_INET, socket_mod.SOCK_DGRAM)
-        sock.setblocking(False)
-        sock.bind(("0.0.0.0", 0))
-        proto = UdpP2P(handler, handler.get_myid())
-        proto.attach(sock)
-        await loop.create_datagram_endpoint(lambda: proto, sock=sock)
-        report = await nat.netcheck(proto)
+        try:
+            sock.setblocking(False)
+            sock.bind(("0.0.0.0", 0))
+            proto = UdpP2P(handler, handler.get_myid())
+            proto.attach(sock)
+            await loop.create_datagram_endpoint(lambda: proto, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            report = await nat.netcheck(proto)
+        finally:
+            proto.stop()
     finally:
         await handler.close()
     print(f"relay:        {report.relay}")

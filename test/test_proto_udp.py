@@ -943,3 +943,10 @@ def test_move_peer_refuses_without_a_session_or_onto_another_peers_address(
     assert net.b.move_peer("a.test", c_addr, net.now) is False
     assert net.b.datagrams_to_send() == [] and net.b.peer_at(c_addr) == "c.test"
     assert net.b.move_peer("nobody", c_addr, net.now) is False
+
+
+def test_a_keepalive_interval_too_small_to_schedule_is_refused() -> None:
+    from p2psc.p2pexcept import ConfigError
+    with pytest.raises(ConfigError, match="udp_keepalive_interval must be 0"):
+        Settings.from_mapping({"udp_keepalive_interval": 1e-9}, "conf")
+    assert Settings.from_mapping({"udp_keepalive_interval": 0}, "conf").udp_keepalive_interval == 0

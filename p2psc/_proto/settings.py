@@ -138,6 +138,9 @@ class Settings:
         if s.udp_max_sessions_per_peer < 2:
             raise ConfigError(f"{where}: udp_max_sessions_per_peer must be at least 2 (a live "
                               "session and the handshake that replaces it)")
+        if 0 < s.udp_keepalive_interval < 0.01:
+            raise ConfigError(f"{where}: udp_keepalive_interval must be 0 (off) or at least "
+                              "0.01 s")
         if s.nat_punch_interval <= 0 or s.nat_probe_interval <= 0 or s.nat_relay_timeout <= 0:
             raise ConfigError(f"{where}: nat_punch_interval, nat_probe_interval and "
                               "nat_relay_timeout must be positive")
