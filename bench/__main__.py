@@ -39,6 +39,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated stream transports from {', '.join(STREAM_TRANSPORTS)} "
                         "(default: raw, tls, p2psc and p2psc with the suite that is not the default)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; smoke 1)")
+    p.add_argument("--lab-count", type=int, default=None, metavar="N",
+                   help="natlab: fresh client connections per path (default 10)")
     p.add_argument("--loop", choices=LOOP_KINDS, default="uvloop", help="event loop on both ends")
     p.add_argument("--sizes", default=None,
                    help="comma-separated TCP message sizes, e.g. 100,1K,64K,1M (default: all four)")
@@ -67,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rounds < 1:
             raise SystemExit("--rounds must be at least 1")
         settings.rounds = args.rounds
+    if args.lab_count is not None:
+        if args.lab_count < 1:
+            raise SystemExit("--lab-count must be at least 1")
+        settings.natlab = {**settings.natlab, "count": args.lab_count}
     if args.sizes:
         settings.sizes = tuple(parse_size(s) for s in args.sizes.split(",") if s.strip())
     if args.transports:

@@ -211,7 +211,8 @@ class P2PUdpSender:
             def on_recv(self, data: bytes, addr: Any) -> None:
                 pass
 
-        self.handler = P2PHandler(config=self.config)
+        if self.handler is None:  # (built beforehand when its key loading is not to be timed)
+            self.handler = P2PHandler(config=self.config)
         self.transport, self.protocol = await self.handler.connect_udp_peer(self.peer_id, ProtocolClass=BenchUdpClient)
         await asyncio.wait_for(self.protocol.wait_handshaked(), timeout)
 

@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from . import nat
 from .apps import ClientConn
 from .common import (
     CLIENT_CPU,
@@ -100,6 +101,9 @@ def server_process(pipe: Connection, spec: dict[str, Any]) -> None:
 
 async def _server_main(channel: Channel, spec: dict[str, Any]) -> None:
     test = spec["test"]
+    if test.startswith("relay-"):
+        await nat.server_main(channel, spec)
+        return
     if test == "udp":
         if spec["transport"] == "udp":
             udp = UdpServerSide()
@@ -139,6 +143,9 @@ def client_process(pipe: Connection, spec: dict[str, Any], port: int) -> None:
 
 async def _client_main(channel: Channel, spec: dict[str, Any], port: int) -> None:
     test = spec["test"]
+    if test.startswith("relay-"):
+        channel.send("result", await nat.client_main(channel, spec, port))
+        return
     if test == "udp":
         channel.send("result", await _udp_test(channel, spec, port))
         return
