@@ -286,6 +286,159 @@ def tables(data: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+RELAY_LABELS = {
+    "direct": "direct",
+    "relayed": "relayed (relay limits raised)",
+    "relayed-cli": "relayed (`p2psc relay serve`, default limits)",
+}
+
+
+def _ms_per_mb(stat: dict[str, Any] | None) -> str:
+    """CPU seconds per MB as milliseconds per MB."""
+    return fmt_num(stat["median"] * 1e3) if stat and stat.get("median") is not None else "-"
+
+
+def _lab_ms(stat: dict[str, Any] | None) -> str:
+    if not stat or stat.get("median") is None:
+        return "-"
+    return f"{fmt_num(stat['median'])} / {fmt_num(stat['p90'])}"
+
+
+def nat_tables(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The NAT traversal tables: the lab's time to first message, the relay on loopback."""
+    out: list[tuple[str, str]] = []
+    lab = data.get("natlab")
+    if lab and lab.get("paths"):
+        rows = []
+        plain = {p["kind"]: p["first_ms"] for p in lab["paths"].values() if p["client"] == "cplain"}
+        for p in lab["paths"].values():
+            got = ", ".join(f"{'direct (path None: no relay)' if name == 'None' else name} ×{n}"
+                            for name, n in sorted(p["paths"].items(), key=lambda kv: -kv[1]))
+            base = plain.get(p["kind"])
+            mine = p["first_ms"].get("median")
+            x = (f"{mine / base['median']:.1f}" if base and base.get("median") and mine
+                 and p["client"] != "cplain" else "-")
+            rows.append([p["label"], f"{p['client']} → {p['server']}", got, _lab_ms(p["handshake_ms"]),
+                         _lab_ms(p["first_ms"]), x])
+        n = max((len(p["samples"]) for p in lab["paths"].values()), default=0)
+        out.append((f"NAT traversal in the namespace lab: time to the first echoed message ({n} fresh client "
+                    "processes per path; median / p90)",
+                    md_table(["path", "client → server", "path got", "handshake done ms", "first echo ms",
+                              "first echo x no relay"], rows, ["l", "l", "l", "r", "r", "r"])))
+    relay = data["results"].get("relay")
+    if relay:
+        tcp, udp = relay.get("tcp", {}), relay.get("udp", {})
+        rows = []
+        for v in [k for k in RELAY_LABELS if k in tcp]:
+            mb = _get(tcp, v, "mb_per_s")
+            rows.append([RELAY_LABELS[v], fmt_stat(mb),
+                         _ratio_cell(mb, _get(tcp, "direct", "mb_per_s")) if v != "direct" else "-",
+                         f"{_ms_per_mb(_get(tcp, v, 'send_cpu_s_per_mb'))} / "
+                         f"{_ms_per_mb(_get(tcp, v, 'recv_cpu_s_per_mb'))} / "
+                         f"{_ms_per_mb(_get(tcp, v, 'relay_cpu_s_per_mb'))}",
+                         fmt_stat(_get(tcp, v, "connect_ms"))])
+        if rows:
+            r = data["settings"]["relay"]
+            out.append((f"NAT relay on 127.0.0.1, TCP: {r['tcp_bytes'] / 2**20:g} MiB in "
+                        f"{size_label(r['tcp_size'])} messages, one connection "
+                        "(median [min–max] over rounds)",
+                        md_table(["path", "MB/s", "x direct", "CPU ms per MB: sender / receiver / relay",
+                                  "connect + handshake ms"], rows)))
+        rows = []
+        for v in [k for k in RELAY_LABELS if k in udp]:
+            dg = _get(udp, v, "dgrams_per_s")
+            rows.append([RELAY_LABELS[v], fmt_stat(dg), fmt_stat(_get(udp, v, "mb_per_s")),
+                         _ratio_cell(dg, _get(udp, "direct", "dgrams_per_s")) if v != "direct" else "-",
+                         fmt_stat(_get(udp, v, "loss_pct")),
+                         f"{_ms_per_mb(_get(udp, v, 'send_cpu_s_per_mb'))} / "
+                         f"{_ms_per_mb(_get(udp, v, 'recv_cpu_s_per_mb'))} / "
+                         f"{_ms_per_mb(_get(udp, v, 'relay_cpu_s_per_mb'))}",
+                         fmt_stat(_get(udp, v, "connect_ms"))])
+        if rows:
+            r = data["settings"]["relay"]
+            out.append((f"NAT relay on 127.0.0.1, UDP: {r['udp_count']:,} datagrams of {r['udp_size']} B "
+                        "(received rate = received / (last − first arrival))",
+                        md_table(["path", "received dgram/s", "received MB/s", "x direct", "loss %",
+                                  "CPU ms per received MB: sender / receiver / relay",
+                                  "connect + handshake ms"], rows)))
+    return out
+
+
+def _wrap_bullets(paragraphs: list[str]) -> list[str]:
+    """Markdown bullets, one line each (the file's other method bullets are one line too)."""
+    return [f"- {p}" for p in paragraphs]
+
+
+def nat_markdown(data: dict[str, Any]) -> list[str]:
+    """The "NAT traversal" section of docs/BENCHMARKS.md: the tables and how they were made."""
+    s = data["settings"]
+    skipped = data.get("skipped", {})
+    tabs = dict(nat_tables(data))
+    if not tabs and "natlab" not in skipped and "relay" not in skipped:
+        return []
+    lines = ["## NAT traversal", ""]
+    lab_title = next((t for t in tabs if t.startswith("NAT traversal in the namespace lab")), None)
+    if lab_title is not None:
+        lab = data["natlab"]
+        lines += [f"### {lab_title}", "", tabs[lab_title], "", *_wrap_bullets([
+            "**Lab**: test/natlab.py, network namespaces with nftables NATs and no added delay (a veth "
+            "round trip is ~0.05 ms): what is measured is p2psc's own cost, CPU and timers. The relay "
+            "(`python -m p2psc relay serve`) runs on the public server host; echo servers "
+            "(test/nat_peer.py) behind a cone NAT (`sa-*`) and on a public host (`sp-*`); clients "
+            "behind a second cone NAT (`cb`, `cbn`, `cplain`) and a symmetric NAT (`ce`). Peers behind "
+            "NAT are known at their private address, which other sites cannot reach.",
+            "**Each sample is a fresh client process** (test/nat_peer.py): the times run from just after "
+            "its handler is built, so a NAT path includes attaching to the relay (a p2psc handshake "
+            "with it), the UDP probe and the rendezvous. 'handshake done': the connect call until the "
+            "p2psc handshake with the server completed; 'first echo': until the echo of one 1000-byte "
+            "message came back. The samples of all paths are interleaved, a client every "
+            f"{s['natlab'].get('gap_s', 0.5)} s.",
+            f"**Settings: the defaults** ({lab.get('settings', '')}), so the relayed UDP row honestly "
+            "includes the punch budget spent before the fallback; the `nat_punch: false` row shows the "
+            "relay's own cost. TCP is never punched: a TCP client tries the address it knows "
+            "(`nat_direct_timeout`) and then opens a relayed circuit.",
+            "'x no relay': the median first echo over that of the client without a relay, same "
+            "transport.",
+        ]), ""]
+    elif "natlab" in skipped:
+        lines += [f"- **NAT lab skipped**: {skipped['natlab']}", ""]
+    for title, table in tabs.items():
+        if title == lab_title:
+            continue
+        lines += [f"### {title}", "", table, ""]
+    if any(t.startswith("NAT relay") for t in tabs):
+        r = s["relay"]
+        pin = f"on CPU {s['relay_cpu']}" if s.get("relay_cpu") is not None else "not pinned"
+        lines += [*_wrap_bullets([
+            "**Relay on 127.0.0.1**, in its own process: `relayed (relay limits raised)` is `python -m "
+            "bench.relayproc`, the relay of `p2psc relay serve` (same `RelayServer`, same handler, "
+            "uvloop) with `relay_bytes_per_sec` and `relay_burst_bytes` raised out of reach, so that its "
+            "own cost is measured; `p2psc relay serve` itself, with its default limits (8 MiB/s per "
+            f"peer, 1 MiB burst), is the last row. Client on CPU 0, server on CPU 1, relay {pin}: on "
+            "this 2-CPU machine a relayed transfer runs three busy processes on two CPUs.",
+            "**Same peers, same config** (both ends name the relay) on every row; only what the client "
+            "knows of the server differs. direct: its real address. Relayed TCP: a closed port, so "
+            "`connect_peer` is refused and opens a relayed circuit. Relayed UDP: port 0 and "
+            "`nat_punch: false`, so sealed datagrams travel in DGRAM frames over both peers' control "
+            "links. Each row checks the path the connection got.",
+            f"**TCP**: a warm-up, then {r['tcp_bytes'] / 2**20:g} MiB in {size_label(r['tcp_size'])} "
+            "messages (`send` + `drain`), timed from the first send to the receiver's answer to a sync "
+            f"marker; bounded by {r['tcp_duration_s']:g} s ({r['tcp_capped_duration_s']:g} s through the "
+            f"default-limits relay). **UDP**: a warm-up of a tenth, then {r['udp_count']:,} datagrams "
+            f"of {r['udp_size']} B sent as fast as the sender goes (yielding every 64); received rate = "
+            "received / (last − first arrival), waiting until the receiver is idle. A relayed sender "
+            "has no backpressure: its datagrams queue in its control link.",
+            "**CPU per MB** (10^6 payload bytes received): each end's own CPU time "
+            "(`time.process_time`) over the transfer, and the relay process's from "
+            "`/proc/<pid>/task/*/schedstat`, read by the client around the transfer. 'connect + "
+            "handshake': building the client handler, connecting (for UDP: relay attach, probe, "
+            "rendezvous) and the handshake.",
+        ]), ""]
+    elif "relay" in skipped:
+        lines += [f"- **relay skipped**: {skipped['relay']}", ""]
+    return lines
+
+
 def console_report(data: dict[str, Any]) -> str:
     """The tables plus a short header, for the terminal."""
     m = data["machine"]
@@ -297,7 +450,7 @@ def console_report(data: dict[str, Any]) -> str:
     failed = [r for r in data["runs"] if not r["ok"]]
     for r in failed:
         lines.append(f"FAILED round {r['round'] + 1} {r['test']} {r['transport']}: {r.get('error', '')[:300]}")
-    for title, table in tables(data):
+    for title, table in tables(data) + nat_tables(data):
         lines += ["", title, table]
     return "\n".join(lines)
 
@@ -467,6 +620,7 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, note
         lines.append("")
     for title, table in tables(data):
         lines += [f"## {title}", "", table, ""]
+    lines += nat_markdown(data)
     lines += [
         "## Method",
         "",
@@ -518,6 +672,8 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, note
         ".venv/bin/python -m bench --loop asyncio    # stdlib event loop",
         ".venv/bin/python -m bench --only tcp --rounds 3 --sizes 100,64K",
         ".venv/bin/python -m bench --profile /tmp/prof --only tcp   # cProfile of both processes",
+        ".venv/bin/python -m bench --only relay --rounds 3          # the NAT relay on 127.0.0.1",
+        ".venv/bin/python -m bench --only natlab --lab-count 10     # the NAT lab (root, nftables)",
         "```",
         "",
         ("Results: `bench/results/latest.json` (every per-round value, the foreign CPU of each run). "
