@@ -41,6 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; smoke 1)")
     p.add_argument("--lab-count", type=int, default=None, metavar="N",
                    help="natlab: fresh client connections per path (default 10)")
+    p.add_argument("--relay-cpu", type=int, default=None, metavar="CPU",
+                   help="relay: pin the relay processes to this CPU (default: not pinned)")
     p.add_argument("--loop", choices=LOOP_KINDS, default="uvloop", help="event loop on both ends")
     p.add_argument("--sizes", default=None,
                    help="comma-separated TCP message sizes, e.g. 100,1K,64K,1M (default: all four)")
@@ -73,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lab_count < 1:
             raise SystemExit("--lab-count must be at least 1")
         settings.natlab = {**settings.natlab, "count": args.lab_count}
+    if args.relay_cpu is not None:
+        settings.relay_cpu = args.relay_cpu
     if args.sizes:
         settings.sizes = tuple(parse_size(s) for s in args.sizes.split(",") if s.strip())
     if args.transports:

@@ -3,7 +3,9 @@
 The "natlab" group. One lab: the relay (``python -m p2psc relay serve``, default limits) on
 the public server host ``srv``; echo servers behind a cone NAT (site a) and on a public host
 without NAT (``pubsrv``); clients behind a second cone NAT (site b) and behind a symmetric NAT
-(site e). Every client and server is a process of test/nat_peer.py in its namespace.
+(site e). Every client and server is a process of test/nat_peer.py in its namespace. Peers
+behind NAT are known at their private address (the lab's router answers ICMP unreachable),
+except that client ``cbd`` knows the TCP server at an address the router drops silently.
 
 Each sample is a **fresh client process**: it builds its handler, connects (for a NAT path:
 attaches to the relay, probes, asks for the rendezvous, punches or falls back, then the
@@ -71,8 +73,14 @@ PATHS = (
             "relayed"),
     LabPath("tcp-plain", "TCP, no relay configured: public server", "tcp", "cplain", "sp-tcp", "direct"),
     LabPath("tcp-direct", "TCP direct: public server", "tcp", "cb", "sp-tcp", "direct"),
-    LabPath("tcp-relayed", "TCP relayed: cone to cone", "tcp", "cb", "sa-tcp", "relayed"),
+    LabPath("tcp-relayed", "TCP relayed: cone to cone (the router refuses the private address)", "tcp",
+            "cb", "sa-tcp", "relayed"),
+    LabPath("tcp-relayed-silent", "TCP relayed: cone to cone, the known address silently dropped", "tcp",
+            "cbd", "sa-tcp", "relayed"),
 )
+#: where client ``cbd`` believes sa-tcp is: an address whose packets the router drops without a
+#: word (as a provider that drops bogons does), so its direct attempt lasts nat_direct_timeout
+SILENT_ADDR = "203.0.113.99"
 
 
 def lab_unavailable() -> str | None:
@@ -161,6 +169,7 @@ def run_lab(params: dict[str, Any], root: Path) -> dict[str, Any]:
         peer("cb", "hostb")
         peer("cbn", "hostb", nat_punch=False)
         peer("cplain", "hostb", relay=False)
+        peer("cbd", "hostb")
         peer("ce", "hoste")
         assert where["sp-udp"][1] == public
         for a in folders.values():
@@ -170,6 +179,10 @@ def run_lab(params: dict[str, Any], root: Path) -> dict[str, Any]:
                     # other sites, as a home address is from the internet
                     _, host, port = where[b.peer_id]
                     a.know(b, host, port)
+        folders["cbd"].know(folders["sa-tcp"], SILENT_ADDR, where["sa-tcp"][2])
+        lab.nft("pub", "table ip bench {\n  chain forward {\n"
+                       "    type filter hook forward priority -10; policy accept;\n"
+                       f"    ip daddr {SILENT_ADDR} drop\n  }}\n}}\n")
 
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}

@@ -385,8 +385,10 @@ def nat_markdown(data: dict[str, Any]) -> list[str]:
             "round trip is ~0.05 ms): what is measured is p2psc's own cost, CPU and timers. The relay "
             "(`python -m p2psc relay serve`) runs on the public server host; echo servers "
             "(test/nat_peer.py) behind a cone NAT (`sa-*`) and on a public host (`sp-*`); clients "
-            "behind a second cone NAT (`cb`, `cbn`, `cplain`) and a symmetric NAT (`ce`). Peers behind "
-            "NAT are known at their private address, which other sites cannot reach.",
+            "behind a second cone NAT (`cb`, `cbn`, `cplain`, `cbd`) and a symmetric NAT (`ce`). Peers "
+            "behind NAT are known at their private address, which other sites cannot reach (the lab's "
+            "router answers ICMP unreachable); `cbd` knows `sa-tcp` at an address whose packets the "
+            "router drops without a word.",
             "**Each sample is a fresh client process** (test/nat_peer.py): the times run from just after "
             "its handler is built, so a NAT path includes attaching to the relay (a p2psc handshake "
             "with it), the UDP probe and the rendezvous. 'handshake done': the connect call until the "
@@ -395,8 +397,9 @@ def nat_markdown(data: dict[str, Any]) -> list[str]:
             f"{s['natlab'].get('gap_s', 0.5)} s.",
             f"**Settings: the defaults** ({lab.get('settings', '')}), so the relayed UDP row honestly "
             "includes the punch budget spent before the fallback; the `nat_punch: false` row shows the "
-            "relay's own cost. TCP is never punched: a TCP client tries the address it knows "
-            "(`nat_direct_timeout`) and then opens a relayed circuit.",
+            "relay's own cost. TCP is never punched: a TCP client tries the address it knows and then "
+            "opens a relayed circuit, at once where that address is refused, after "
+            "`nat_direct_timeout` where its packets vanish.",
             "'x no relay': the median first echo over that of the client without a relay, same "
             "transport.",
         ]), ""]
