@@ -54,6 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-docs", action="store_true", help="never write docs/")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="cProfile both processes of every measurement into DIR/*.prof")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="measure nothing: write docs/BENCHMARKS.md again from a saved results file "
+                        "(e.g. bench/results/latest.json after editing bench/NOTES.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each measurement")
     return p.parse_args(argv)
 
@@ -62,6 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.render is not None:
+        data = json.loads(args.render.read_text(encoding="utf-8"))
+        md = DOCS_DIR / "BENCHMARKS.md"
+        png = DOCS_DIR / "benchmarks.png"
+        write_markdown(data, md, png.name if png.exists() else None, Path(__file__).parent / "NOTES.md")
+        print(f"docs: {md} (from {args.render})")
+        return 0
     settings = Settings(loop=args.loop)
     if args.smoke:
         settings = smoke_settings(settings)
