@@ -96,8 +96,9 @@ def ratio(num: dict[str, Any] | None, den: dict[str, Any] | None) -> dict[str, A
     """Ratio num/den: the median of per-round ratios where rounds pair up, else of medians."""
     if not num or not den or num.get("median") is None or not den.get("median"):
         return None
-    pairs = dict(zip(den.get("rounds", []), den.get("runs", [])))
-    per_round = [v / pairs[r] for r, v in zip(num.get("rounds", []), num.get("runs", [])) if pairs.get(r)]
+    pairs = dict(zip(den.get("rounds", []), den.get("runs", []), strict=False))
+    per_round = [v / pairs[r] for r, v in zip(num.get("rounds", []), num.get("runs", []), strict=False)
+                 if pairs.get(r)]
     if per_round:
         return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
                 "runs": per_round}
@@ -123,7 +124,8 @@ TARGETS = (
     Target("tput_1m", "throughput 1 MiB vs TLS", ("tcp", "{t}", "1048576", "mb_per_s"), "tls", ">=", 1.2),
     Target("msgs_100", "messages/s 100 B vs TLS", ("tcp", "{t}", "100", "msgs_per_s"), "tls", ">=", 2.0),
     Target("msgs_1k", "messages/s 1 KiB vs TLS", ("tcp", "{t}", "1024", "msgs_per_s"), "tls", ">=", 2.0),
-    Target("rtt_p50", "RTT p50 100 B vs TLS (lower is better)", ("latency", "{t}", "p50_us"), "tls", "<=", 1.0),
+    Target("rtt_p50", "RTT p50 100 B vs TLS (lower is better)", ("latency", "{t}", "p50_us"), "tls", "<=",
+           1.0),
     Target("hs_seq", "handshakes/s sequential, RSA-2048, vs TLS", ("handshake", "{t}", "2048", "1", "per_s"),
            "tls", ">=", 1.5),
     Target("hs_16", "handshakes/s 16 clients, RSA-2048, vs TLS", ("handshake", "{t}", "2048", "16", "per_s"),
@@ -132,8 +134,10 @@ TARGETS = (
            None, "<=", 8.0, "KiB"),
     Target("mem_client", "memory per idle connection, client (KiB)", ("memory", "{t}", "client_kib_per_conn"),
            None, "<=", 8.0, "KiB"),
-    Target("udp_100", "UDP datagrams/s 100 B vs plain UDP", ("udp", "{t}", "100", "dgrams_per_s"), "udp", ">=", 0.6),
-    Target("udp_1k", "UDP datagrams/s 1 KiB vs plain UDP", ("udp", "{t}", "1024", "dgrams_per_s"), "udp", ">=", 0.6),
+    Target("udp_100", "UDP datagrams/s 100 B vs plain UDP", ("udp", "{t}", "100", "dgrams_per_s"), "udp",
+           ">=", 0.6),
+    Target("udp_1k", "UDP datagrams/s 1 KiB vs plain UDP", ("udp", "{t}", "1024", "dgrams_per_s"), "udp",
+           ">=", 0.6),
 )
 
 
@@ -180,6 +184,12 @@ def md_table(header: list[str], rows: list[list[str]], align: list[str] | None =
     return "\n".join(lines)
 
 
+def _pair_cell(first: dict[str, Any] | None, second: dict[str, Any] | None) -> str:
+    """'median / median' of two statistics ('-' for a missing one)."""
+    return (f"{fmt_num(first['median']) if first else '-'} / "
+            f"{fmt_num(second['median']) if second else '-'}")
+
+
 def _ratio_cell(num: dict[str, Any] | None, den: dict[str, Any] | None) -> str:
     r = ratio(num, den)
     return f"{r['median']:.2f}" if r else "-"
@@ -216,7 +226,7 @@ def tables(data: dict[str, Any]) -> list[tuple[str, str]]:
             for t in stream:
                 snd = _get(tree, "tcp", t, s, "send_cpu_us_per_msg")
                 rcv = _get(tree, "tcp", t, s, "recv_cpu_us_per_msg")
-                cells.append(f"{fmt_num(snd['median']) if snd else '-'} / {fmt_num(rcv['median']) if rcv else '-'}")
+                cells.append(_pair_cell(snd, rcv))
             rows.append([size_label(size)] + cells)
         out.append(("CPU µs per message, sender / receiver (medians)", md_table(header, rows)))
     if "latency" in tree:
@@ -266,9 +276,10 @@ def tables(data: dict[str, Any]) -> list[tuple[str, str]]:
                 rows.append([LABELS[t], size_label(int(size)), fmt_stat(_get(udp, t, size, "sent_per_s")),
                              fmt_stat(dg), fmt_stat(_get(udp, t, size, "mb_per_s")),
                              fmt_stat(_get(udp, t, size, "loss_pct")),
-                             f"{fmt_num(snd['median']) if snd else '-'} / {fmt_num(rcv['median']) if rcv else '-'}",
+                             _pair_cell(snd, rcv),
                              _ratio_cell(dg, _get(udp, "udp", size, "dgrams_per_s")) if t != "udp" else "-"])
-        out.append(("UDP datagrams (receiver rate = received / (last − first arrival); loss = 1 − received/sent)",
+        out.append(("UDP datagrams (receiver rate = received / (last − first arrival); "
+                    "loss = 1 − received/sent)",
                     md_table(["transport", "payload", "sent/s", "received dgram/s", "received MB/s", "loss %",
                               "CPU µs/dgram snd / rcv", "x plain"], rows)))
     targets = evaluate_targets(data)
@@ -279,7 +290,8 @@ def tables(data: dict[str, Any]) -> list[tuple[str, str]]:
             unit = "" if target_row["unit"] == "x" else f" {target_row['unit']}"
             spread = f" [{v['min']:.2f}–{v['max']:.2f}]" if len(v["runs"]) > 1 else ""
             rows.append([target_row["label"], target_row["transport"], f"{v['median']:.2f}{unit}{spread}",
-                         f"{target_row['op']} {target_row['bound']:g}{unit}", "PASS" if target_row["pass"] else "FAIL"])
+                         f"{target_row['op']} {target_row['bound']:g}{unit}",
+                         "PASS" if target_row["pass"] else "FAIL"])
         out.append(("Targets of issue 6 (informational; ratios are medians of per-round ratios)",
                     md_table(["target", "transport", "measured", "target", "result"], rows,
                              ["l", "l", "r", "r", "l"])))
@@ -452,7 +464,8 @@ def console_report(data: dict[str, Any]) -> str:
         lines.append(f"skipped {kind}: {why}")
     failed = [r for r in data["runs"] if not r["ok"]]
     for r in failed:
-        lines.append(f"FAILED round {r['round'] + 1} {r['test']} {r['transport']}: {r.get('error', '')[:300]}")
+        lines.append(f"FAILED round {r['round'] + 1} {r['test']} {r['transport']}: "
+                     f"{r.get('error', '')[:300]}")
     for title, table in tables(data) + nat_tables(data):
         lines += ["", title, table]
     return "\n".join(lines)
@@ -477,8 +490,8 @@ def foreign_cpu_summary(data: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # plot
 # --------------------------------------------------------------------------------------------
-COLORS = {"raw": "#9e9e9e", "tls": "#1f77b4", "p2psc": "#d62728", "p2psc-aes": "#ff7f0e", "p2psc-chacha": "#ff7f0e",
-          "udp": "#9e9e9e", "p2psc-udp": "#d62728"}
+COLORS = {"raw": "#9e9e9e", "tls": "#1f77b4", "p2psc": "#d62728", "p2psc-aes": "#ff7f0e",
+          "p2psc-chacha": "#ff7f0e", "udp": "#9e9e9e", "p2psc-udp": "#d62728"}
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
@@ -494,7 +507,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"p2psc vs raw TCP and TLS 1.3 — {data['machine']['loop']}, "
                  f"{data['settings']['rounds']} rounds, median with min–max", fontsize=12)
 
-    def bars(ax: Any, groups: list[str], kinds: list[str], getter: Any, ylabel: str, log: bool = False) -> None:
+    def bars(ax: Any, groups: list[str], kinds: list[str], getter: Any, ylabel: str,
+             log: bool = False) -> None:
         width = 0.8 / max(1, len(kinds))
         for i, kind in enumerate(kinds):
             med, lo, hi, xs = [], [], [], []
@@ -519,10 +533,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
     stream = [t for t in STREAM_ORDER if t in tree.get("tcp", {})]
     sizes = [str(s) for s in data["settings"]["sizes"]]
     size_names = [size_label(int(s)) for s in sizes]
-    name_to_size = dict(zip(size_names, sizes))
+    name_to_size = dict(zip(size_names, sizes, strict=True))
     ax = axes[0][0]
     if stream:
-        bars(ax, size_names, stream, lambda k, g: _get(tree, "tcp", k, name_to_size[g], "mb_per_s"), "MB/s", True)
+        bars(ax, size_names, stream, lambda k, g: _get(tree, "tcp", k, name_to_size[g], "mb_per_s"), "MB/s",
+             True)
         ax.set_title("one-way throughput")
         ax.legend(fontsize=8)
     ax = axes[0][1]
@@ -557,7 +572,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     mem = tree.get("memory", {})
     mem_kinds = [t for t in ("raw", "tls", "p2psc") if t in mem]
     if mem_kinds:
-        bars(ax, ["server", "client"], mem_kinds, lambda k, g: _get(mem, k, f"{g}_kib_per_conn"), "KiB / connection")
+        bars(ax, ["server", "client"], mem_kinds, lambda k, g: _get(mem, k, f"{g}_kib_per_conn"),
+             "KiB / connection")
         ax.axhline(8, color="#d62728", linestyle="--", linewidth=1, label="target 8 KiB")
         ax.set_title("memory per idle connection")
         ax.legend(fontsize=8)
@@ -567,7 +583,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     if udp_kinds:
         usizes = sorted({s for k in udp_kinds for s in udp[k]}, key=int)
         names = [size_label(int(s)) for s in usizes]
-        back = dict(zip(names, usizes))
+        back = dict(zip(names, usizes, strict=True))
         bars(ax, names, udp_kinds, lambda k, g: _get(udp, k, back[g], "dgrams_per_s"), "datagrams/s received")
         ax.set_title("UDP datagrams per second")
         ax.legend(fontsize=8)

@@ -73,7 +73,8 @@ class Settings:
 
     def tcp_max_counts(self) -> dict[str, int]:
         """Count bound per message size (the time bound usually ends the blast first)."""
-        return {str(s): max(4, min(self.tcp_max_messages, self.tcp_max_messages_bytes // s)) for s in self.sizes}
+        return {str(s): max(4, min(self.tcp_max_messages, self.tcp_max_messages_bytes // s))
+                for s in self.sizes}
 
 
 def p2psc_default_suite() -> str | None:
@@ -361,7 +362,8 @@ def run_all(settings: Settings) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     pair_id = 0
 
-    def spec_for(test: str, kind: str, round_index: int, bits: int = 2048, params: Any = None) -> dict[str, Any]:
+    def spec_for(test: str, kind: str, round_index: int, bits: int = 2048,
+                 params: Any = None) -> dict[str, Any]:
         nonlocal pair_id
         pair_id += 1
         return {

@@ -108,8 +108,8 @@ async def _server_main(channel: Channel, spec: dict[str, Any]) -> None:
         if spec["transport"] == "udp":
             udp = UdpServerSide()
         else:
-            udp = P2PUdpServerSide(p2psc_config(spec["p2psc"], Path(spec["workdir"]) / "server", SERVER_PEER_ID,
-                                                CLIENT_PEER_ID, peer_port=1))
+            udp = P2PUdpServerSide(p2psc_config(spec["p2psc"], Path(spec["workdir"]) / "server",
+                                                SERVER_PEER_ID, CLIENT_PEER_ID, peer_port=1))
         await udp.start()
         channel.send("ready", {"port": udp.port})
         while True:
