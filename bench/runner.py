@@ -63,7 +63,7 @@ class Settings:
         default_factory=lambda: {"sizes": [100, 1024], "duration_s": 0.5, "max_count": 2_000_000})
     #: NAT relay on 127.0.0.1 (bench/nat.py): bytes / datagrams per variant and round
     relay: dict[str, Any] = field(default_factory=lambda: {
-        "tcp_bytes": 64 << 20, "tcp_size": 64 << 10, "tcp_duration_s": 10.0, "tcp_capped_duration_s": 2.0,
+        "tcp_bytes": 256 << 20, "tcp_size": 64 << 10, "tcp_duration_s": 10.0, "tcp_capped_duration_s": 2.0,
         "warmup_s": 0.15, "udp_size": 1200, "udp_count": 20_000, "udp_duration_s": 2.0,
         "udp_drain_limit_s": 25.0})
     #: CPU the relay process is pinned to (None: not pinned)
