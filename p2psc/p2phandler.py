@@ -208,6 +208,8 @@ class P2PHandler:
 
     async def close(self) -> None:
         """Stop serving and close every connection this handler made or accepted."""
+        # UDP first: its CLOSE datagrams to relayed peers go out over the control link
+        await self.udp_service.close()
         if self.nat is not None:
             await self.nat.close()
         if self.server is not None:
@@ -216,7 +218,6 @@ class P2PHandler:
         else:
             server = None
         self.connections.close_all()
-        await self.udp_service.close()
         if server is not None:
             try:
                 await asyncio.wait_for(server.wait_closed(), 5)

@@ -365,11 +365,10 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
 
     def _sent(self, ep: UdpEndpoint, r: tuple[bytes, Any] | None) -> None:
         if r is not None:
-            tap = self._nat_tap
-            if tap is not None and type(r[1]) is RelayAddress:
-                tap.relay_datagram(r[0], r[1])
-            else:
+            if type(r[1]) is not RelayAddress:
                 self.transport.sendto(r[0], r[1])  # type: ignore[union-attr]
+            elif self._nat_tap is not None:
+                self._nat_tap.relay_datagram(r[0], r[1])
         if ep.out or ep.timer_dirty:
             self._after([])
 
@@ -394,15 +393,12 @@ class UdpP2P(AdapterBase, asyncio.DatagramProtocol):
             return
         sendto = transport.sendto
         tap = self._nat_tap
-        if tap is None:
-            for dgram, addr in out:
-                sendto(dgram, addr)
-            return
         for dgram, addr in out:
-            if type(addr) is RelayAddress:
-                tap.relay_datagram(dgram, addr)
-            else:
+            if type(addr) is not RelayAddress:
                 sendto(dgram, addr)
+            elif tap is not None:
+                tap.relay_datagram(dgram, addr)
+            # else: NAT traversal is closed, nothing can carry it (and it is no socket address)
 
     def _core_timer(self) -> float | None:
         ep = self._ep
