@@ -305,6 +305,14 @@ RELAY_LABELS = {
 }
 
 
+def _small_ratio_cell(num: dict[str, Any] | None, den: dict[str, Any] | None) -> str:
+    """As :func:`_ratio_cell`, with two significant digits below 0.1 (0.0047, not 0.00)."""
+    r = ratio(num, den)
+    if not r:
+        return "-"
+    return f"{r['median']:.2g}" if r["median"] < 0.1 else f"{r['median']:.2f}"
+
+
 def _ms_per_mb(stat: dict[str, Any] | None) -> str:
     """CPU seconds per MB as milliseconds per MB."""
     return fmt_num(stat["median"] * 1e3) if stat and stat.get("median") is not None else "-"
@@ -344,7 +352,7 @@ def nat_tables(data: dict[str, Any]) -> list[tuple[str, str]]:
         for v in [k for k in RELAY_LABELS if k in tcp]:
             mb = _get(tcp, v, "mb_per_s")
             rows.append([RELAY_LABELS[v], fmt_stat(mb),
-                         _ratio_cell(mb, _get(tcp, "direct", "mb_per_s")) if v != "direct" else "-",
+                         _small_ratio_cell(mb, _get(tcp, "direct", "mb_per_s")) if v != "direct" else "-",
                          f"{_ms_per_mb(_get(tcp, v, 'send_cpu_s_per_mb'))} / "
                          f"{_ms_per_mb(_get(tcp, v, 'recv_cpu_s_per_mb'))} / "
                          f"{_ms_per_mb(_get(tcp, v, 'relay_cpu_s_per_mb'))}",
@@ -360,7 +368,7 @@ def nat_tables(data: dict[str, Any]) -> list[tuple[str, str]]:
         for v in [k for k in RELAY_LABELS if k in udp]:
             dg = _get(udp, v, "dgrams_per_s")
             rows.append([RELAY_LABELS[v], fmt_stat(dg), fmt_stat(_get(udp, v, "mb_per_s")),
-                         _ratio_cell(dg, _get(udp, "direct", "dgrams_per_s")) if v != "direct" else "-",
+                         _small_ratio_cell(dg, _get(udp, "direct", "dgrams_per_s")) if v != "direct" else "-",
                          fmt_stat(_get(udp, v, "loss_pct")),
                          f"{_ms_per_mb(_get(udp, v, 'send_cpu_s_per_mb'))} / "
                          f"{_ms_per_mb(_get(udp, v, 'recv_cpu_s_per_mb'))} / "
