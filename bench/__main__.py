@@ -55,8 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="cProfile both processes of every measurement into DIR/*.prof")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
-                   help="measure nothing: write docs/BENCHMARKS.md again from a saved results file "
-                        "(e.g. bench/results/latest.json after editing bench/NOTES.md)")
+                   help="measure nothing: write docs/BENCHMARKS.md (and, unless --no-plot, "
+                        "docs/benchmarks.png) again from a saved results file, e.g. "
+                        "bench/results/latest.json after editing bench/NOTES.md")
     p.add_argument("-v", "--verbose", action="store_true", help="log each measurement")
     return p.parse_args(argv)
 
@@ -69,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = json.loads(args.render.read_text(encoding="utf-8"))
         md = DOCS_DIR / "BENCHMARKS.md"
         png = DOCS_DIR / "benchmarks.png"
+        if not args.no_plot:
+            try:
+                plot(data, png)
+            except Exception as exc:  # noqa: BLE001 - a missing matplotlib must not stop the docs
+                log.error("plot failed: %s", exc)
         write_markdown(data, md, png.name if png.exists() else None, Path(__file__).parent / "NOTES.md")
         print(f"docs: {md} (from {args.render})")
         return 0
