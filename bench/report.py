@@ -415,7 +415,7 @@ def nat_markdown(data: dict[str, Any]) -> list[str]:
             "p2psc handshake with the server completed; 'first echo': until the echo of one 1000-byte "
             "message came back. The samples of all paths are interleaved, a client every "
             f"{s['natlab'].get('gap_s', 0.5)} s.",
-            f"**Settings: the defaults** ({lab.get('settings', '')}), so the relayed UDP row honestly "
+            f"**Settings**: {lab.get('settings', '')}, so the relayed UDP row honestly "
             "includes the punch budget spent before the fallback; the `nat_punch: false` row shows the "
             "relay's own cost. TCP is never punched: a TCP client tries the address it knows and then "
             "opens a relayed circuit, at once where that address is refused, after "
@@ -454,8 +454,9 @@ def nat_markdown(data: dict[str, Any]) -> list[str]:
             "**CPU per MB** (10^6 payload bytes received): each end's own CPU time "
             "(`time.process_time`) over the transfer, and the relay process's from "
             "`/proc/<pid>/task/*/schedstat`, read by the client around the transfer. 'connect + "
-            "handshake': building the client handler, connecting (for UDP: relay attach, probe, "
-            "rendezvous) and the handshake.",
+            "handshake': from the connect call (the client's handler, its key loaded, built before) "
+            "to the handshake done: for UDP, attaching to the relay, the probe and the rendezvous "
+            "come first; for relayed TCP, the refused connect, the attach, OPEN and the circuit.",
         ]), ""]
     elif "relay" in skipped:
         lines += [f"- **relay skipped**: {skipped['relay']}", ""]
