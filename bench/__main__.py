@@ -39,6 +39,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated stream transports from {', '.join(STREAM_TRANSPORTS)} "
                         "(default: raw, tls, p2psc and p2psc with the suite that is not the default)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; smoke 1)")
+    p.add_argument("--lab-count", type=int, default=None, metavar="N",
+                   help="natlab: fresh client connections per path (default 10)")
+    p.add_argument("--relay-cpu", type=int, default=None, metavar="CPU",
+                   help="relay: pin the relay processes to this CPU (default: not pinned)")
     p.add_argument("--loop", choices=LOOP_KINDS, default="uvloop", help="event loop on both ends")
     p.add_argument("--sizes", default=None,
                    help="comma-separated TCP message sizes, e.g. 100,1K,64K,1M (default: all four)")
@@ -50,6 +54,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-docs", action="store_true", help="never write docs/")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="cProfile both processes of every measurement into DIR/*.prof")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="measure nothing: write docs/BENCHMARKS.md (and, unless --no-plot, "
+                        "docs/benchmarks.png) again from a saved results file, e.g. "
+                        "bench/results/latest.json after editing bench/NOTES.md")
     p.add_argument("-v", "--verbose", action="store_true", help="log each measurement")
     return p.parse_args(argv)
 
@@ -58,6 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.render is not None:
+        data = json.loads(args.render.read_text(encoding="utf-8"))
+        md = DOCS_DIR / "BENCHMARKS.md"
+        png = DOCS_DIR / "benchmarks.png"
+        if not args.no_plot:
+            try:
+                plot(data, png)
+            except Exception as exc:  # noqa: BLE001 - a missing matplotlib must not stop the docs
+                log.error("plot failed: %s", exc)
+        write_markdown(data, md, png.name if png.exists() else None, Path(__file__).parent / "NOTES.md")
+        print(f"docs: {md} (from {args.render})")
+        return 0
     settings = Settings(loop=args.loop)
     if args.smoke:
         settings = smoke_settings(settings)
@@ -67,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rounds < 1:
             raise SystemExit("--rounds must be at least 1")
         settings.rounds = args.rounds
+    if args.lab_count is not None:
+        if args.lab_count < 1:
+            raise SystemExit("--lab-count must be at least 1")
+        settings.natlab = {**settings.natlab, "count": args.lab_count}
+    if args.relay_cpu is not None:
+        settings.relay_cpu = args.relay_cpu
     if args.sizes:
         settings.sizes = tuple(parse_size(s) for s in args.sizes.split(",") if s.strip())
     if args.transports:

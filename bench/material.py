@@ -71,7 +71,8 @@ def make_tls_material(directory: Path, bits: int) -> dict[str, str]:
     )
     files = {"ca": str(directory / "ca.pem")}
     (directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    for role, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+    for role, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH),
+                        ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
         key = _rsa_key(bits)
         builder = (
             x509.CertificateBuilder()

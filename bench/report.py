@@ -96,8 +96,9 @@ def ratio(num: dict[str, Any] | None, den: dict[str, Any] | None) -> dict[str, A
     """Ratio num/den: the median of per-round ratios where rounds pair up, else of medians."""
     if not num or not den or num.get("median") is None or not den.get("median"):
         return None
-    pairs = dict(zip(den.get("rounds", []), den.get("runs", [])))
-    per_round = [v / pairs[r] for r, v in zip(num.get("rounds", []), num.get("runs", [])) if pairs.get(r)]
+    pairs = dict(zip(den.get("rounds", []), den.get("runs", []), strict=False))
+    per_round = [v / pairs[r] for r, v in zip(num.get("rounds", []), num.get("runs", []), strict=False)
+                 if pairs.get(r)]
     if per_round:
         return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
                 "runs": per_round}
@@ -123,7 +124,8 @@ TARGETS = (
     Target("tput_1m", "throughput 1 MiB vs TLS", ("tcp", "{t}", "1048576", "mb_per_s"), "tls", ">=", 1.2),
     Target("msgs_100", "messages/s 100 B vs TLS", ("tcp", "{t}", "100", "msgs_per_s"), "tls", ">=", 2.0),
     Target("msgs_1k", "messages/s 1 KiB vs TLS", ("tcp", "{t}", "1024", "msgs_per_s"), "tls", ">=", 2.0),
-    Target("rtt_p50", "RTT p50 100 B vs TLS (lower is better)", ("latency", "{t}", "p50_us"), "tls", "<=", 1.0),
+    Target("rtt_p50", "RTT p50 100 B vs TLS (lower is better)", ("latency", "{t}", "p50_us"), "tls", "<=",
+           1.0),
     Target("hs_seq", "handshakes/s sequential, RSA-2048, vs TLS", ("handshake", "{t}", "2048", "1", "per_s"),
            "tls", ">=", 1.5),
     Target("hs_16", "handshakes/s 16 clients, RSA-2048, vs TLS", ("handshake", "{t}", "2048", "16", "per_s"),
@@ -132,8 +134,10 @@ TARGETS = (
            None, "<=", 8.0, "KiB"),
     Target("mem_client", "memory per idle connection, client (KiB)", ("memory", "{t}", "client_kib_per_conn"),
            None, "<=", 8.0, "KiB"),
-    Target("udp_100", "UDP datagrams/s 100 B vs plain UDP", ("udp", "{t}", "100", "dgrams_per_s"), "udp", ">=", 0.6),
-    Target("udp_1k", "UDP datagrams/s 1 KiB vs plain UDP", ("udp", "{t}", "1024", "dgrams_per_s"), "udp", ">=", 0.6),
+    Target("udp_100", "UDP datagrams/s 100 B vs plain UDP", ("udp", "{t}", "100", "dgrams_per_s"), "udp",
+           ">=", 0.6),
+    Target("udp_1k", "UDP datagrams/s 1 KiB vs plain UDP", ("udp", "{t}", "1024", "dgrams_per_s"), "udp",
+           ">=", 0.6),
 )
 
 
@@ -180,6 +184,12 @@ def md_table(header: list[str], rows: list[list[str]], align: list[str] | None =
     return "\n".join(lines)
 
 
+def _pair_cell(first: dict[str, Any] | None, second: dict[str, Any] | None) -> str:
+    """'median / median' of two statistics ('-' for a missing one)."""
+    return (f"{fmt_num(first['median']) if first else '-'} / "
+            f"{fmt_num(second['median']) if second else '-'}")
+
+
 def _ratio_cell(num: dict[str, Any] | None, den: dict[str, Any] | None) -> str:
     r = ratio(num, den)
     return f"{r['median']:.2f}" if r else "-"
@@ -216,7 +226,7 @@ def tables(data: dict[str, Any]) -> list[tuple[str, str]]:
             for t in stream:
                 snd = _get(tree, "tcp", t, s, "send_cpu_us_per_msg")
                 rcv = _get(tree, "tcp", t, s, "recv_cpu_us_per_msg")
-                cells.append(f"{fmt_num(snd['median']) if snd else '-'} / {fmt_num(rcv['median']) if rcv else '-'}")
+                cells.append(_pair_cell(snd, rcv))
             rows.append([size_label(size)] + cells)
         out.append(("CPU µs per message, sender / receiver (medians)", md_table(header, rows)))
     if "latency" in tree:
@@ -266,9 +276,10 @@ def tables(data: dict[str, Any]) -> list[tuple[str, str]]:
                 rows.append([LABELS[t], size_label(int(size)), fmt_stat(_get(udp, t, size, "sent_per_s")),
                              fmt_stat(dg), fmt_stat(_get(udp, t, size, "mb_per_s")),
                              fmt_stat(_get(udp, t, size, "loss_pct")),
-                             f"{fmt_num(snd['median']) if snd else '-'} / {fmt_num(rcv['median']) if rcv else '-'}",
+                             _pair_cell(snd, rcv),
                              _ratio_cell(dg, _get(udp, "udp", size, "dgrams_per_s")) if t != "udp" else "-"])
-        out.append(("UDP datagrams (receiver rate = received / (last − first arrival); loss = 1 − received/sent)",
+        out.append(("UDP datagrams (receiver rate = received / (last − first arrival); "
+                    "loss = 1 − received/sent)",
                     md_table(["transport", "payload", "sent/s", "received dgram/s", "received MB/s", "loss %",
                               "CPU µs/dgram snd / rcv", "x plain"], rows)))
     targets = evaluate_targets(data)
@@ -279,11 +290,177 @@ def tables(data: dict[str, Any]) -> list[tuple[str, str]]:
             unit = "" if target_row["unit"] == "x" else f" {target_row['unit']}"
             spread = f" [{v['min']:.2f}–{v['max']:.2f}]" if len(v["runs"]) > 1 else ""
             rows.append([target_row["label"], target_row["transport"], f"{v['median']:.2f}{unit}{spread}",
-                         f"{target_row['op']} {target_row['bound']:g}{unit}", "PASS" if target_row["pass"] else "FAIL"])
+                         f"{target_row['op']} {target_row['bound']:g}{unit}",
+                         "PASS" if target_row["pass"] else "FAIL"])
         out.append(("Targets of issue 6 (informational; ratios are medians of per-round ratios)",
                     md_table(["target", "transport", "measured", "target", "result"], rows,
                              ["l", "l", "r", "r", "l"])))
     return out
+
+
+RELAY_LABELS = {
+    "direct": "direct",
+    "relayed": "relayed (relay limits raised)",
+    "relayed-cli": "relayed (`p2psc relay serve`, default limits)",
+}
+
+
+def _small_ratio_cell(num: dict[str, Any] | None, den: dict[str, Any] | None) -> str:
+    """As :func:`_ratio_cell`, with two significant digits below 0.1 (0.0047, not 0.00)."""
+    r = ratio(num, den)
+    if not r:
+        return "-"
+    return f"{r['median']:.2g}" if r["median"] < 0.1 else f"{r['median']:.2f}"
+
+
+def _ms_per_mb(stat: dict[str, Any] | None) -> str:
+    """CPU seconds per MB as milliseconds per MB."""
+    return fmt_num(stat["median"] * 1e3) if stat and stat.get("median") is not None else "-"
+
+
+def _lab_ms(stat: dict[str, Any] | None) -> str:
+    if not stat or stat.get("median") is None:
+        return "-"
+    return f"{fmt_num(stat['median'])} / {fmt_num(stat['p90'])}"
+
+
+def nat_tables(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The NAT traversal tables: the lab's time to first message, the relay on loopback."""
+    out: list[tuple[str, str]] = []
+    lab = data.get("natlab")
+    if lab and lab.get("paths"):
+        rows = []
+        plain = {p["kind"]: p["first_ms"] for p in lab["paths"].values() if p["client"] == "cplain"}
+        for p in lab["paths"].values():
+            got = ", ".join(f"{'direct (path None: no relay)' if name == 'None' else name} ×{n}"
+                            for name, n in sorted(p["paths"].items(), key=lambda kv: -kv[1]))
+            base = plain.get(p["kind"])
+            mine = p["first_ms"].get("median")
+            x = (f"{mine / base['median']:.1f}" if base and base.get("median") and mine
+                 and p["client"] != "cplain" else "-")
+            rows.append([p["label"], f"{p['client']} → {p['server']}", got, _lab_ms(p["handshake_ms"]),
+                         _lab_ms(p["first_ms"]), x])
+        n = max((len(p["samples"]) for p in lab["paths"].values()), default=0)
+        out.append((f"NAT traversal in the namespace lab: time to the first echoed message ({n} fresh client "
+                    "processes per path; median / p90)",
+                    md_table(["path", "client → server", "path got", "handshake done ms", "first echo ms",
+                              "first echo x no relay"], rows, ["l", "l", "l", "r", "r", "r"])))
+    relay = data["results"].get("relay")
+    if relay:
+        tcp, udp = relay.get("tcp", {}), relay.get("udp", {})
+        rows = []
+        for v in [k for k in RELAY_LABELS if k in tcp]:
+            mb = _get(tcp, v, "mb_per_s")
+            rows.append([RELAY_LABELS[v], fmt_stat(mb),
+                         _small_ratio_cell(mb, _get(tcp, "direct", "mb_per_s")) if v != "direct" else "-",
+                         f"{_ms_per_mb(_get(tcp, v, 'send_cpu_s_per_mb'))} / "
+                         f"{_ms_per_mb(_get(tcp, v, 'recv_cpu_s_per_mb'))} / "
+                         f"{_ms_per_mb(_get(tcp, v, 'relay_cpu_s_per_mb'))}",
+                         fmt_stat(_get(tcp, v, "connect_ms"))])
+        if rows:
+            r = data["settings"]["relay"]
+            out.append((f"NAT relay on 127.0.0.1, TCP: {r['tcp_bytes'] / 2**20:g} MiB in "
+                        f"{size_label(r['tcp_size'])} messages, one connection "
+                        "(median [min–max] over rounds)",
+                        md_table(["path", "MB/s", "x direct", "CPU ms per MB: sender / receiver / relay",
+                                  "connect + handshake ms"], rows)))
+        rows = []
+        for v in [k for k in RELAY_LABELS if k in udp]:
+            dg = _get(udp, v, "dgrams_per_s")
+            rows.append([RELAY_LABELS[v], fmt_stat(dg), fmt_stat(_get(udp, v, "mb_per_s")),
+                         _small_ratio_cell(dg, _get(udp, "direct", "dgrams_per_s")) if v != "direct" else "-",
+                         fmt_stat(_get(udp, v, "loss_pct")),
+                         f"{_ms_per_mb(_get(udp, v, 'send_cpu_s_per_mb'))} / "
+                         f"{_ms_per_mb(_get(udp, v, 'recv_cpu_s_per_mb'))} / "
+                         f"{_ms_per_mb(_get(udp, v, 'relay_cpu_s_per_mb'))}",
+                         fmt_stat(_get(udp, v, "connect_ms"))])
+        if rows:
+            r = data["settings"]["relay"]
+            out.append((f"NAT relay on 127.0.0.1, UDP: {r['udp_count']:,} datagrams of {r['udp_size']} B "
+                        "(received rate = received / (last − first arrival))",
+                        md_table(["path", "received dgram/s", "received MB/s", "x direct", "loss %",
+                                  "CPU ms per received MB: sender / receiver / relay",
+                                  "connect + handshake ms"], rows)))
+    return out
+
+
+def _wrap_bullets(paragraphs: list[str]) -> list[str]:
+    """Markdown bullets, one line each (the file's other method bullets are one line too)."""
+    return [f"- {p}" for p in paragraphs]
+
+
+def nat_markdown(data: dict[str, Any]) -> list[str]:
+    """The "NAT traversal" section of docs/BENCHMARKS.md: the tables and how they were made."""
+    s = data["settings"]
+    skipped = data.get("skipped", {})
+    tabs = dict(nat_tables(data))
+    if not tabs and "natlab" not in skipped and "relay" not in skipped:
+        return []
+    lines = ["## NAT traversal", ""]
+    lab_title = next((t for t in tabs if t.startswith("NAT traversal in the namespace lab")), None)
+    if lab_title is not None:
+        lab = data["natlab"]
+        lines += [f"### {lab_title}", "", tabs[lab_title], "", *_wrap_bullets([
+            "**Lab**: test/natlab.py, network namespaces with nftables NATs and no added delay (a veth "
+            "round trip is ~0.05 ms): what is measured is p2psc's own cost, CPU and timers. The relay "
+            "(`python -m p2psc relay serve`) runs on the public server host; echo servers "
+            "(test/nat_peer.py) behind a cone NAT (`sa-*`) and on a public host (`sp-*`); clients "
+            "behind a second cone NAT (`cb`, `cbn`, `cplain`, `cbd`) and a symmetric NAT (`ce`). Peers "
+            "behind NAT are known at their private address, which other sites cannot reach (the lab's "
+            "router answers ICMP unreachable); `cbd` knows `sa-tcp` at an address whose packets the "
+            "router drops without a word.",
+            "**Each sample is a fresh client process** (test/nat_peer.py): the times run from just after "
+            "its handler is built, so a NAT path includes attaching to the relay (a p2psc handshake "
+            "with it), the UDP probe and the rendezvous. 'handshake done': the connect call until the "
+            "p2psc handshake with the server completed; 'first echo': until the echo of one 1000-byte "
+            "message came back. The samples of all paths are interleaved, a client every "
+            f"{s['natlab'].get('gap_s', 0.5)} s.",
+            f"**Settings**: {lab.get('settings', '')}, so the relayed UDP row honestly "
+            "includes the punch budget spent before the fallback; the `nat_punch: false` row shows the "
+            "relay's own cost. TCP is never punched: a TCP client tries the address it knows and then "
+            "opens a relayed circuit, at once where that address is refused, after "
+            "`nat_direct_timeout` where its packets vanish.",
+            "'x no relay': the median first echo over that of the client without a relay, same "
+            "transport.",
+        ]), ""]
+    elif "natlab" in skipped:
+        lines += [f"- **NAT lab skipped**: {skipped['natlab']}", ""]
+    for title, table in tabs.items():
+        if title == lab_title:
+            continue
+        lines += [f"### {title}", "", table, ""]
+    if any(t.startswith("NAT relay") for t in tabs):
+        r = s["relay"]
+        pin = f"on CPU {s['relay_cpu']}" if s.get("relay_cpu") is not None else "not pinned"
+        lines += [*_wrap_bullets([
+            "**Relay on 127.0.0.1**, in its own process: `relayed (relay limits raised)` is `python -m "
+            "bench.relayproc`, the relay of `p2psc relay serve` (same `RelayServer`, same handler, "
+            "uvloop) with `relay_bytes_per_sec` and `relay_burst_bytes` raised out of reach, so that its "
+            "own cost is measured; `p2psc relay serve` itself, with its default limits (8 MiB/s per "
+            f"peer, 1 MiB burst), is the last row. Client on CPU 0, server on CPU 1, relay {pin}: on "
+            "this 2-CPU machine a relayed transfer runs three busy processes on two CPUs.",
+            "**Same peers, same config** (both ends name the relay) on every row; only what the client "
+            "knows of the server differs. direct: its real address. Relayed TCP: a closed port, so "
+            "`connect_peer` is refused and opens a relayed circuit. Relayed UDP: port 0 and "
+            "`nat_punch: false`, so sealed datagrams travel in DGRAM frames over both peers' control "
+            "links. Each row checks the path the connection got.",
+            f"**TCP**: a warm-up, then {r['tcp_bytes'] / 2**20:g} MiB in {size_label(r['tcp_size'])} "
+            "messages (`send` + `drain`), timed from the first send to the receiver's answer to a sync "
+            f"marker; bounded by {r['tcp_duration_s']:g} s ({r['tcp_capped_duration_s']:g} s through the "
+            f"default-limits relay). **UDP**: a warm-up of a tenth, then {r['udp_count']:,} datagrams "
+            f"of {r['udp_size']} B sent as fast as the sender goes (yielding every 64); received rate = "
+            "received / (last − first arrival), waiting until the receiver is idle. A relayed sender "
+            "has no backpressure: its datagrams queue in its control link.",
+            "**CPU per MB** (10^6 payload bytes received): each end's own CPU time "
+            "(`time.process_time`) over the transfer, and the relay process's from "
+            "`/proc/<pid>/task/*/schedstat`, read by the client around the transfer. 'connect + "
+            "handshake': from the connect call (the client's handler, its key loaded, built before) "
+            "to the handshake done: for UDP, attaching to the relay, the probe and the rendezvous "
+            "come first; for relayed TCP, the refused connect, the attach, OPEN and the circuit.",
+        ]), ""]
+    elif "relay" in skipped:
+        lines += [f"- **relay skipped**: {skipped['relay']}", ""]
+    return lines
 
 
 def console_report(data: dict[str, Any]) -> str:
@@ -296,8 +473,9 @@ def console_report(data: dict[str, Any]) -> str:
         lines.append(f"skipped {kind}: {why}")
     failed = [r for r in data["runs"] if not r["ok"]]
     for r in failed:
-        lines.append(f"FAILED round {r['round'] + 1} {r['test']} {r['transport']}: {r.get('error', '')[:300]}")
-    for title, table in tables(data):
+        lines.append(f"FAILED round {r['round'] + 1} {r['test']} {r['transport']}: "
+                     f"{r.get('error', '')[:300]}")
+    for title, table in tables(data) + nat_tables(data):
         lines += ["", title, table]
     return "\n".join(lines)
 
@@ -321,8 +499,8 @@ def foreign_cpu_summary(data: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # plot
 # --------------------------------------------------------------------------------------------
-COLORS = {"raw": "#9e9e9e", "tls": "#1f77b4", "p2psc": "#d62728", "p2psc-aes": "#ff7f0e", "p2psc-chacha": "#ff7f0e",
-          "udp": "#9e9e9e", "p2psc-udp": "#d62728"}
+COLORS = {"raw": "#9e9e9e", "tls": "#1f77b4", "p2psc": "#d62728", "p2psc-aes": "#ff7f0e",
+          "p2psc-chacha": "#ff7f0e", "udp": "#9e9e9e", "p2psc-udp": "#d62728"}
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
@@ -338,7 +516,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"p2psc vs raw TCP and TLS 1.3 — {data['machine']['loop']}, "
                  f"{data['settings']['rounds']} rounds, median with min–max", fontsize=12)
 
-    def bars(ax: Any, groups: list[str], kinds: list[str], getter: Any, ylabel: str, log: bool = False) -> None:
+    def bars(ax: Any, groups: list[str], kinds: list[str], getter: Any, ylabel: str,
+             log: bool = False) -> None:
         width = 0.8 / max(1, len(kinds))
         for i, kind in enumerate(kinds):
             med, lo, hi, xs = [], [], [], []
@@ -363,10 +542,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
     stream = [t for t in STREAM_ORDER if t in tree.get("tcp", {})]
     sizes = [str(s) for s in data["settings"]["sizes"]]
     size_names = [size_label(int(s)) for s in sizes]
-    name_to_size = dict(zip(size_names, sizes))
+    name_to_size = dict(zip(size_names, sizes, strict=True))
     ax = axes[0][0]
     if stream:
-        bars(ax, size_names, stream, lambda k, g: _get(tree, "tcp", k, name_to_size[g], "mb_per_s"), "MB/s", True)
+        bars(ax, size_names, stream, lambda k, g: _get(tree, "tcp", k, name_to_size[g], "mb_per_s"), "MB/s",
+             True)
         ax.set_title("one-way throughput")
         ax.legend(fontsize=8)
     ax = axes[0][1]
@@ -401,7 +581,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
     mem = tree.get("memory", {})
     mem_kinds = [t for t in ("raw", "tls", "p2psc") if t in mem]
     if mem_kinds:
-        bars(ax, ["server", "client"], mem_kinds, lambda k, g: _get(mem, k, f"{g}_kib_per_conn"), "KiB / connection")
+        bars(ax, ["server", "client"], mem_kinds, lambda k, g: _get(mem, k, f"{g}_kib_per_conn"),
+             "KiB / connection")
         ax.axhline(8, color="#d62728", linestyle="--", linewidth=1, label="target 8 KiB")
         ax.set_title("memory per idle connection")
         ax.legend(fontsize=8)
@@ -411,7 +592,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     if udp_kinds:
         usizes = sorted({s for k in udp_kinds for s in udp[k]}, key=int)
         names = [size_label(int(s)) for s in usizes]
-        back = dict(zip(names, usizes))
+        back = dict(zip(names, usizes, strict=True))
         bars(ax, names, udp_kinds, lambda k, g: _get(udp, k, back[g], "dgrams_per_s"), "datagrams/s received")
         ax.set_title("UDP datagrams per second")
         ax.legend(fontsize=8)
@@ -467,6 +648,7 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, note
         lines.append("")
     for title, table in tables(data):
         lines += [f"## {title}", "", table, ""]
+    lines += nat_markdown(data)
     lines += [
         "## Method",
         "",
@@ -518,6 +700,8 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, note
         ".venv/bin/python -m bench --loop asyncio    # stdlib event loop",
         ".venv/bin/python -m bench --only tcp --rounds 3 --sizes 100,64K",
         ".venv/bin/python -m bench --profile /tmp/prof --only tcp   # cProfile of both processes",
+        ".venv/bin/python -m bench --only relay --rounds 3          # the NAT relay on 127.0.0.1",
+        ".venv/bin/python -m bench --only natlab --lab-count 10     # the NAT lab (root, nftables)",
         "```",
         "",
         ("Results: `bench/results/latest.json` (every per-round value, the foreign CPU of each run). "

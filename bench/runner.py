@@ -20,7 +20,9 @@ from .common import (
     summarize,
     wait_for_quiet_cpu,
 )
+from .lab import lab_unavailable, run_lab
 from .material import make_p2psc_material, make_tls_material
+from .nat import RELAY_OF, VARIANTS, RelayProcess, make_relay_folder, relay_cpu_seconds
 from .transports import p2psc_available
 from .udp import p2psc_udp_available
 from .workers import client_process, server_process
@@ -28,7 +30,7 @@ from .workers import client_process, server_process
 log = logging.getLogger("bench.runner")
 
 NON_DEFAULT_SUITES = ("p2psc-aes", "p2psc-chacha")
-GROUPS = ("tcp", "latency", "handshake", "memory", "udp")
+GROUPS = ("tcp", "latency", "handshake", "memory", "udp", "relay", "natlab")
 DEFAULT_SIZES = (100, 1024, 64 * 1024, 1 << 20)
 
 
@@ -59,10 +61,20 @@ class Settings:
         default_factory=lambda: {"connections": 1000, "batch": 50, "warmup": 10, "settle_s": 0.2})
     udp: dict[str, Any] = field(
         default_factory=lambda: {"sizes": [100, 1024], "duration_s": 0.5, "max_count": 2_000_000})
+    #: NAT relay on 127.0.0.1 (bench/nat.py): bytes / datagrams per variant and round
+    relay: dict[str, Any] = field(default_factory=lambda: {
+        "tcp_bytes": 256 << 20, "tcp_size": 64 << 10, "tcp_duration_s": 10.0, "tcp_capped_duration_s": 2.0,
+        "warmup_s": 0.15, "udp_size": 1200, "udp_count": 20_000, "udp_duration_s": 2.0,
+        "udp_drain_limit_s": 25.0})
+    #: CPU the relay process is pinned to (None: not pinned)
+    relay_cpu: int | None = None
+    #: NAT lab (bench/lab.py): fresh client processes per path
+    natlab: dict[str, Any] = field(default_factory=lambda: {"count": 10, "gap_s": 0.5})
 
     def tcp_max_counts(self) -> dict[str, int]:
         """Count bound per message size (the time bound usually ends the blast first)."""
-        return {str(s): max(4, min(self.tcp_max_messages, self.tcp_max_messages_bytes // s)) for s in self.sizes}
+        return {str(s): max(4, min(self.tcp_max_messages, self.tcp_max_messages_bytes // s))
+                for s in self.sizes}
 
 
 def p2psc_default_suite() -> str | None:
@@ -90,6 +102,10 @@ def smoke_settings(base: Settings) -> Settings:
     base.handshake_bits = (2048,)
     base.memory = {"connections": 20, "batch": 10, "warmup": 1, "settle_s": 0.0}
     base.udp = {"sizes": [100, 1024], "duration_s": 0.02, "max_count": 5000}
+    base.relay = {"tcp_bytes": 1 << 20, "tcp_size": 64 << 10, "tcp_duration_s": 1.0,
+                  "tcp_capped_duration_s": 0.5, "warmup_s": 0.005, "udp_size": 1200, "udp_count": 200,
+                  "udp_duration_s": 0.5, "udp_drain_limit_s": 5.0}
+    base.groups = tuple(g for g in base.groups if g != "natlab")  # loopback only: no lab
     return base
 
 
@@ -112,14 +128,28 @@ def _recv(pipe: Connection, timeout: float, who: str) -> tuple[str, Any]:
     return command, value
 
 
-def run_pair(spec: dict[str, Any], quiet_wait_s: float, timeout: float = 180.0) -> PairOutcome:
-    """Run one test in a fresh server process (CPU 1) and client process (CPU 0)."""
+def _pids_cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += relay_cpu_seconds(pid)
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def run_pair(spec: dict[str, Any], quiet_wait_s: float, timeout: float = 180.0,
+             also_ours: list[int] | None = None) -> PairOutcome:
+    """Run one test in a fresh server process (CPU 1) and client process (CPU 0).
+
+    ``also_ours``: pids of other running children (a relay) whose CPU is not foreign."""
     ctx = multiprocessing.get_context("fork")
     outcome = PairOutcome()
     waited, quiet = wait_for_quiet_cpu(quiet_wait_s)
     window = CpuWindow()
     window.start()
     children0, self0 = children_cpu_seconds(), self_cpu_seconds()
+    extra0 = _pids_cpu_seconds(also_ours or [])
     s_parent, s_child = ctx.Pipe()
     c_parent, c_child = ctx.Pipe()
     server = ctx.Process(target=server_process, args=(s_child, spec), daemon=True)
@@ -147,6 +177,10 @@ def run_pair(spec: dict[str, Any], quiet_wait_s: float, timeout: float = 180.0) 
                 s_parent.send(("udp_report", None))
                 _, outcome.server[f"udp:{value}"] = _recv(s_parent, 30, "server")
                 c_parent.send(("next", None))
+            elif command == "udp_reset":  # after a warm-up: the receiver's counters start afresh
+                s_parent.send(("udp_reset", None))
+                _recv(s_parent, 30, "server")
+                c_parent.send(("next", None))
             else:
                 raise RuntimeError(f"unexpected message from the client: {command!r}")
         s_parent.send(("stop", None))
@@ -166,6 +200,7 @@ def run_pair(spec: dict[str, Any], quiet_wait_s: float, timeout: float = 180.0) 
         c_parent.close()
     busy, wall = window.stop()
     ours = (children_cpu_seconds() - children0) + (self_cpu_seconds() - self0)
+    ours += _pids_cpu_seconds(also_ours or []) - extra0
     ncpu = os.cpu_count() or 1
     outcome.meta = {
         "test": spec["test"],
@@ -241,6 +276,53 @@ def _record(col: Collector, spec: dict[str, Any], out: PairOutcome) -> None:
             col.add(("udp", kind, size, "send_cpu_us_per_dgram"), r, m["send_cpu_us_per_dgram"])
             if received:
                 col.add(("udp", kind, size, "recv_cpu_us_per_dgram"), r, rep["recv_cpu_s"] / received * 1e6)
+    elif test == "relay-tcp":
+        for metric in ("mb_per_s", "send_cpu_s_per_mb", "recv_cpu_s_per_mb", "relay_cpu_s_per_mb",
+                       "connect_ms"):
+            col.add(("relay", "tcp", kind, metric), r, res[metric])
+    elif test == "relay-udp":
+        rep = out.server.get(f"udp:{res['size']}", {})
+        received, span = rep.get("received", 0), rep.get("span_s", 0.0)
+        if received < 2 or span <= 0:
+            raise ZeroDivisionError(f"the receiver got {received} datagrams")
+        rate = (received - 1) / span
+        mb = received * res["size"] / 1e6
+        col.add(("relay", "udp", kind, "dgrams_per_s"), r, rate)
+        col.add(("relay", "udp", kind, "mb_per_s"), r, rate * res["size"] / 1e6)
+        col.add(("relay", "udp", kind, "loss_pct"), r, max(0.0, 1 - received / res["sent"]) * 100)
+        col.add(("relay", "udp", kind, "send_cpu_s_per_mb"), r, res["send_cpu_s"] / mb)
+        col.add(("relay", "udp", kind, "recv_cpu_s_per_mb"), r, rep["recv_cpu_s"] / mb)
+        col.add(("relay", "udp", kind, "relay_cpu_s_per_mb"), r, res["relay_cpu_s"] / mb)
+        col.add(("relay", "udp", kind, "connect_ms"), r, res["connect_ms"])
+
+
+def run_natlab(settings: Settings, root: Path, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The NAT lab part, once (not per round); its outcome is one entry of ``runs``."""
+    root.mkdir(parents=True, exist_ok=True)
+    waited, quiet = wait_for_quiet_cpu(settings.quiet_wait_s)
+    window = CpuWindow()
+    window.start()
+    children0, self0 = children_cpu_seconds(), self_cpu_seconds()
+    meta: dict[str, Any] = {"test": "natlab", "transport": "lab", "round": 0, "waited_for_quiet_s": waited,
+                            "found_quiet": quiet}
+    result: dict[str, Any] | None = None
+    try:
+        result = run_lab(settings.natlab, root)
+        failed = {k: v["errors"] for k, v in result["paths"].items() if v["errors"]}
+        meta["ok"] = not failed
+        if failed:
+            meta["error"] = "; ".join(f"{k}: {len(e)} failed ({e[0]})" for k, e in failed.items())
+    except Exception as exc:  # noqa: BLE001 - the rest of the run goes on
+        log.error("natlab failed: %s", exc)
+        meta["ok"] = False
+        meta["error"] = f"{type(exc).__name__}: {exc}"
+    busy, wall = window.stop()
+    ours = (children_cpu_seconds() - children0) + (self_cpu_seconds() - self0)
+    meta["wall_s"] = wall
+    ncpu = os.cpu_count() or 1
+    meta["foreign_cpu_pct"] = max(0.0, (busy - ours) / (wall * ncpu) * 100) if wall > 0 else 0.0
+    runs.append(meta)
+    return result
 
 
 def run_all(settings: Settings) -> dict[str, Any]:
@@ -273,11 +355,15 @@ def run_all(settings: Settings) -> dict[str, Any]:
     p2p_material = {bits: make_p2psc_material(base / f"p2psc-{bits}", bits) for bits in need_bits}
     keygen_s = time.perf_counter() - t_keys
 
+    relay_folder = (make_relay_folder(p2p_material[2048], base / "relay") if "relay" in settings.groups
+                    else None)
+
     col = Collector()
     runs: list[dict[str, Any]] = []
     pair_id = 0
 
-    def spec_for(test: str, kind: str, round_index: int, bits: int = 2048, params: Any = None) -> dict[str, Any]:
+    def spec_for(test: str, kind: str, round_index: int, bits: int = 2048,
+                 params: Any = None) -> dict[str, Any]:
         nonlocal pair_id
         pair_id += 1
         return {
@@ -295,8 +381,9 @@ def run_all(settings: Settings) -> dict[str, Any]:
             "handshake_timeout": 10.0 if settings.smoke else 30.0,
         }
 
-    def execute(spec: dict[str, Any]) -> None:
-        out = run_pair(spec, settings.quiet_wait_s, timeout=60.0 if settings.smoke else 180.0)
+    def execute(spec: dict[str, Any], also_ours: list[int] | None = None) -> None:
+        out = run_pair(spec, settings.quiet_wait_s, timeout=60.0 if settings.smoke else 180.0,
+                       also_ours=also_ours)
         runs.append(out.meta)
         if out.error is None:
             try:
@@ -307,6 +394,41 @@ def run_all(settings: Settings) -> dict[str, Any]:
                 out.meta["error"] = f"bad output: {exc}"
         log.info("round %d %s %-10s %s in %.2f s", spec["round"] + 1, spec["test"], spec["transport"],
                  "ok" if out.meta["ok"] else "FAILED", out.meta["wall_s"])
+
+    def relay_round(r: int) -> None:
+        """Both relays for this round, then TCP and UDP, each variant in a fresh process pair."""
+        assert relay_folder is not None
+        relays: dict[str, RelayProcess] = {}
+        for kind in ("raised", "cli"):
+            profile = (str(Path(settings.profile_dir) / f"relay-{kind}-round{r + 1}.prof")
+                       if settings.profile_dir and kind == "raised" else None)
+            relays[kind] = RelayProcess(kind, relay_folder["workdir"], base / f"relay-{kind}-{r}.log",
+                                        settings.relay_cpu, profile)
+        variants = list(VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)])
+        try:
+            started = None
+            try:
+                for rp in relays.values():
+                    rp.launch()
+                for rp in relays.values():
+                    rp.wait_ready()
+            except Exception as exc:  # noqa: BLE001 - recorded as failed runs; the rest goes on
+                started = str(exc)
+                log.error("relay: %s", exc)
+            for test in ("relay-tcp", "relay-udp"):
+                for kind in variants:
+                    if started is not None:
+                        runs.append({"test": test, "transport": kind, "round": r, "wall_s": 0.0,
+                                     "foreign_cpu_pct": 0.0, "waited_for_quiet_s": 0.0, "found_quiet": True,
+                                     "ok": False, "error": started})
+                        continue
+                    spec = spec_for(test, kind, r, params=settings.relay)
+                    spec["relay"] = relays[RELAY_OF[kind]].info()
+                    spec["relay_public"] = relay_folder["public"]
+                    execute(spec, [rp.pid for rp in relays.values()])
+        finally:
+            for rp in relays.values():
+                rp.stop()
 
     tcp_params = {
         "sizes": list(settings.sizes),
@@ -338,6 +460,18 @@ def run_all(settings: Settings) -> dict[str, Any]:
             elif group == "udp":
                 for kind in udp_transports:
                     execute(spec_for("udp", kind, r, params=settings.udp))
+            elif group == "relay":
+                if ok:
+                    relay_round(r)
+                elif r == 0:
+                    skipped["relay"] = f"p2psc not importable ({why.splitlines()[0][:200]})"
+    natlab: dict[str, Any] | None = None
+    if "natlab" in settings.groups:
+        reason = lab_unavailable()
+        if reason is not None:
+            skipped["natlab"] = reason  # the report's one line: "skipped natlab: <reason>"
+        else:
+            natlab = run_natlab(settings, base / "natlab", runs)
     tmp.cleanup()
     results = col.tree()
     return {
@@ -355,12 +489,16 @@ def run_all(settings: Settings) -> dict[str, Any]:
             "handshake": {**settings.handshake, "bits": list(settings.handshake_bits)},
             "memory": settings.memory,
             "udp": settings.udp,
+            "relay": settings.relay,
+            "relay_cpu": settings.relay_cpu,
+            "natlab": settings.natlab,
         },
         "transports": transports,
         "p2psc_default_suite": default_suite,
         "udp_transports": udp_transports,
         "skipped": skipped,
         "results": results,
+        "natlab": natlab,
         "runs": runs,
         "keygen_s": keygen_s,
         "started_unix": started,

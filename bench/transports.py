@@ -205,7 +205,8 @@ class _P2PServer(ServerSide):
         await asyncio.wait_for(self.handler.close(), 10.0)
 
 
-async def _start_p2psc_server(material: dict[str, str], workdir: Path, suite: str | None, echo: bool) -> ServerSide:
+async def _start_p2psc_server(material: dict[str, str], workdir: Path, suite: str | None,
+                              echo: bool) -> ServerSide:
     from p2psc.p2phandler import P2PHandler
 
     server_cls, _ = _p2psc_classes()

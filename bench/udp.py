@@ -137,9 +137,8 @@ async def udp_plain_sender(port: int) -> UdpSender:
 def p2psc_udp_available() -> tuple[bool, str]:
     """Whether p2psc has the UDP API of issue 3 (``p2psc.udp_p2p.UdpP2P`` and the handler calls)."""
     try:
-        from p2psc.udp_p2p import UdpP2P  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
-
         from p2psc.p2phandler import P2PHandler
+        from p2psc.udp_p2p import UdpP2P  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure means "skip p2psc UDP"
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     missing = [n for n in ("run_as_udp_server", "connect_udp_peer") if not hasattr(P2PHandler, n)]
@@ -173,9 +172,8 @@ class P2PUdpServerSide(UdpServerSide):
         self.handler: Any = None
 
     async def start(self) -> None:
-        from p2psc.udp_p2p import UdpP2P  # type: ignore[import-not-found, unused-ignore]
-
         from p2psc.p2phandler import P2PHandler
+        from p2psc.udp_p2p import UdpP2P  # type: ignore[import-not-found, unused-ignore]
 
         counter = self.counter
 
@@ -203,16 +201,17 @@ class P2PUdpSender:
         self.transport: Any = None
 
     async def connect(self, timeout: float) -> None:
-        from p2psc.udp_p2p import UdpP2P  # type: ignore[import-not-found, unused-ignore]
-
         from p2psc.p2phandler import P2PHandler
+        from p2psc.udp_p2p import UdpP2P  # type: ignore[import-not-found, unused-ignore]
 
         class BenchUdpClient(UdpP2P):  # type: ignore[misc, valid-type]
             def on_recv(self, data: bytes, addr: Any) -> None:
                 pass
 
-        self.handler = P2PHandler(config=self.config)
-        self.transport, self.protocol = await self.handler.connect_udp_peer(self.peer_id, ProtocolClass=BenchUdpClient)
+        if self.handler is None:  # (built beforehand when its key loading is not to be timed)
+            self.handler = P2PHandler(config=self.config)
+        self.transport, self.protocol = await self.handler.connect_udp_peer(
+            self.peer_id, ProtocolClass=BenchUdpClient)
         await asyncio.wait_for(self.protocol.wait_handshaked(), timeout)
 
     async def blast(self, payload: bytes, max_count: int, duration: float) -> tuple[int, float]:

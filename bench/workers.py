@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from . import nat
 from .apps import ClientConn
 from .common import (
     CLIENT_CPU,
@@ -100,12 +101,15 @@ def server_process(pipe: Connection, spec: dict[str, Any]) -> None:
 
 async def _server_main(channel: Channel, spec: dict[str, Any]) -> None:
     test = spec["test"]
+    if test.startswith("relay-"):
+        await nat.server_main(channel, spec)
+        return
     if test == "udp":
         if spec["transport"] == "udp":
             udp = UdpServerSide()
         else:
-            udp = P2PUdpServerSide(p2psc_config(spec["p2psc"], Path(spec["workdir"]) / "server", SERVER_PEER_ID,
-                                                CLIENT_PEER_ID, peer_port=1))
+            udp = P2PUdpServerSide(p2psc_config(spec["p2psc"], Path(spec["workdir"]) / "server",
+                                                SERVER_PEER_ID, CLIENT_PEER_ID, peer_port=1))
         await udp.start()
         channel.send("ready", {"port": udp.port})
         while True:
@@ -139,6 +143,9 @@ def client_process(pipe: Connection, spec: dict[str, Any], port: int) -> None:
 
 async def _client_main(channel: Channel, spec: dict[str, Any], port: int) -> None:
     test = spec["test"]
+    if test.startswith("relay-"):
+        channel.send("result", await nat.client_main(channel, spec, port))
+        return
     if test == "udp":
         channel.send("result", await _udp_test(channel, spec, port))
         return

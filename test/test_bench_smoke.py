@@ -105,3 +105,23 @@ def test_targets_are_reported(smoke: dict[str, Any]) -> None:
     for row in smoke["targets"]:
         assert row["op"] in (">=", "<=") and isinstance(row["pass"], bool)
         assert math.isfinite(row["value"]["median"])
+
+
+def test_nat_relay(smoke: dict[str, Any]) -> None:
+    """The relay group ran each variant over the path it names (a run fails otherwise)."""
+    relay = smoke["results"]["relay"]
+    for variant in ("direct", "relayed", "relayed-cli"):
+        tcp, udp = relay["tcp"][variant], relay["udp"][variant]
+        for metric in ("mb_per_s", "send_cpu_s_per_mb", "recv_cpu_s_per_mb", "connect_ms"):
+            _positive(tcp[metric], f"relay tcp {variant} {metric}")
+        for metric in ("dgrams_per_s", "mb_per_s", "send_cpu_s_per_mb", "recv_cpu_s_per_mb", "connect_ms"):
+            _positive(udp[metric], f"relay udp {variant} {metric}")
+        # the relay's CPU: none on the direct path (the clock may still see a wake-up)
+        _finite(tcp["relay_cpu_s_per_mb"], f"relay tcp {variant} relay CPU")
+        _finite(udp["relay_cpu_s_per_mb"], f"relay udp {variant} relay CPU")
+        _finite(udp["loss_pct"], f"relay udp {variant} loss")
+    for proto in ("tcp", "udp"):
+        _positive(relay[proto]["relayed"]["relay_cpu_s_per_mb"], f"relay {proto} relayed: relay CPU")
+    ran = {(r["test"], r["transport"]) for r in smoke["runs"]}
+    assert {("relay-tcp", "relayed"), ("relay-udp", "relayed-cli")} <= ran
+    assert "natlab" not in smoke["settings"]["groups"] and smoke["natlab"] is None  # no lab in smoke

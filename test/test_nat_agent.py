@@ -270,6 +270,39 @@ def test_udp_relayed_when_punching_is_off(tmp_path: Path) -> None:
     run(with_env(tmp_path, body))
 
 
+def test_a_udp_server_closing_with_relayed_sessions_sends_them_close(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The handler closes its UDP endpoints before its control link: a relayed peer gets the
+    authenticated CLOSE through the relay, and nothing is handed to the socket as if a
+    RelayAddress were an address (which failed and lost the CLOSEs that came after it)."""
+    closed: list[tuple[str, Exception | None]] = []
+
+    class Watch(UCollect):
+        def on_peer_closed(self, peer_id: str, error: Exception | None) -> None:
+            closed.append((peer_id, error))
+
+    async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
+        b = await udp_server(env, handlers)
+        env.peers[A].dir.know(env.peers[B].dir, port=0)
+        a = with_relay(env, env.peers[A].dir, nat_punch=False)
+        handlers.append(a)
+        _, proto = await a.connect_udp_peer(B, Watch)
+        await asyncio.wait_for(proto.wait_handshaked(), 10)
+        assert proto.path == "relayed"
+        await echo_round(proto, 3)
+        handlers.remove(b)
+        await b.close()
+        for _ in range(250):
+            if closed:
+                break
+            await asyncio.sleep(0.02)
+        assert closed == [(B, None)]
+
+    with caplog.at_level("ERROR"):
+        run(with_env(tmp_path, body))
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_udp_peer_not_on_the_relay_is_tried_directly(tmp_path: Path) -> None:
     async def body(env: RelayEnv, handlers: list[P2PHandler]) -> None:
         b = P2PHandler(workdir=env.peers[B].dir.workdir)  # no relay in its config
