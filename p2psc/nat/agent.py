@@ -241,8 +241,11 @@ class _EndpointTap:
         for c in extra:
             if c not in candidates:
                 candidates.append(c)
+        low_ttl = s.nat_punch_low_ttl or None
+        # the full-TTL pings wait one interval after the low-TTL ones (none: no wait)
         puncher = Puncher(punch.punch_id, candidates, loop.time(), interval=s.nat_punch_interval,
-                          budget=s.nat_punch_timeout, low_ttl=s.nat_punch_low_ttl or None)
+                          sync_delay=s.nat_punch_interval if low_ttl else 0.0,
+                          budget=s.nat_punch_timeout, low_ttl=low_ttl)
         found = asyncio.Event()
         self.punchers[punch.punch_id] = (puncher, found)
         self.flush(puncher)
