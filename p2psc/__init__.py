@@ -5,6 +5,8 @@ Each peer has an id, an RSA private key and the public keys of the peers it know
 See README.md and docs/PROTOCOL.md.
 """
 
+from typing import TYPE_CHECKING
+
 from .p2pexcept import (
     ChannelClosed,
     ChannelNotReady,
@@ -33,6 +35,12 @@ from .p2pexcept import (
     UnknownPeerError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    # What type checkers see; at run time these are imported lazily, by __getattr__ below.
+    from .channel import Channel, DatagramChannel
+    from .p2p import TcpP2P
+    from .p2phandler import P2PHandler
 
 __version__ = "1.0.0"
 
