@@ -5,11 +5,14 @@ bounded receive queue, :class:`DatagramChannel` over UDP, and the entry points
 
 ::
 
-    handler = P2PHandler(workdir='test2')
-    async with await handler.open_channel('test1.com') as ch:
-        await ch.send(b'hello')            # waits (drain) while the peer is slow
-        reply = await ch.recv()            # one message
-        async for msg in ch: ...           # until the peer closes
+    async with P2PHandler(workdir='test2') as handler:     # closed on exit
+        async with handler.open_channel('test1.com') as ch:  # (or: ch = await ...open_channel)
+            await ch.send(b'hello')            # waits (drain) while the peer is slow
+            reply = await ch.recv()            # one message
+            async for msg in ch: ...           # until the peer closes
+
+        async for ch in handler.reconnecting('test1.com'):  # a long-lived link, with backoff
+            async for msg in ch: ...
 
 Flow control runs end to end: ``send`` waits while the transport's write buffer is above its
 high-water mark (``pause_writing``/``resume_writing``), and the receiving side stops reading
@@ -24,12 +27,21 @@ import asyncio
 import collections
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
+from types import TracebackType
+from typing import Any, Generic, Protocol, TypeVar
 
 from ._host import ProtocolHost
 from .p2p import TcpP2P
-from .p2pexcept import ChannelClosed, ChannelNotReady, HandshakeTimeout
+from .p2pexcept import (
+    ChannelClosed,
+    ChannelNotReady,
+    HandshakeTimeout,
+    P2PError,
+    UnknownPeerError,
+    UsageError,
+)
 from .udp_p2p import UdpP2P
 
 log = logging.getLogger("p2psc.channel")
@@ -44,6 +56,7 @@ __all__ = [
     "DatagramChannelProtocol",
     "open_channel",
     "open_datagram_channel",
+    "reconnecting",
     "serve",
 ]
 
@@ -519,3 +532,164 @@ async def open_datagram_channel(handler: ChannelHost, peer_id: str, *,
         proto.stop()
         raise
     return DatagramChannel(proto)
+
+
+# -- `await` or `async with` -------------------------------------------------------------------
+
+
+class _Closable(Protocol):
+    def close(self) -> Awaitable[None]: ...
+
+
+CH = TypeVar("CH", bound=_Closable)
+
+
+class _Connecting(Generic[CH]):
+    """What :meth:`P2PHandler.open_channel <p2psc.p2phandler.P2PHandler.open_channel>` and
+    ``open_datagram_channel`` return: awaitable (``ch = await handler.open_channel(peer)``)
+    and an async context manager (``async with handler.open_channel(peer) as ch:`` connects on
+    entry and closes the channel gracefully on exit, also when the block raises), as
+    websockets' ``connect`` is.
+
+    Nothing starts until it is awaited or entered, so an unused one leaves no "coroutine was
+    never awaited" warning; each ``await`` opens a new channel.
+    """
+
+    __slots__ = ("_channel", "_open")
+
+    def __init__(self, open_: Callable[[], Coroutine[Any, Any, CH]]):
+        self._open = open_
+        self._channel: CH | None = None
+
+    def __await__(self) -> Generator[Any, None, CH]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> CH:
+        if self._channel is not None:
+            raise RuntimeError("this channel is already open: enter it once")
+        self._channel = await self._open()
+        return self._channel
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        ch, self._channel = self._channel, None
+        if ch is not None:
+            await ch.close()
+
+
+# -- reconnecting ------------------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """The handler closed while :func:`reconnecting` waited."""
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _end_reason(ch: Channel) -> str:
+    try:
+        ch.protocol.raise_if_done()
+    except (P2PError, OSError) as exc:  # why it ended (ChannelClosed after a clean close)
+        return _reason(exc)
+    return "still open when the loop body was done with it"
+
+
+def _permanent(exc: BaseException) -> bool:
+    """A mistake that another attempt cannot fix (no key for the peer, bad config, ...)."""
+    from .p2pexcept import DirectoryError
+    return (isinstance(exc, (UsageError, UnknownPeerError))
+            and not isinstance(exc, DirectoryError))
+
+
+T = TypeVar("T")
+
+
+async def reconnecting(connect: Callable[[], Awaitable[Channel]], peer_id: str, *,
+                       closing: set[asyncio.Future[None]] | None = None,
+                       initial_backoff: float = 0.5, max_backoff: float = 30.0,
+                       factor: float = 2.0, jitter: bool = True, reset_after: float = 10.0,
+                       sleep: Callable[[float], Awaitable[Any]] | None = None
+                       ) -> AsyncIterator[Channel]:
+    """:meth:`P2PHandler.reconnecting <p2psc.p2phandler.P2PHandler.reconnecting>`, opening
+    each channel with ``connect()``; it stops when a future it adds to ``closing`` is
+    resolved (the handler resolves them in ``close()``)."""
+    if not initial_backoff > 0:
+        raise ValueError("initial_backoff must be > 0 (a reconnect loop must not spin)")
+    if max_backoff < initial_backoff:
+        raise ValueError("max_backoff must be >= initial_backoff")
+    if factor < 1:
+        raise ValueError("factor must be >= 1")
+    if sleep is None:
+        sleep = asyncio.sleep
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+    if closing is not None:
+        closing.add(stop)
+    failures = 0  # failed attempts and short-lived channels since the last long-lived one
+
+    def next_delay() -> float:
+        nonlocal failures
+        delay = min(max_backoff, initial_backoff * factor ** min(failures, 64))
+        failures += 1
+        return delay * random.uniform(0.5, 1.0) if jitter else delay
+
+    async def until_stopped(aw: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(aw)
+        both: set[asyncio.Future[Any]] = {task, stop}
+        try:
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if stop.done():
+            if not task.cancelled() and task.exception() is None:
+                got = task.result()
+                if isinstance(got, Channel):
+                    await got.close()
+            elif not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" warning
+            raise _Stopped
+        return task.result()
+
+    try:
+        while not stop.done():
+            try:
+                ch = await until_stopped(connect())
+            except _Stopped:
+                return
+            except (OSError, asyncio.TimeoutError, P2PError) as exc:
+                if _permanent(exc):
+                    raise
+                delay = next_delay()
+                log.info("%s: connecting failed (%s); next attempt in %.2f s", peer_id,
+                         _reason(exc), delay)
+            else:
+                started = loop.time()
+                try:
+                    yield ch
+                except BaseException:  # the loop was left (break, an exception, aclose)
+                    await ch.close()
+                    raise
+                lived = loop.time() - started
+                reason = _end_reason(ch)
+                await ch.close()
+                if stop.done():
+                    return
+                if lived >= reset_after:
+                    failures = 0
+                delay = next_delay()
+                log.info("%s: the channel ended after %.1f s (%s); reconnecting in %.2f s",
+                         peer_id, lived, reason, delay)
+            try:
+                await until_stopped(sleep(delay))
+            except _Stopped:
+                return
+    finally:
+        if closing is not None:
+            closing.discard(stop)
+        if not stop.done():
+            stop.cancel()

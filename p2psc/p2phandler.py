@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import TracebackType
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -16,7 +18,7 @@ from ._host import TcpPeer, UdpPeer
 from ._proto.buffers import BufferPool, ReceiveBudget
 from ._proto.replay import InitReplayCache
 from ._proto.tcp import SCRATCH_SIZE, Connection, Role, State
-from .channel import Channel, DatagramChannel, OnChannel
+from .channel import Channel, DatagramChannel, OnChannel, _Connecting
 from .config import (
     PeerConfig,
     Settings,
@@ -52,6 +54,9 @@ class P2PHandler:
 
     Config mistakes raise :class:`~p2psc.p2pexcept.ConfigError` here, at start-up.
 
+    ``async with P2PHandler(workdir=DIR) as handler:`` calls :meth:`close` on exit (its
+    servers stop, its connections close), also when the block raises.
+
     It is made of ``resolver`` (:class:`~p2psc.resolver.PeerResolver`: known peers and the
     directory), ``connections`` (:class:`~p2psc.registry.ConnectionRegistry`: its TCP
     connections) and ``udp_service`` (:class:`~p2psc.udp_service.UdpService`: its UDP server and
@@ -86,6 +91,15 @@ class P2PHandler:
         self._buffer_pool = BufferPool()
         self._receive_budget = ReceiveBudget(self.settings.max_partial_record_bytes,
                                              self.settings.max_partial_record_bytes_per_peer)
+        # resolved by close(): each running reconnecting() loop waits on one
+        self._closing: set[asyncio.Future[None]] = set()
+
+    async def __aenter__(self) -> P2PHandler:  # noqa: PYI034
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
 
     # -- identity -------------------------------------------------------------------------------
 
@@ -207,7 +221,11 @@ class P2PHandler:
         return transport, protocol  # type: ignore[return-value]
 
     async def close(self) -> None:
-        """Stop serving and close every connection this handler made or accepted."""
+        """Stop serving and close every connection this handler made or accepted (and end
+        its :meth:`reconnecting` loops)."""
+        for fut in list(self._closing):
+            if not fut.done():
+                fut.set_result(None)
         if self.server is not None:
             self.server.close()
             server, self.server = self.server, None
@@ -257,12 +275,15 @@ class P2PHandler:
 
     # -- async/await channels (p2psc.channel) ---------------------------------------------------
 
-    async def open_channel(self, peer_id: str, *, timeout: float | None = None,
-                           queue_size: int | None = None) -> Channel:
-        """Connect to ``peer_id`` over TCP and return a :class:`Channel` once the handshake
-        is done. ``timeout`` bounds connecting and the handshake together
+    def open_channel(self, peer_id: str, *, timeout: float | None = None,
+                     queue_size: int | None = None) -> _Connecting[Channel]:
+        """Connect to ``peer_id`` over TCP: ``ch = await handler.open_channel(peer_id)``
+        returns a :class:`Channel` once the handshake is done, and
+        ``async with handler.open_channel(peer_id) as ch:`` also closes it gracefully on exit
+        (also when the block raises). ``timeout`` bounds connecting and the handshake together
         (:class:`~p2psc.HandshakeTimeout`); ``queue_size`` overrides ``channel_queue_size``."""
-        return await channel.open_channel(self, peer_id, timeout=timeout, queue_size=queue_size)
+        return _Connecting(functools.partial(channel.open_channel, self, peer_id,
+                                             timeout=timeout, queue_size=queue_size))
 
     async def serve(self, on_channel: OnChannel, *, host: str | None = None,
                     port: int | None = None, queue_size: int | None = None
@@ -274,12 +295,49 @@ class P2PHandler:
         ``handler.close()`` stops it and closes every channel)."""
         return await channel.serve(self, on_channel, host=host, port=port, queue_size=queue_size)
 
-    async def open_datagram_channel(self, peer_id: str, *, timeout: float | None = None,
-                                    queue_size: int | None = None) -> DatagramChannel:
-        """Open a UDP session to ``peer_id`` and return a :class:`DatagramChannel` once the
-        handshake is done (``timeout`` bounds it, else ``udp_handshake_timeout`` does)."""
-        return await channel.open_datagram_channel(self, peer_id, timeout=timeout,
-                                                   queue_size=queue_size)
+    def open_datagram_channel(self, peer_id: str, *, timeout: float | None = None,
+                              queue_size: int | None = None) -> _Connecting[DatagramChannel]:
+        """Open a UDP session to ``peer_id``: ``await`` it for a :class:`DatagramChannel`
+        once the handshake is done (``timeout`` bounds it, else ``udp_handshake_timeout``
+        does), or ``async with`` it to have the channel closed on exit."""
+        return _Connecting(functools.partial(channel.open_datagram_channel, self, peer_id,
+                                             timeout=timeout, queue_size=queue_size))
+
+    def reconnecting(self, peer_id: str, *, timeout: float | None = None,
+                     queue_size: int | None = None, initial_backoff: float = 0.5,
+                     max_backoff: float = 30.0, factor: float = 2.0, jitter: bool = True,
+                     reset_after: float = 10.0,
+                     sleep: Callable[[float], Awaitable[Any]] | None = None
+                     ) -> AsyncIterator[Channel]:
+        """A long-lived link to ``peer_id``, as websockets' ``async for ws in connect(...)``::
+
+            async for ch in handler.reconnecting(peer_id):
+                try:
+                    async for msg in ch: ...
+                except p2psc.ConnectionLost:
+                    continue            # the next iteration reconnects
+
+        Yields an open :class:`Channel` (TCP); when the loop body is done with it (the next
+        iteration), it is closed and, after a pause, a new one is opened. Failed attempts
+        (``OSError``, timeouts, :class:`~p2psc.P2PError`) are logged at INFO with the reason
+        and retried after ``initial_backoff`` seconds, times ``factor`` after each further
+        failure, at most ``max_backoff`` (times a random 0.5-1 with ``jitter``). A channel
+        that lasted less than ``reset_after`` seconds counts as a failure; a longer one resets
+        the backoff, so the pause after it is ``initial_backoff``: the loop never spins.
+        Mistakes another attempt cannot fix (an unknown peer, bad usage) are raised.
+        ``timeout`` and ``queue_size`` are :meth:`open_channel`'s; ``sleep`` (by default
+        ``asyncio.sleep``) waits out each pause.
+
+        The loop ends when :meth:`close` is called (even mid-pause or mid-attempt); leaving it
+        (``break``, an exception) closes the current channel when the generator is closed:
+        at once with ``contextlib.aclosing``, else when it is collected (soon, in CPython).
+        """
+        return channel.reconnecting(
+            functools.partial(channel.open_channel, self, peer_id, timeout=timeout,
+                              queue_size=queue_size),
+            peer_id, closing=self._closing, initial_backoff=initial_backoff,
+            max_backoff=max_backoff, factor=factor, jitter=jitter, reset_after=reset_after,
+            sleep=sleep)
 
     # -- used by the protocols (p2psc._host.ProtocolHost) ----------------------------------------
 
