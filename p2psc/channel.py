@@ -28,7 +28,14 @@ import collections
 import functools
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+)
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -612,7 +619,7 @@ async def reconnecting(connect: Callable[[], Awaitable[Channel]], peer_id: str, 
                        initial_backoff: float = 0.5, max_backoff: float = 30.0,
                        factor: float = 2.0, jitter: bool = True, reset_after: float = 10.0,
                        sleep: Callable[[float], Awaitable[Any]] | None = None
-                       ) -> AsyncIterator[Channel]:
+                       ) -> AsyncGenerator[Channel, None]:
     """:meth:`P2PHandler.reconnecting <p2psc.p2phandler.P2PHandler.reconnecting>`, opening
     each channel with ``connect()``; it stops when a future it adds to ``closing`` is
     resolved (the handler resolves them in ``close()``)."""

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -308,7 +308,7 @@ class P2PHandler:
                      max_backoff: float = 30.0, factor: float = 2.0, jitter: bool = True,
                      reset_after: float = 10.0,
                      sleep: Callable[[float], Awaitable[Any]] | None = None
-                     ) -> AsyncIterator[Channel]:
+                     ) -> AsyncGenerator[Channel, None]:
         """A long-lived link to ``peer_id``, as websockets' ``async for ws in connect(...)``::
 
             async for ch in handler.reconnecting(peer_id):

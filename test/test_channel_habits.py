@@ -294,7 +294,7 @@ def test_reconnecting_short_lived_channels_back_off(pair: Any) -> None:
                                       (0.0, [0.05, 0.05, 0.05, 0.05])):
             sleeps = Sleeps()
             n = 0
-            async with contextlib.aclosing(client.reconnecting(  # type: ignore[type-var]
+            async with contextlib.aclosing(client.reconnecting(
                     "server.test", timeout=5, initial_backoff=0.05, max_backoff=0.2,
                     jitter=False, reset_after=reset_after, sleep=sleeps)) as it:
                 async for ch in it:
@@ -381,7 +381,7 @@ def test_reconnecting_break_stops_and_closes(pair: Any) -> None:
         assert await ends.next_end() == "closed"
         assert ch.closed
         # with contextlib.aclosing, deterministically
-        async with contextlib.aclosing(  # type: ignore[type-var]
+        async with contextlib.aclosing(
                 client.reconnecting("server.test", timeout=5)) as it:
             async for ch in it:
                 await echo_once(ch)
