@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
