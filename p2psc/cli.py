@@ -4,7 +4,8 @@ try connections without writing code.
 Subcommands: ``init``, ``pubkey``, ``fingerprint``, ``add-peer``, ``peers``, ``listen``,
 ``send``, ``ping``, ``relay serve`` and ``directory ...``. Every subcommand takes ``--workdir DIR`` (the peer
 folder; default: the current directory) and ``-v`` (debug logging, tracebacks on errors).
-Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
+Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error, 130 Ctrl-C (143
+SIGTERM); ``listen`` and ``relay serve`` exit 0 on either, their normal end.
 
 Transfer convention of ``send`` and ``listen`` (see docs/CLI.md): the data goes as messages
 of at most ``--chunk-size`` bytes, never empty; an empty message marks the end of the
