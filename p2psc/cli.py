@@ -39,7 +39,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from . import __version__, keys
 from .config import PeerAddress, PeerStore, known_peers_json, read_config_file, write_peer_files
-from .p2pexcept import ConfigError, ConnectError, P2PError, os_reason
+from .p2pexcept import ConfigError, P2PError
 from .validators import check_host, check_peer_id, port_arg
 
 if TYPE_CHECKING:  # (imported where used: `import p2psc.cli` stays light)
@@ -249,6 +249,7 @@ def _fmt_addr(addr: Any) -> str:
 def _os_reason(exc: OSError) -> str:
     """An OSError's reason in words; a DNS failure (``gaierror``) in its own words, not
     ``os.strerror`` of its negative code ("Unknown error -2")."""
+    from .p2pexcept import os_reason
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve: {exc.strerror or exc}"
     return os_reason(exc)
@@ -262,6 +263,7 @@ def _listen_error(host: str, port: int, exc: OSError, what: str = "") -> CliErro
 
 
 def _connect_error(handler: P2PHandler, peer_id: str, exc: OSError) -> CliError:
+    from .p2pexcept import ConnectError
     if isinstance(exc, ConnectError):  # it says which peer, where and why
         return CliError(str(exc))
     addr = handler.config.peers.known_address(peer_id)
