@@ -11,16 +11,19 @@ from .p2pexcept import (
     ChannelClosed,
     ChannelNotReady,
     ConfigError,
+    ConnectError,
     ConnectionLost,
     CRCError,
     DirectoryError,
     DirectorySignatureError,
+    DirectoryUnreachable,
     HandshakeError,
     HandshakeTimeout,
     InvalidDataType,
     LimitExceeded,
     MessageTooLarge,
     MissRemoteAddr,
+    NotADirectory,
     P2PError,
     PeerError,
     PeerNotInDirectory,
@@ -51,7 +54,7 @@ __all__ = [
     "HandshakeTimeout", "ProtocolError", "MessageTooLarge", "ConnectionLost", "DirectoryError",
     "UsageError", "PeerError", "RecordTooLarge", "LimitExceeded", "DirectorySignatureError",
     "PeerNotInDirectory", "RelayError", "PeerUnreachable",
-    "UnknownEntryError", "ReplayError",
+    "UnknownEntryError", "ReplayError", "ConnectError", "DirectoryUnreachable", "NotADirectory",
 ]
 
 

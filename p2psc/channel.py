@@ -533,8 +533,9 @@ async def open_datagram_channel(handler: ChannelHost, peer_id: str, *,
         await asyncio.wait_for(proto.wait_handshaked(), timeout)
     except asyncio.TimeoutError:
         proto.stop()
-        raise HandshakeTimeout(f"no UDP handshake with {peer_id} within "
-                               f"{timeout:g} s") from None
+        raise HandshakeTimeout(f"no UDP handshake with {peer_id} within {timeout:g} s (no "
+                               "answer: is it running, and does it know this peer's key?)"
+                               ) from None
     except BaseException:
         proto.stop()
         raise

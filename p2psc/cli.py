@@ -4,7 +4,8 @@ try connections without writing code.
 Subcommands: ``init``, ``pubkey``, ``fingerprint``, ``add-peer``, ``peers``, ``listen``,
 ``send``, ``ping``, ``relay serve`` and ``directory ...``. Every subcommand takes ``--workdir DIR`` (the peer
 folder; default: the current directory) and ``-v`` (debug logging, tracebacks on errors).
-Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
+Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error, 130 Ctrl-C (143
+SIGTERM); ``listen`` and ``relay serve`` exit 0 on either, their normal end.
 
 Transfer convention of ``send`` and ``listen`` (see docs/CLI.md): the data goes as messages
 of at most ``--chunk-size`` bytes, never empty; an empty message marks the end of the
@@ -25,6 +26,7 @@ import math
 import os
 import queue
 import signal
+import socket
 import stat
 import struct
 import sys
@@ -59,6 +61,9 @@ END_OF_TRANSFER = b""
 PING_HELLO = b"\x00p2psc-ping-v1\x00"
 PASSWORD_ENV = "P2PSC_PRIKEY_PASSWORD"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+#: Exit code after Ctrl-C (128 + SIGINT); SIGTERM gives 143. ``listen`` and ``relay serve``
+#: exit 0 on either: it is how they normally end.
+EXIT_SIGINT = 128 + 2
 
 
 class CliError(Exception):
@@ -242,10 +247,25 @@ def _fmt_addr(addr: Any) -> str:
 
 
 def _os_reason(exc: OSError) -> str:
-    return os.strerror(exc.errno) if exc.errno else str(exc.strerror or exc)
+    """An OSError's reason in words; a DNS failure (``gaierror``) in its own words, not
+    ``os.strerror`` of its negative code ("Unknown error -2")."""
+    from .p2pexcept import os_reason
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve: {exc.strerror or exc}"
+    return os_reason(exc)
+
+
+def _listen_error(host: str, port: int, exc: OSError, what: str = "") -> CliError:
+    if isinstance(exc, socket.gaierror):
+        return CliError(f"cannot listen on {host}:{port}{what}: cannot resolve {host}: "
+                        f"{exc.strerror or exc}")
+    return CliError(f"cannot listen on {host}:{port}{what}: {_os_reason(exc)}")
 
 
 def _connect_error(handler: P2PHandler, peer_id: str, exc: OSError) -> CliError:
+    from .p2pexcept import ConnectError
+    if isinstance(exc, ConnectError):  # it says which peer, where and why
+        return CliError(str(exc))
     addr = handler.config.peers.known_address(peer_id)
     where = f" at {addr.host}:{addr.port}" if addr is not None else ""
     return CliError(f"cannot connect to {peer_id}{where}: {_os_reason(exc)}")
@@ -415,7 +435,7 @@ async def _listen_udp(args: argparse.Namespace, handler: P2PHandler) -> int:
     except OSError as exc:
         host = args.host or handler.config.host
         port = handler.config.port if args.port is None else args.port
-        raise CliError(f"cannot listen on {host}:{port} (UDP): {_os_reason(exc)}") from None
+        raise _listen_error(host, port, exc, " (UDP)") from None
     print(f"{PROG}: {handler.get_myid()} listening on "
           f"{_fmt_addr(transport.get_extra_info('sockname'))} (UDP"
           f"{', echo' if args.echo else ''})", file=sys.stderr, flush=True)
@@ -480,7 +500,7 @@ async def _listen(args: argparse.Namespace) -> int:
     except OSError as exc:
         host = args.host or handler.config.host
         port = handler.config.port if args.port is None else args.port
-        raise CliError(f"cannot listen on {host}:{port}: {_os_reason(exc)}") from None
+        raise _listen_error(host, port, exc) from None
     addrs = ", ".join(_fmt_addr(s.getsockname()) for s in server.sockets)
     print(f"{PROG}: {handler.get_myid()} listening on {addrs} (TCP"
           f"{', echo' if args.echo else ''})", file=sys.stderr, flush=True)
@@ -596,24 +616,45 @@ def _percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[rank - 1]
 
 
+def _ping_size_error(args: argparse.Namespace, handler: P2PHandler) -> str | None:
+    """Why ``-s`` cannot be sent (checked before connecting), or None."""
+    settings = handler.settings
+    if args.udp:
+        limit = settings.udp_max_payload - len(PING_HELLO)
+        if args.size > limit:
+            return (f"-s {args.size}: a UDP ping message holds at most {limit} bytes "
+                    f"(udp_max_payload {settings.udp_max_payload}, less the "
+                    f"{len(PING_HELLO)}-byte ping marker)")
+    elif args.size > settings.max_message_size:
+        return f"-s {args.size}: over max_message_size ({settings.max_message_size} bytes)"
+    return None
+
+
 async def _ping(args: argparse.Namespace) -> int:
     handler = _handler(args)
     rtts: list[float] = []
     sent = 0
     hs = 0.0
-    args.interrupt_code = EXIT_FAIL
     try:
+        too_large = _ping_size_error(args, handler)
+        if too_large is not None:
+            print(f"{PROG}: {too_large}", file=sys.stderr)
+            return EXIT_USAGE
+        settings = handler.settings
+        if args.handshake_timeout is not None:
+            hs_timeout = args.handshake_timeout or None
+        else:
+            hs_timeout = settings.udp_handshake_timeout if args.udp else settings.handshake_timeout
         addr = handler.config.peers.known_address(args.peer_id)
         t0 = time.perf_counter()
         if args.udp:
             try:
-                ch: Any = await handler.open_datagram_channel(args.peer_id,
-                                                              timeout=args.timeout or None)
+                ch: Any = await handler.open_datagram_channel(args.peer_id, timeout=hs_timeout)
             except OSError as exc:
                 raise _connect_error(handler, args.peer_id, exc) from exc
             what = "UDP handshake"
         else:
-            ch = await _open(handler, args.peer_id, args.timeout)
+            ch = await _open(handler, args.peer_id, hs_timeout or 0)
             what = f"connect and handshake, {ch.suite}"
         hs = (time.perf_counter() - t0) * 1000
         where = f" ({addr.host}:{addr.port})" if addr is not None else ""
@@ -655,9 +696,8 @@ async def _ping(args: argparse.Namespace) -> int:
                 if seq < args.count and args.interval:
                     await asyncio.sleep(args.interval)
     finally:
-        if sent:
+        if sent:  # also when interrupted (exit 130), as ping does
             _ping_stats(args.peer_id, sent, rtts, hs)
-            args.interrupt_code = EXIT_OK if rtts else EXIT_FAIL
         await handler.close()
     return EXIT_OK if rtts else EXIT_FAIL
 
@@ -748,7 +788,7 @@ async def _relay_serve(args: argparse.Namespace) -> int:
         await relay.start(host, port, args.udp_port, args.udp_port2)
     except OSError as exc:
         await handler.close()
-        raise CliError(f"cannot listen on {host}:{port}: {_os_reason(exc)}") from None
+        raise _listen_error(host, port, exc) from None
     except P2PError:
         await handler.close()
         raise
@@ -774,8 +814,10 @@ def cmd_relay_serve(args: argparse.Namespace) -> int:
 
 def _run(coro: Coroutine[Any, Any, int], args: argparse.Namespace) -> int:
     """Run ``coro`` on uvloop when installed, else the stdlib loop. SIGINT and SIGTERM cancel
-    it; the exit code is then ``args.interrupt_code`` (default 1)."""
-    interrupted = False
+    it; the exit code is then ``args.interrupt_code`` when the command set one (0 for the
+    services, ``listen`` and ``relay serve``, whose normal end it is), else 128 + the signal
+    number: 130 for Ctrl-C, 143 for SIGTERM (the shell's convention)."""
+    interrupted: int | None = None
 
     async def wrapper() -> int:
         nonlocal interrupted
@@ -783,19 +825,19 @@ def _run(coro: Coroutine[Any, Any, int], args: argparse.Namespace) -> int:
         assert task is not None
         loop = asyncio.get_running_loop()
 
-        def on_signal() -> None:
+        def on_signal(sig: int) -> None:
             nonlocal interrupted
-            interrupted = True
+            interrupted = sig
             task.cancel()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, on_signal)
+                loop.add_signal_handler(sig, on_signal, int(sig))
         try:
             return await coro
         except asyncio.CancelledError:
-            if interrupted:
-                code = int(getattr(args, "interrupt_code", EXIT_FAIL))
+            if interrupted is not None:
+                code = int(getattr(args, "interrupt_code", 128 + interrupted))
                 if code != EXIT_OK:
                     print(f"{PROG}: interrupted", file=sys.stderr)
                 return code
@@ -908,7 +950,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--size", type=_positive_int, default=64, metavar="BYTES",
                    help="message size (default: 64)")
     p.add_argument("--timeout", type=_nonneg_float, default=5.0, metavar="SECONDS",
-                   help="handshake and per-reply timeout (default: 5; 0: none)")
+                   help="wait for each reply (default: 5; 0: none)")
+    p.add_argument("--handshake-timeout", type=_nonneg_float, default=None, metavar="SECONDS",
+                   help="connect and handshake limit (default: the peer folder's "
+                   "udp_handshake_timeout with --udp, 15 s unless set; else its "
+                   "handshake_timeout, 10 s unless set; 0: none)")
     p.add_argument("--udp", action="store_true", help="ping over UDP (listen --udp)")
     p.set_defaults(func=cmd_ping)
 
@@ -990,9 +1036,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C outside the event loop (a passphrase prompt, ...)
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_SIGINT
     except BrokenPipeError:
         with contextlib.suppress(OSError):  # stdout is gone: do not complain at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

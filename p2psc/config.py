@@ -41,7 +41,7 @@ __all__ = ["DIRECTORY_CLOCK_SKEW", "Settings", "default_suite_name", "PeerAddres
            "PeerConfig", "PeerStore", "read_config_file", "substitute", "load_peer_config",
            "config_from_cwd", "config_from_appublic", "case_twin", "pubkey_file",
            "read_public_key", "read_known_peers", "known_peers_json", "peer_files",
-           "write_peer_files"]
+           "write_peer_files", "CONFIG_KEYS", "known_config_keys", "warn_unknown_keys"]
 
 #: Largest JSON config file read (peers.json with thousands of peers stays far below).
 MAX_JSON_FILE_SIZE = 16 * 1024 * 1024
@@ -440,6 +440,31 @@ class PeerConfig:
 
 
 _REQUIRED = ("my_prikey_file", "xconfig", "known_peers_file", "peer_pubkey_path")
+#: The keys of conf/config.json that are not settings (docs/CONFIG.md).
+CONFIG_KEYS = (*_REQUIRED, "my_prikey_password", "find_peer_info_url", "relay")
+
+
+def known_config_keys() -> list[str]:
+    """Every key conf/config.json may have: the files, the directory, the relay, and the
+    settings (:class:`~p2psc._proto.settings.Settings`)."""
+    from dataclasses import fields
+    return [*CONFIG_KEYS, *(f.name for f in fields(Settings))]
+
+
+def warn_unknown_keys(conf: Mapping[str, Any], where: str) -> list[str]:
+    """Log a warning for each key of ``conf`` that p2psc does not know (a typo such as
+    ``max_mesage_size`` would otherwise be ignored without a word), with the closest known
+    key as a suggestion; returns those keys. Keys starting with ``_`` (``__config_file__``,
+    comments) are left alone."""
+    import difflib
+    known = known_config_keys()
+    unknown = [k for k in conf if isinstance(k, str) and not k.startswith("_")
+               and k not in known]
+    for k in unknown:
+        close = difflib.get_close_matches(k, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        log.warning("%s: unknown key %r ignored%s", where, k, hint)
+    return unknown
 
 
 def load_peer_config(conf: Mapping[str, Any]) -> PeerConfig:
@@ -450,8 +475,11 @@ def load_peer_config(conf: Mapping[str, Any]) -> PeerConfig:
         raise ConfigError(f"{where}: the config must be a mapping")
     for k in _REQUIRED:
         v = conf.get(k)
-        if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
+        if v is None or (isinstance(v, (str, os.PathLike)) and not os.fspath(v)):
             raise ConfigError(f"{where}: missing or empty {k!r}")
+        if not isinstance(v, (str, os.PathLike)):
+            raise ConfigError(f"{where}: {k} must be a string, not {v!r}")
+    warn_unknown_keys(conf, where)
     settings = Settings.from_mapping({"cipher_suite": default_suite_name(), **conf}, where)
 
     password = conf.get("my_prikey_password")

@@ -21,12 +21,15 @@ Every exception class of the library is defined here. The tree::
     │   │   ├── SignCheckError
     │   │   └── HandshakeTimeout
     │   ├── ConnectionLost
+    │   ├── ConnectError      connecting to the peer failed (also an OSError)
     │   └── RelayError        the relay/rendezvous refused a request or is unreachable
     │       └── PeerUnreachable   no path (direct, punched or relayed) reached the peer
     ├── UnknownPeerError          no public key for a peer id (local lookup or incoming INIT)
     │   └── PeerNotInDirectory    (also a DirectoryError)
     └── DirectoryError            the peer directory service could not be used
         ├── DirectorySignatureError
+        ├── DirectoryUnreachable  no answer from the directory's URL
+        ├── NotADirectory         the URL answered, but not as a p2psc directory
         ├── PeerNotInDirectory    (also an UnknownPeerError)
         ├── UnknownEntryError
         └── ReplayError
@@ -51,6 +54,10 @@ alike) before exiting with status 1, so it stays in the command line and outside
 
 from __future__ import annotations
 
+import os
+import socket
+from typing import Any
+
 __all__ = [
     "P2PError",
     "UsageError",
@@ -72,9 +79,12 @@ __all__ = [
     "SignCheckError",
     "HandshakeTimeout",
     "ConnectionLost",
+    "ConnectError",
     "UnknownPeerError",
     "DirectoryError",
     "DirectorySignatureError",
+    "DirectoryUnreachable",
+    "NotADirectory",
     "PeerNotInDirectory",
     "UnknownEntryError",
     "ReplayError",
@@ -165,6 +175,54 @@ class ConnectionLost(PeerError):
     """The connection ended without the peer's authenticated CLOSE record (truncation or loss)."""
 
 
+def os_reason(exc: OSError) -> str:
+    """The reason of an OSError in words: ``getaddrinfo``'s own text for a DNS failure
+    (``os.strerror`` of its negative code says "Unknown error -2"), else the errno's text."""
+    if isinstance(exc, socket.gaierror) or (exc.errno is not None and exc.errno < 0):
+        return str(exc.strerror or exc)
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc.strerror or exc) or type(exc).__name__
+
+
+class ConnectError(PeerError, OSError):
+    """Connecting to the peer failed: its name did not resolve, or the connection was refused,
+    reset or timed out. Also an :class:`OSError` (``errno`` and ``strerror`` are the original
+    error's), so ``except OSError`` still catches it; ``host`` and ``port`` say where."""
+
+    def __init__(self, message: str, *, errno: int | None = None, strerror: str | None = None,
+                 host: str | None = None, port: int | None = None) -> None:
+        OSError.__init__(self, message)
+        self.errno = errno  # type: ignore[misc]
+        self.strerror = strerror  # type: ignore[misc]
+        self.message = message
+        self.host = host
+        self.port = port
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return (_connect_error, (self.message, self.errno, self.strerror, self.host, self.port))
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, peer_id: str | None, host: str, port: int
+                      ) -> ConnectError:
+        """The error of connecting to ``peer_id`` at ``host``:``port`` that raised ``exc``."""
+        reason = os_reason(exc)
+        who = f"{peer_id} at " if peer_id else ""
+        if isinstance(exc, socket.gaierror):
+            message = f"cannot connect to {who}{host}:{port}: cannot resolve {host}: {reason}"
+        else:
+            message = f"cannot connect to {who}{host}:{port}: {reason}"
+        return cls(message, errno=exc.errno, strerror=reason, host=host, port=port)
+
+
+def _connect_error(message: str, errno: int | None, strerror: str | None, host: str | None,
+                   port: int | None) -> ConnectError:
+    return ConnectError(message, errno=errno, strerror=strerror, host=host, port=port)
+
+
 # -- who is the peer ------------------------------------------------------------------------------
 
 class RelayError(PeerError):
@@ -189,6 +247,16 @@ class DirectorySignatureError(DirectoryError):
 
     Only a :class:`DirectoryError`: it is not a :class:`SignCheckError` (a handshake failure).
     """
+
+
+class DirectoryUnreachable(DirectoryError):
+    """The directory's URL did not answer: its name did not resolve, the connection was
+    refused or reset, or it did not answer within the time limit."""
+
+
+class NotADirectory(DirectoryError):
+    """The URL answered, but not as a p2psc directory (an HTML page, another status, not
+    JSON): the URL is probably wrong."""
 
 
 class PeerNotInDirectory(DirectoryError, UnknownPeerError):

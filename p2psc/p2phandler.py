@@ -28,7 +28,15 @@ from .config import (
 )
 from .nat.agent import NatAgent
 from .p2p import TcpP2P
-from .p2pexcept import ConfigError, PeerUnreachable, RelayError, StatusError, UnknownPeerError
+from .p2pexcept import (
+    ConfigError,
+    ConnectError,
+    P2PError,
+    PeerUnreachable,
+    RelayError,
+    StatusError,
+    UnknownPeerError,
+)
 from .registry import ConnectionRegistry
 from .resolver import PeerResolver
 from .udp_p2p import UdpP2P
@@ -211,12 +219,15 @@ class P2PHandler:
             if not task.done() and conn.state is State.IDLE:
                 conn.initiate(loop.time())
             transport, protocol = await task
-        except BaseException:
+        except BaseException as exc:
             # no connection is left without an owner
             if not task.done():
                 task.cancel()
             elif not task.cancelled() and task.exception() is None:
                 task.result()[0].abort()
+            if isinstance(exc, OSError) and not isinstance(exc, P2PError):
+                # a P2PError that is still an OSError, saying where and why
+                raise ConnectError.from_os_error(exc, peer_id, host, port) from exc
             raise
         return transport, protocol  # type: ignore[return-value]
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from ._host import ProtocolHost, UdpPeer
 from .config import PeerAddress, PeerConfig
 from .nat.agent import NatAgent
-from .p2pexcept import StatusError
+from .p2pexcept import ConnectError, StatusError
 from .udp_p2p import UdpP2P
 
 log = logging.getLogger("p2psc.udp")
@@ -127,7 +127,10 @@ class UdpService:
         if self._nat is not None:
             return await self._connect_nat(peer_id, ProtocolClass, addr, key)
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
+        try:
+            infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ConnectError.from_os_error(exc, peer_id, addr.host, addr.port) from exc
         infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first, as peers.json has
         if not infos:
             raise OSError(f"cannot resolve {addr.host!r}")

@@ -283,3 +283,73 @@ def test_datagram_channel_round_trip_and_close(pair: Any, loop_kind: str) -> Non
         await client.close()
 
     run(main(), loop=loop_kind)
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_connect_failures_are_p2p_errors_and_still_os_errors(pair: Any) -> None:
+    """A closed port or a name that does not resolve: a ConnectError (a P2PError, and an
+    OSError so that ``except OSError`` keeps working) naming the peer, where, and why."""
+    import errno
+
+    from p2psc import ConnectError, P2PError, PeerError
+
+    async def main() -> None:
+        server_dir, client_dir = pair
+        port = _closed_port()
+        point_at(client_dir, server_dir, port)
+        client = P2PHandler(workdir=client_dir.workdir)
+        try:
+            with pytest.raises(ConnectError) as ei:
+                await client.open_channel("server.test", timeout=5)
+            e = ei.value
+            assert isinstance(e, P2PError) and isinstance(e, PeerError)
+            assert isinstance(e, OSError) and e.errno == errno.ECONNREFUSED
+            assert (e.host, e.port) == ("127.0.0.1", port)
+            assert str(e) == f"cannot connect to server.test at 127.0.0.1:{port}: " \
+                             "Connection refused"
+            with pytest.raises(OSError):  # what callers that knew the old behaviour catch
+                await client.connect_peer("server.test")
+        finally:
+            await client.close()
+        client_dir.know(server_dir, port=9, host="nosuchhost.invalid")
+        client = P2PHandler(workdir=client_dir.workdir)
+        try:
+            with pytest.raises(ConnectError,
+                               match=r"^cannot connect to server\.test at nosuchhost\.invalid:9: "
+                                     r"cannot resolve nosuchhost\.invalid: ") as ei:
+                await client.open_channel("server.test", timeout=10)
+            assert "Unknown error" not in str(ei.value)
+            with pytest.raises(ConnectError, match="cannot resolve nosuchhost.invalid"):
+                await client.open_datagram_channel("server.test", timeout=10)
+        finally:
+            await client.close()
+
+    run(main())
+
+
+def test_a_refused_handshake_says_what_is_likely(pair: Any) -> None:
+    """The server has another key on file for the client (the client's key changed): it
+    closes without a word after INIT; the initiator says what that probably means."""
+    from p2psc import HandshakeError
+
+    async def main() -> None:
+        server_dir, client_dir = pair
+        server_dir.know(client_dir, key=server_dir.key)
+        server, client = await start(pair, echo)
+        try:
+            with pytest.raises(HandshakeError, match=r"^the peer refused the handshake: it "
+                               r"probably does not know this peer's key \(add it there with "
+                               r"p2psc add-peer, or register it in the directory\), or this "
+                               r"peer's key changed$"):
+                await client.open_channel("server.test", timeout=5)
+        finally:
+            await client.close()
+            await server.close()
+
+    run(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -27,7 +28,13 @@ from p2psc.directory import (
 )
 from p2psc.directory.server import LOOKUP_PATH, STATE_KEY, UPDATE_PATH, make_app, start_server
 from p2psc.directory.store import DirectoryStore
-from p2psc.p2pexcept import DirectoryError, SignCheckError, UnknownPeerError
+from p2psc.p2pexcept import (
+    DirectoryError,
+    DirectoryUnreachable,
+    NotADirectory,
+    SignCheckError,
+    UnknownPeerError,
+)
 
 T = TypeVar("T")
 WAIT = 10.0  # upper bound on any single wait in these tests
@@ -215,7 +222,9 @@ def test_directory_down_is_a_quick_directory_error(k: dict[str, Any]) -> None:
 
     async def go() -> None:
         t0 = time.monotonic()
-        with pytest.raises(DirectoryError, match="unreachable"):
+        with pytest.raises(DirectoryUnreachable,
+                           match=r"cannot reach the directory at http://127\.0\.0\.1:\d+"
+                                 r"/api/get_peer_info: connection refused$"):
             await fetch_peer_record(url, "alice", k["center"].public_key(), timeout=3.0)
         assert time.monotonic() - t0 < 2.0
     run(go())
@@ -489,9 +498,11 @@ def test_lookup_when_directory_down_is_cached_and_quick(k: dict[str, Any]) -> No
         async with DirectoryLookup(f"http://127.0.0.1:{_closed_port()}{LOOKUP_PATH}",
                                    k["center"].public_key(), timeout=2.0) as dl:
             t0 = time.monotonic()
-            with pytest.raises(DirectoryError, match="unreachable"):
+            with pytest.raises(DirectoryUnreachable, match="connection refused$"):
                 await dl.lookup("alice")
-            with pytest.raises(DirectoryError, match="cached"):
+            with pytest.raises(DirectoryUnreachable,
+                               match=r"connection refused \(a cached failure: not retried "
+                                     r"for another (29|30) s\)"):
                 await dl.lookup("alice")
             assert dl.requests == 1 and time.monotonic() - t0 < 2.0
     run(go())
@@ -702,3 +713,48 @@ def test_update_answer_carries_the_request_nonce(k: dict[str, Any],
                                        7902, center_public_key=k["center"].public_key())
             assert new["port"] == 7902 and len(new["nonce"]) == 32
     run(go())
+
+
+# -- errors a user can act on (issue 14) -----------------------------------------------------
+
+@pytest.mark.parametrize(("status", "body", "what"), [
+    (404, b"<html><body>404 Not Found</body></html>", r"HTTP 404, not JSON"),
+    (200, b"<html><body>Directory listing for /</body></html>", r"not JSON"),
+])
+def test_a_url_that_is_not_a_directory_says_so(k: dict[str, Any], status: int, body: bytes,
+                                               what: str) -> None:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=body, status=status, content_type="text/html")
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_get("/", page)
+        async with running(app) as base:
+            with pytest.raises(NotADirectory,
+                               match=rf"^{base}/ did not answer as a p2psc directory \({what}\)"):
+                await fetch_peer_record(base + "/", "alice", k["center"].public_key())
+    run(go())
+
+
+def test_directory_name_that_does_not_resolve(k: dict[str, Any]) -> None:
+    async def go() -> None:
+        with pytest.raises(DirectoryUnreachable,
+                           match=r"cannot reach the directory at http://nosuchhost\.invalid:9/"
+                                 r"api/get_peer_info: cannot resolve nosuchhost\.invalid: "):
+            await fetch_peer_record("http://nosuchhost.invalid:9" + LOOKUP_PATH, "alice",
+                                    k["center"].public_key(), timeout=10.0)
+    run(go())
+
+
+def test_a_cached_failure_is_logged_with_how_long(k: dict[str, Any],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        async with DirectoryLookup(f"http://127.0.0.1:{_closed_port()}{LOOKUP_PATH}",
+                                   k["center"].public_key(), timeout=2.0,
+                                   negative_ttl=30.0) as dl:
+            with caplog.at_level(logging.WARNING, logger="p2psc.directory"), \
+                    pytest.raises(DirectoryUnreachable):
+                await dl.lookup("alice")
+    run(go())
+    assert any("directory lookup of alice failed: cannot reach the directory" in r.message
+               and r.message.endswith("; not retried for 30 s") for r in caplog.records)

@@ -18,9 +18,10 @@ CLASSES = {name: obj for name, obj in vars(E).items()
 USAGE = {"ConfigError", "InvalidDataType", "MessageTooLarge", "MissRemoteAddr", "StatusError",
          "ChannelNotReady", "ChannelClosed"}
 PEER = {"ProtocolError", "CRCError", "RecordTooLarge", "LimitExceeded", "HandshakeError", "SignCheckError",
-        "HandshakeTimeout", "ConnectionLost", "RelayError", "PeerUnreachable"}
+        "HandshakeTimeout", "ConnectionLost", "RelayError", "PeerUnreachable", "ConnectError"}
 NEITHER = {"P2PError", "UsageError", "PeerError", "UnknownPeerError", "DirectoryError",
-           "DirectorySignatureError", "PeerNotInDirectory", "UnknownEntryError", "ReplayError"}
+           "DirectorySignatureError", "PeerNotInDirectory", "UnknownEntryError", "ReplayError",
+           "DirectoryUnreachable", "NotADirectory"}
 
 #: Each class and its direct bases.
 PARENTS = {
@@ -42,11 +43,14 @@ PARENTS = {
     "SignCheckError": ("HandshakeError",),
     "HandshakeTimeout": ("HandshakeError",),
     "ConnectionLost": ("PeerError",),
+    "ConnectError": ("PeerError", "OSError"),
     "RelayError": ("PeerError",),
     "PeerUnreachable": ("RelayError",),
     "UnknownPeerError": ("P2PError",),
     "DirectoryError": ("P2PError",),
     "DirectorySignatureError": ("DirectoryError",),
+    "DirectoryUnreachable": ("DirectoryError",),
+    "NotADirectory": ("DirectoryError",),
     "PeerNotInDirectory": ("DirectoryError", "UnknownPeerError"),
     "UnknownEntryError": ("DirectoryError",),
     "ReplayError": ("DirectoryError",),

@@ -416,7 +416,9 @@ def test_eof_errors() -> None:
     i = initiator()
     i.initiate()
     closed_with(i.receive_eof(T0), HandshakeError,
-                "the peer closed the connection during the handshake (sent INIT)")
+                "the peer refused the handshake: it probably does not know this peer's key "
+                "(add it there with p2psc add-peer, or register it in the directory), or "
+                "this peer's key changed")
     i, r = initiator(), responder()
     establish(i, r)
     closed_with(r.receive_eof(T0), ConnectionLost,

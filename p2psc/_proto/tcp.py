@@ -498,6 +498,13 @@ class Connection:
         if was is State.ESTABLISHED:
             return self._fail(ConnectionLost("the connection ended without the peer's CLOSE "
                                              "record (truncated or lost)"))
+        if was is State.SENT_INIT and self.role is Role.INITIATOR:
+            # the responder answers a refused INIT (unknown key, bad signature) by closing
+            # the connection without a word: say what is likely
+            return self._fail(HandshakeError(
+                "the peer refused the handshake: it probably does not know this peer's key "
+                "(add it there with p2psc add-peer, or register it in the directory), or "
+                "this peer's key changed"))
         return self._fail(HandshakeError(f"the peer closed the connection during the "
                                          f"handshake ({was.value})"))
 

@@ -28,8 +28,10 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +52,14 @@ from ..config import (
     read_public_key,
     write_peer_files,
 )
-from ..p2pexcept import ConfigError, DirectoryError, PeerNotInDirectory
+from ..p2pexcept import (
+    ConfigError,
+    DirectoryError,
+    DirectoryUnreachable,
+    NotADirectory,
+    PeerNotInDirectory,
+    os_reason,
+)
 from .record import (
     CENTER_PEER_ID,
     MAX_RECORD_BODY,
@@ -146,16 +155,55 @@ async def _request(method: str, url: URL, *, timeout: float, session: aiohttp.Cl
         async with aiohttp.ClientSession() as s:
             return await go(s)
 
-    where = f"{url.scheme}://{url.host}:{url.port}{url.path}"
+    where = str(url.with_query(None).with_fragment(None))
     try:
         return await asyncio.wait_for(run(), timeout)
     except asyncio.TimeoutError:
-        raise DirectoryError(f"directory {where} did not answer within {timeout:g} s") from None
+        raise DirectoryUnreachable(f"the directory at {where} did not answer within "
+                                   f"{timeout:g} s") from None
+    except aiohttp.ClientConnectorError as exc:
+        raise DirectoryUnreachable(f"cannot reach the directory at {where}: "
+                                   f"{_reason(exc.os_error, url)}") from None
     except aiohttp.ClientError as exc:
-        raise DirectoryError(f"directory {where} unreachable: "
-                             f"{type(exc).__name__}: {exc}") from None
+        raise DirectoryUnreachable(f"cannot reach the directory at {where}: "
+                                   f"{_client_error_text(exc)}") from None
     except OSError as exc:
-        raise DirectoryError(f"directory {where} unreachable: {exc.strerror or exc}") from None
+        raise DirectoryUnreachable(f"cannot reach the directory at {where}: "
+                                   f"{_reason(exc, url)}") from None
+
+
+def _reason(exc: OSError, url: URL) -> str:
+    """Why a connection failed, in words ("connection refused", "cannot resolve HOST: ...")."""
+    if isinstance(exc, socket.gaierror) or (exc.errno is not None and exc.errno < 0):
+        return f"cannot resolve {url.host}: {os_reason(exc)}"
+    text = os_reason(exc)
+    return text[:1].lower() + text[1:]
+
+
+def _client_error_text(exc: aiohttp.ClientError) -> str:
+    """aiohttp's error without its class names and internals."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer was cut short"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"malformed HTTP answer ({exc.message})"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _not_a_directory(url: URL, status: int, body: bytes) -> NotADirectory | None:
+    """:class:`NotADirectory` when the answer is not a p2psc directory's (whose every answer,
+    errors included, is a JSON object), else None."""
+    try:
+        ok = isinstance(json.loads(body.decode("utf-8")), dict)
+    except (ValueError, RecursionError):
+        ok = False
+    if ok:
+        return None
+    where = str(url.with_query(None).with_fragment(None))
+    what = "not JSON" if status == 200 else f"HTTP {status}, not JSON"
+    return NotADirectory(f"{where} did not answer as a p2psc directory ({what}); is the URL "
+                         "right? (a lookup URL ends in /api/get_peer_info)")
 
 
 async def fetch_peer_record(url: str, peer_id: str, center_public_key: rsa.RSAPublicKey, *,
@@ -180,6 +228,9 @@ async def fetch_peer_record(url: str, peer_id: str, center_public_key: rsa.RSAPu
     nonce = check_nonce(secrets.token_hex(NONCE_BYTES) if nonce is None else nonce)
     u = _check_url(url).update_query(id=peer_id, nonce=nonce)
     status, body = await _request("GET", u, timeout=timeout, session=session)
+    wrong = _not_a_directory(u, status, body)
+    if wrong is not None:
+        raise wrong
     if status == 404:
         raise PeerNotInDirectory(f"the directory does not know peer {peer_id!r}")
     if status != 200:
@@ -201,8 +252,11 @@ async def update_address(url: str, peer_id: str, private_key: rsa.RSAPrivateKey,
     (bad signature, stale timestamp, replay, out of order, unknown peer) or cannot be reached.
     """
     req = make_update_request(peer_id, private_key, host, port)
-    status, body = await _request("POST", _check_url(url), timeout=timeout, session=session,
-                                  json_body=req)
+    u = _check_url(url)
+    status, body = await _request("POST", u, timeout=timeout, session=session, json_body=req)
+    wrong = _not_a_directory(u, status, body)
+    if wrong is not None:
+        raise wrong
     if status == 404:
         raise PeerNotInDirectory(f"the directory does not know peer {peer_id!r}"
                                  f"{_error_message(body)}")
@@ -258,10 +312,11 @@ class DirectoryLookup:
         peer_id = check_peer_id(peer_id)
         cached = self._failed.get(peer_id)
         if cached is not None:
-            if cached[0] > self._clock():
+            left = cached[0] - self._clock()
+            if left > 0:
                 err = cached[1]
-                raise type(err)(f"{err} (cached failure, not retried for "
-                                f"{self.negative_ttl:g} s)")
+                raise type(err)(f"{err} (a cached failure: not retried for another "
+                                f"{math.ceil(left):d} s)")
             del self._failed[peer_id]
         task = self._inflight.get(peer_id)
         if task is None:
@@ -302,7 +357,11 @@ class DirectoryLookup:
                                                timeout=self.timeout, session=self._session,
                                                clock=self.wall_clock)
             except DirectoryError as exc:
-                log.warning("directory lookup of %s failed: %s", peer_id, exc)
+                if self.negative_ttl > 0:
+                    log.warning("directory lookup of %s failed: %s; not retried for %g s",
+                                peer_id, exc, self.negative_ttl)
+                else:
+                    log.warning("directory lookup of %s failed: %s", peer_id, exc)
                 raise
 
     def forget(self, peer_id: str | None = None) -> None:
