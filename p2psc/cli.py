@@ -6,11 +6,13 @@ Subcommands: ``init``, ``pubkey``, ``fingerprint``, ``add-peer``, ``peers``, ``l
 folder; default: the current directory) and ``-v`` (debug logging, tracebacks on errors).
 Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
 
-Transfer convention of ``send`` and ``listen`` (see docs/CLI.md): the data goes as messages
-of at most ``--chunk-size`` bytes, never empty; an empty message marks the end of the
-transfer. The receiver answers an end-of-transfer with its own empty message once everything
-has been written (so the sender knows the data arrived), and ``send`` then closes the channel
-with the authenticated CLOSE record.
+Transfers of ``send`` and ``listen`` (see docs/CLI.md): the protocol of
+:mod:`p2psc.transfer` (a header with name, size and SHA-256, the content in chunks, an end
+message with the SHA-256, and the receiver's acknowledgement once the data is verified and
+written); ``send`` exits 0 only on that acknowledgement. ``send --recv`` and other
+applications use the raw convention: data messages of at most ``--chunk-size`` bytes,
+never empty; an empty message marks the end, and the receiver answers it with its own
+empty message once everything has been written.
 """
 
 from __future__ import annotations
@@ -994,10 +996,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("send", parents=[common], help="send a file or stdin to a peer",
-                       description="Send FILE (or stdin) to a peer as messages; with --recv, "
-                       "write what comes back to stdout. An empty message ends the "
-                       "transfer; exits once the peer acknowledged it. A progress bar is "
-                       "shown when stderr is a terminal.")
+                       description="Send FILE (or stdin) to a peer running 'p2psc listen'; "
+                       "exits 0 only once the receiver verified the SHA-256 and wrote the "
+                       "data (exit 1 with the reason otherwise). With --recv, raw messages "
+                       "instead, and what comes back is written to stdout. A progress bar "
+                       "is shown when stderr is a terminal.")
     p.add_argument("peer_id", metavar="PEER_ID")
     p.add_argument("file", nargs="?", metavar="FILE", help="the file ('-' or none: stdin)")
     p.add_argument("--recv", action="store_true", help="write the replies to stdout")
