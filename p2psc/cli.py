@@ -607,9 +607,16 @@ async def _send(args: argparse.Namespace, src: IO[bytes]) -> int:
         progress = (_Progress(size, sys.stderr)
                     if sys.stderr.isatty() and not args.quiet else None)
         io, out_io = _Worker(), _Worker()
+        known = None
+        if regular and not args.recv:  # hashed before connecting (no idle channel meanwhile)
+            from .transfer import hash_file
+            try:
+                known = await io.run(hash_file, src)
+            except OSError as exc:
+                raise CliError(f"{args.file}: {_os_reason(exc)}") from None
         ch = await _open(handler, args.peer_id, args.timeout)
         if not args.recv:
-            return await _send_file(args, ch, src, regular, io, progress)
+            return await _send_file(args, ch, src, regular, io, progress, known)
         out = _RawOut(sys.stdout)
 
         async def replies() -> bool:
@@ -665,7 +672,8 @@ async def _send(args: argparse.Namespace, src: IO[bytes]) -> int:
 
 
 async def _send_file(args: argparse.Namespace, ch: Channel, src: IO[bytes], regular: bool,
-                     io: _Worker, progress: _Progress | None) -> int:
+                     io: _Worker, progress: _Progress | None,
+                     known: tuple[int, bytes] | None) -> int:
     """The transfer protocol (p2psc/transfer.py): exit 0 only on the receiver's ACK."""
     from . import transfer
 
@@ -676,7 +684,7 @@ async def _send_file(args: argparse.Namespace, ch: Channel, src: IO[bytes], regu
     try:
         total, start, sent = await transfer.send_stream(
             ch, src, name=name, regular=regular, chunk_size=args.chunk_size, read=read,
-            on_progress=progress.update if progress is not None else None)
+            on_progress=progress.update if progress is not None else None, known=known)
     except transfer.TransferError as exc:
         raise CliError(f"{args.peer_id}: {exc}") from None
     except P2PError as exc:

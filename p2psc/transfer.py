@@ -41,7 +41,7 @@ __all__ = [
     "HEADER_MAGIC", "MAX_HEADER_SIZE", "MAX_NAME_BYTES", "MAX_SIZE", "Header", "Outcome",
     "TransferError", "decode_ack", "decode_end", "decode_fail", "decode_header",
     "decode_ready", "decode_start", "encode_ack", "encode_data", "encode_end",
-    "encode_fail", "encode_header", "encode_ready", "encode_start", "is_header",
+    "encode_fail", "encode_header", "encode_ready", "encode_start", "hash_file", "is_header",
     "partial_paths", "receive", "safe_name", "send_stream",
 ]
 
@@ -272,13 +272,15 @@ async def send_stream(ch: MessageChannel, src: IO[bytes], *, name: str | None,
                       regular: bool, chunk_size: int,
                       read: Callable[[IO[bytes], int], Awaitable[bytes]],
                       on_progress: Callable[[int], None] | None = None,
+                      known: tuple[int, bytes] | None = None,
                       ) -> tuple[int, int, int]:
     """Send ``src`` over ``ch``; returns (total size, offset resumed at, bytes sent) once the
-    receiver acknowledged. Raises :class:`TransferError` with the reason otherwise."""
+    receiver acknowledged. Raises :class:`TransferError` with the reason otherwise.
+    A regular file is hashed first, unless ``known`` gives its (size, SHA-256)."""
     size: int | None = None
     digest: bytes | None = None
     if regular:
-        size, digest = await asyncio.to_thread(hash_file, src)
+        size, digest = known if known is not None else await asyncio.to_thread(hash_file, src)
     await ch.send(encode_header(Header(name, size, digest)))
     offset, their_prefix = decode_ready(await _expect(ch, "READY"))
     h = hashlib.sha256()
