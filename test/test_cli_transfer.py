@@ -28,6 +28,9 @@ from test_cli import Listener, folders, p2psc  # noqa: F401 - folders is a fixtu
 from p2psc import transfer
 
 MiB = 1024 * 1024
+#: Exit codes of a sender interrupted by SIGINT (1 on this branch; 130 where the errors
+#: branch is merged): both mean failure.
+INTERRUPTED_CODES = (1, 130)
 
 
 def sha(data: bytes) -> str:
@@ -170,7 +173,8 @@ def test_sender_interrupted_mid_transfer_listener_once_fails(
         progress = part if mode == "out" else stdout
         wait_until(lambda: size_of(progress) >= MiB, 30, "1 MiB received")
         snd.send_signal(sig)
-        assert snd.wait(15) == (1 if sig == signal.SIGINT else -signal.SIGKILL)
+        code = snd.wait(15)
+        assert (code == -signal.SIGKILL) if sig == signal.SIGKILL else (code in INTERRUPTED_CODES)
         snd.stdin.close()
         assert lst.wait(15) == 1
         line = lst.wait_for("FAILED")
@@ -228,7 +232,7 @@ def test_sender_sigkill_then_resume_and_altered_partial(folders: tuple[Path, Pat
 
     # interrupted again (SIGINT), then the partial is altered on disk: not resumed
     snd = interrupted(out_listener, b, src, part, signal.SIGINT)
-    assert snd.returncode == 1
+    assert snd.returncode in INTERRUPTED_CODES
     assert b"interrupted" in snd.communicate()[1]
     out_listener.wait_for("FAILED")
     with open(part, "r+b") as f:
