@@ -512,7 +512,7 @@ def _open_partial(part: Path, side: Path, start: int, header: Header, peer: str)
     tmp = side.with_name(side.name + ".tmp")
     tmp.write_text(json.dumps(meta), "utf-8")
     os.replace(tmp, side)
-    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(part, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     f = os.fdopen(fd, "r+b")
     f.truncate(start)  # from 0: the old partial goes; resumed: exactly the verified prefix
     f.seek(start)
