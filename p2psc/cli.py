@@ -7,11 +7,13 @@ folder; default: the current directory) and ``-v`` (debug logging, tracebacks on
 Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error, 130 Ctrl-C (143
 SIGTERM); ``listen`` and ``relay serve`` exit 0 on either, their normal end.
 
-Transfer convention of ``send`` and ``listen`` (see docs/CLI.md): the data goes as messages
-of at most ``--chunk-size`` bytes, never empty; an empty message marks the end of the
-transfer. The receiver answers an end-of-transfer with its own empty message once everything
-has been written (so the sender knows the data arrived), and ``send`` then closes the channel
-with the authenticated CLOSE record.
+Transfers of ``send`` and ``listen`` (see docs/CLI.md): the protocol of
+:mod:`p2psc.transfer` (a header with name, size and SHA-256, the content in chunks, an end
+message with the SHA-256, and the receiver's acknowledgement once the data is verified and
+written); ``send`` exits 0 only on that acknowledgement. ``send --recv`` and other
+applications use the raw convention: data messages of at most ``--chunk-size`` bytes,
+never empty; an empty message marks the end, and the receiver answers it with its own
+empty message once everything has been written.
 """
 
 from __future__ import annotations
@@ -460,12 +462,56 @@ async def _listen(args: argparse.Namespace) -> int:
         if not stop.done():
             stop.set_result(code)
 
+    if args.out is not None and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out}: no such folder")
+    out_dir = Path(args.out) if args.out is not None else None
+    busy: set[str] = set()
+    active = [0]
+    stdout_lock = asyncio.Lock()
+
+    async def write_stdout(data: bytes) -> None:
+        await io.run(_write_all, out, data, False)
+
+    async def flush_stdout() -> None:
+        await io.run(_sync_stdout, out)
+
+    async def on_transfer(ch: Any, header_msg: bytes) -> int:
+        from . import transfer
+        try:
+            header = transfer.decode_header(header_msg)
+        except transfer.TransferError as exc:
+            _report(f"transfer from {ch.peer_id} FAILED: {exc}")
+            await ch.send(transfer.encode_fail(str(exc)))
+            return EXIT_FAIL
+        if active[0] >= MAX_TRANSFERS:
+            _report(f"transfer from {ch.peer_id} refused: {MAX_TRANSFERS} transfers running")
+            await ch.send(transfer.encode_fail("the receiver is busy; try again later"))
+            return EXIT_FAIL
+        active[0] += 1
+        try:
+            if out_dir is not None:
+                result = await transfer.receive(ch, header, peer=ch.peer_id, folder=out_dir,
+                                                busy=busy)
+            else:
+                async with stdout_lock:  # one transfer at a time on stdout
+                    result = await transfer.receive(ch, header, peer=ch.peer_id, folder=None,
+                                                    write_stdout=write_stdout,
+                                                    flush_stdout=flush_stdout)
+        finally:
+            active[0] -= 1
+        _report(result.line())
+        if result.output_closed:
+            finish(EXIT_FAIL)
+        return EXIT_OK if result.ok else EXIT_FAIL
+
     async def on_channel(ch: Any) -> None:
         log.info("%s connected from %s (%s)", ch.peer_id, ch.get_extra_info("peername"),
                  ch.suite)
+        from .transfer import is_header
         echo = args.echo
         first = True
         code = EXIT_OK
+        ended = True  # raw convention: no data since the last end-of-transfer mark
         try:
             async for msg in ch:
                 if first and msg == PING_HELLO:
@@ -473,14 +519,28 @@ async def _listen(args: argparse.Namespace) -> int:
                     await ch.send(msg)
                     first = False
                     continue
+                if first and not echo and is_header(msg):
+                    code = await on_transfer(ch, msg)
+                    break
                 first = False
                 if echo:
                     await ch.send(msg)
+                elif out_dir is not None:
+                    _report(f"{ch.peer_id}: not a transfer header; closing (--out needs "
+                            "'p2psc send')")
+                    code = EXIT_FAIL
+                    break
                 elif msg == END_OF_TRANSFER:
-                    await io.run(out.flush)
+                    await io.run(_sync_stdout, out)
                     await ch.send(END_OF_TRANSFER)
+                    ended = True
                 else:
+                    ended = False
                     await io.run(_write_all, out, msg, False)
+            if not ended:
+                _report(f"data from {ch.peer_id} FAILED: the channel ended before the "
+                        "end-of-transfer mark")
+                code = EXIT_FAIL
         except BrokenPipeError:
             log.error("stdout is closed; stopping")
             finish(EXIT_FAIL)
@@ -509,6 +569,26 @@ async def _listen(args: argparse.Namespace) -> int:
         return await stop
     finally:
         await handler.close()
+
+
+#: Transfers one listener receives at once; more are refused (FAIL "busy").
+MAX_TRANSFERS = 8
+
+
+def _report(line: str) -> None:
+    """One line about a transfer on stderr (always shown, not a log message)."""
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def _sync_stdout(out: _RawOut) -> None:
+    """Flush stdout and, when it is a regular file, fsync it."""
+    out.flush()
+    try:
+        regular = stat.S_ISREG(os.fstat(out.fd).st_mode)
+    except OSError:
+        return
+    if regular:
+        os.fsync(out.fd)
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -547,7 +627,16 @@ async def _send(args: argparse.Namespace, src: IO[bytes]) -> int:
         progress = (_Progress(size, sys.stderr)
                     if sys.stderr.isatty() and not args.quiet else None)
         io, out_io = _Worker(), _Worker()
+        known = None
+        if regular and not args.recv:  # hashed before connecting (no idle channel meanwhile)
+            from .transfer import hash_file
+            try:
+                known = await io.run(hash_file, src)
+            except OSError as exc:
+                raise CliError(f"{args.file}: {_os_reason(exc)}") from None
         ch = await _open(handler, args.peer_id, args.timeout)
+        if not args.recv:
+            return await _send_file(args, ch, src, regular, io, progress, known)
         out = _RawOut(sys.stdout)
 
         async def replies() -> bool:
@@ -594,11 +683,40 @@ async def _send(args: argparse.Namespace, src: IO[bytes]) -> int:
                 progress.finish()
             await ch.close()
         if not acknowledged:
-            log.info("%s closed without acknowledging the end of the transfer", args.peer_id)
+            raise CliError(f"the transfer was not acknowledged: {args.peer_id} closed the "
+                           "channel")
         log.info("sent %d bytes to %s", sent, args.peer_id)
         return EXIT_OK
     finally:
         await handler.close()
+
+
+async def _send_file(args: argparse.Namespace, ch: Channel, src: IO[bytes], regular: bool,
+                     io: _Worker, progress: _Progress | None,
+                     known: tuple[int, bytes] | None) -> int:
+    """The transfer protocol (p2psc/transfer.py): exit 0 only on the receiver's ACK."""
+    from . import transfer
+
+    async def read(f: IO[bytes], size: int) -> bytes:
+        return await io.run(_read_chunk, f, size, regular)
+
+    name = None if args.file in (None, "-") else os.path.basename(args.file)
+    try:
+        total, start, sent = await transfer.send_stream(
+            ch, src, name=name, regular=regular, chunk_size=args.chunk_size, read=read,
+            on_progress=progress.update if progress is not None else None, known=known)
+    except transfer.TransferError as exc:
+        raise CliError(f"{args.peer_id}: {exc}") from None
+    except P2PError as exc:
+        raise CliError(f"the transfer was not acknowledged: {args.peer_id} ended the channel "
+                       f"({exc})") from None
+    finally:
+        if progress is not None:
+            progress.finish()
+        await ch.close()
+    log.info("sent %d bytes to %s (%d this run, resumed at %d); acknowledged, SHA-256 "
+             "verified", total, args.peer_id, sent, start)
+    return EXIT_OK
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -922,13 +1040,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after the first channel ends (exit code 1 if it was lost)")
     p.add_argument("--host", default=None, help="override the listen address")
     p.add_argument("--port", type=port_arg, default=None, help="override the listen port")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="save each received file in DIR under its (sanitized) name, "
+                   "verified before it gets that name; resumes interrupted transfers")
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("send", parents=[common], help="send a file or stdin to a peer",
-                       description="Send FILE (or stdin) to a peer as messages; with --recv, "
-                       "write what comes back to stdout. An empty message ends the "
-                       "transfer; exits once the peer acknowledged it. A progress bar is "
-                       "shown when stderr is a terminal.")
+                       description="Send FILE (or stdin) to a peer running 'p2psc listen'; "
+                       "exits 0 only once the receiver verified the SHA-256 and wrote the "
+                       "data (exit 1 with the reason otherwise). With --recv, raw messages "
+                       "instead, and what comes back is written to stdout. A progress bar "
+                       "is shown when stderr is a terminal.")
     p.add_argument("peer_id", metavar="PEER_ID")
     p.add_argument("file", nargs="?", metavar="FILE", help="the file ('-' or none: stdin)")
     p.add_argument("--recv", action="store_true", help="write the replies to stdout")
