@@ -191,9 +191,9 @@ async def _manual(folder: Path | None, header: t.Header,
         await s.send(m)
     out = await asyncio.wait_for(task, 10)
     while not s.inbox.empty():
-        m = s.inbox.get_nowait()
-        if m is not None:
-            replies.append(m)
+        reply = s.inbox.get_nowait()
+        if reply is not None:
+            replies.append(reply)
     return out, replies
 
 
@@ -322,7 +322,7 @@ def test_sender_rejects_an_ack_before_end_and_a_stale_ack() -> None:
             if reply_at == "start":  # ack the whole file before any data
                 await r.send(t.encode_ack(len(data), digest))
             else:  # an ack of some previous (empty) transfer
-                while (m := await r.recv())[:1] != t.END:
+                while (await r.recv())[:1] != t.END:
                     pass
                 await r.send(t.encode_ack(0, hashlib.sha256(b"").digest()))
 
