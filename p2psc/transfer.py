@@ -51,6 +51,12 @@ MAX_HEADER_SIZE = 4096
 MAX_NAME_BYTES = 200  # leaves room for ".NAME.p2psc-partial.json" within 255 bytes
 MAX_SIZE = 2**63 - 1
 MAX_REASON_BYTES = 512
+#: Seconds the receiver waits for the sender's next message (a file of known size) before it
+#: gives the transfer up; for START, plus the time the sender needs to hash the offered
+#: prefix (at PREFIX_HASH_RATE bytes/s). Stdin transfers (size unknown) may legitimately
+#: pause, so only their START is bounded.
+IDLE_TIMEOUT = 300.0
+PREFIX_HASH_RATE = 50e6
 DEFAULT_NAME = "p2psc-received"
 PARTIAL_SUFFIX = ".p2psc-partial"
 READY, START, DATA, END, ACK, FAIL = b"R", b"S", b"D", b"E", b"A", b"X"
@@ -377,6 +383,16 @@ class Sink(Protocol):
     async def finish(self) -> None: ...
 
 
+async def _recv_within(ch: Any, seconds: float | None) -> bytes:
+    if seconds is None:
+        msg: bytes = await ch.recv()
+        return msg
+    try:
+        return await asyncio.wait_for(ch.recv(), seconds)  # Channel.recv is cancel-safe
+    except asyncio.TimeoutError:
+        raise TransferError(f"no message from the sender for {seconds:g} s") from None
+
+
 async def receive(ch: Any, header: Header, *, peer: str, folder: Path | None,
                   write_stdout: Callable[[bytes], Awaitable[None]] | None = None,
                   flush_stdout: Callable[[], Awaitable[None]] | None = None,
@@ -401,7 +417,8 @@ async def receive(ch: Any, header: Header, *, peer: str, folder: Path | None,
             part, side = partial_paths(folder, name)
             offset, h, f = await asyncio.to_thread(_resumable, part, side, header, peer)
         await ch.send(encode_ready(offset, h.digest() if offset else bytes(32)))
-        msg = await ch.recv()
+        idle = IDLE_TIMEOUT if header.size is not None else None
+        msg = await _recv_within(ch, IDLE_TIMEOUT + offset / PREFIX_HASH_RATE)
         if msg[:1] != START:
             raise TransferError("expected START")
         start = decode_start(msg)
@@ -415,7 +432,7 @@ async def receive(ch: Any, header: Header, *, peer: str, folder: Path | None,
             f = await asyncio.to_thread(_open_partial, part, side, start, header, peer,
                                         resumed)
         while True:
-            msg = await ch.recv()
+            msg = await _recv_within(ch, idle)
             kind = msg[:1]
             if kind == DATA:
                 data = msg[1:]

@@ -274,9 +274,9 @@ def test_receiver_gives_up_on_a_silent_sender(tmp_path: Path,
     slots, the name, or the stdout lock) forever."""
     monkeypatch.setattr(t, "IDLE_TIMEOUT", 0.3, raising=False)
 
-    async def silent(script: list[bytes]) -> t.Outcome:
+    async def silent(script: list[bytes], header: t.Header) -> t.Outcome:
         s, r = pipes()
-        await s.send(t.encode_header(t.Header("slow", None, None)))
+        await s.send(t.encode_header(header))
         task = asyncio.ensure_future(
             t.receive(r, t.decode_header(await r.recv()), peer="p.test", folder=tmp_path))
         await s.recv()
@@ -285,8 +285,12 @@ def test_receiver_gives_up_on_a_silent_sender(tmp_path: Path,
         return await asyncio.wait_for(task, 5)
 
     for script in ([], [t.encode_start(0)], [t.encode_start(0), t.encode_data(b"x")]):
-        out = asyncio.run(silent(script))
+        out = asyncio.run(silent(script, t.Header("slow", 10,
+                                                  hashlib.sha256(b"0" * 10).digest())))
         assert not out.ok and "no message" in out.reason
+    # a stdin stream (size unknown) may pause between chunks, but must answer READY
+    out = asyncio.run(silent([], t.Header("slow", None, None)))
+    assert not out.ok and "no message" in out.reason
 
 
 @pytest.mark.xfail(strict=True, reason="send_stream waits for READY / ACK without a limit; "
