@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import time
 import unicodedata
@@ -50,6 +51,12 @@ MAX_HEADER_SIZE = 4096
 MAX_NAME_BYTES = 200  # leaves room for ".NAME.p2psc-partial.json" within 255 bytes
 MAX_SIZE = 2**63 - 1
 MAX_REASON_BYTES = 512
+#: Seconds the receiver waits for the sender's next message (a file of known size) before it
+#: gives the transfer up; for START, plus the time the sender needs to hash the offered
+#: prefix (at PREFIX_HASH_RATE bytes/s). Stdin transfers (size unknown) may legitimately
+#: pause, so only their START is bounded.
+IDLE_TIMEOUT = 300.0
+PREFIX_HASH_RATE = 50e6
 DEFAULT_NAME = "p2psc-received"
 PARTIAL_SUFFIX = ".p2psc-partial"
 READY, START, DATA, END, ACK, FAIL = b"R", b"S", b"D", b"E", b"A", b"X"
@@ -243,7 +250,7 @@ def _publish(part: Path, folder: Path, name: str) -> Path:
     for i in range(10000):
         final = folder / (name if i == 0 else f"{name}.{i}")
         try:
-            os.link(part, final)
+            os.link(part, final, follow_symlinks=False)
         except FileExistsError:
             continue
         except OSError:  # no hard links here: check, then rename
@@ -376,6 +383,16 @@ class Sink(Protocol):
     async def finish(self) -> None: ...
 
 
+async def _recv_within(ch: Any, seconds: float | None) -> bytes:
+    if seconds is None:
+        msg: bytes = await ch.recv()
+        return msg
+    try:
+        return await asyncio.wait_for(ch.recv(), seconds)  # Channel.recv is cancel-safe
+    except asyncio.TimeoutError:
+        raise TransferError(f"no message from the sender for {seconds:g} s") from None
+
+
 async def receive(ch: Any, header: Header, *, peer: str, folder: Path | None,
                   write_stdout: Callable[[bytes], Awaitable[None]] | None = None,
                   flush_stdout: Callable[[], Awaitable[None]] | None = None,
@@ -398,9 +415,10 @@ async def receive(ch: Any, header: Header, *, peer: str, folder: Path | None,
         offset = 0
         if folder is not None:
             part, side = partial_paths(folder, name)
-            offset, h = await asyncio.to_thread(_resumable, part, side, header, peer)
+            offset, h, f = await asyncio.to_thread(_resumable, part, side, header, peer)
         await ch.send(encode_ready(offset, h.digest() if offset else bytes(32)))
-        msg = await ch.recv()
+        idle = IDLE_TIMEOUT if header.size is not None else None
+        msg = await _recv_within(ch, IDLE_TIMEOUT + offset / PREFIX_HASH_RATE)
         if msg[:1] != START:
             raise TransferError("expected START")
         start = decode_start(msg)
@@ -410,9 +428,11 @@ async def receive(ch: Any, header: Header, *, peer: str, folder: Path | None,
             h = hashlib.sha256()
         out.resumed_at = out.total = start
         if folder is not None:
-            f = await asyncio.to_thread(_open_partial, part, side, start, header, peer)
+            resumed, f = f, None
+            f = await asyncio.to_thread(_open_partial, part, side, start, header, peer,
+                                        resumed)
         while True:
-            msg = await ch.recv()
+            msg = await _recv_within(ch, idle)
             kind = msg[:1]
             if kind == DATA:
                 data = msg[1:]
@@ -486,37 +506,89 @@ async def receive(ch: Any, header: Header, *, peer: str, folder: Path | None,
     return out
 
 
-def _resumable(part: Path, side: Path, header: Header, peer: str) -> tuple[int, Any]:
-    """(offset, hash of the partial's first offset bytes) when the partial may be resumed:
-    same peer, same announced size and SHA-256; else (0, empty hash)."""
+def _open_nofollow(path: Path, flags: int) -> int:
+    """An fd of ``path``, never through a symlink; OSError unless a regular file."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path.name}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _resumable(part: Path, side: Path, header: Header, peer: str,
+               ) -> tuple[int, Any, IO[bytes] | None]:
+    """(offset, hash of the partial's first offset bytes, the partial open at offset) when
+    the partial may be resumed: a regular file (no symlink), same peer, same announced size
+    and SHA-256; else (0, empty hash, None). The content hashed is the content kept."""
     empty = hashlib.sha256()
     if header.size is None or header.sha256 is None:
-        return 0, empty
+        return 0, empty, None
     try:
-        if side.stat().st_size > MAX_HEADER_SIZE:
-            return 0, empty
-        meta = json.loads(side.read_text("utf-8"))
-        length = part.stat().st_size
+        fd = _open_nofollow(side, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as sf:
+            raw = sf.read(MAX_HEADER_SIZE + 1)
+        if len(raw) > MAX_HEADER_SIZE:
+            return 0, empty, None
+        meta = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError):
-        return 0, empty
+        return 0, empty, None
     if (not isinstance(meta, dict) or meta.get("peer") != peer
-            or meta.get("size") != header.size or meta.get("sha256") != header.sha256.hex()
-            or not 0 < length <= header.size):
-        return 0, empty
-    return length, _hash_prefix(part, length)
+            or meta.get("size") != header.size or meta.get("sha256") != header.sha256.hex()):
+        return 0, empty, None
+    try:
+        f = os.fdopen(_open_nofollow(part, os.O_RDWR), "r+b")
+    except OSError:
+        return 0, empty, None
+    try:
+        length = os.fstat(f.fileno()).st_size
+        if not 0 < length <= header.size:
+            f.close()
+            return 0, empty, None
+        h = _hash_prefix(f, length)
+        if f.tell() != length:  # shrank meanwhile
+            f.close()
+            return 0, empty, None
+    except BaseException:
+        f.close()
+        raise
+    return length, h, f
 
 
-def _open_partial(part: Path, side: Path, start: int, header: Header, peer: str) -> IO[bytes]:
+def _open_partial(part: Path, side: Path, start: int, header: Header, peer: str,
+                  resumed: IO[bytes] | None) -> IO[bytes]:
+    """The partial file to write at ``start``: the one :func:`_resumable` opened (and
+    hashed) when resuming, else a new file (whatever was at that path, e.g. a symlink,
+    is removed, never followed). The sidecar is written the same way."""
     meta = {"peer": peer, "name": header.name, "size": header.size,
             "sha256": header.sha256.hex() if header.sha256 is not None else None}
     tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(meta), "utf-8")
-    os.replace(tmp, side)
-    fd = os.open(part, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    f = os.fdopen(fd, "r+b")
-    f.truncate(start)  # from 0: the old partial goes; resumed: exactly the verified prefix
-    f.seek(start)
-    return f
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as tf:
+            tf.write(json.dumps(meta))
+        os.replace(tmp, side)
+    except BaseException:
+        if resumed is not None:
+            resumed.close()
+        raise
+    if start and resumed is not None:
+        resumed.truncate(start)  # exactly the verified prefix
+        resumed.seek(start)
+        return resumed
+    if resumed is not None:
+        resumed.close()
+    if start:  # pragma: no cover - receive() accepts only 0 or the offset it offered
+        raise TransferError("START at an offset that was not offered")
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()
+    fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(fd, "r+b")
 
 
 def _sync_close(f: IO[bytes]) -> None:
