@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,3 +125,22 @@ def test_run_demo_says_in_one_line_that_the_port_is_busy(tmp_path: Path) -> None
     assert demo.stdout == b""
     lines = demo.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and f"TCP port {port}" in lines[0] and "in use" in lines[0], demo.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_installs_p2psc_alone_and_make_test_the_test_extra(tmp_path: Path) -> None:
+    """`make -n` on a clone without .venv: what each target would install."""
+    for name in ("Makefile", "pyproject.toml", "setup.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+
+    def plan(target: str) -> str:
+        return subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True,
+                              text=True, check=True, timeout=30).stdout
+
+    demo = plan("demo")
+    assert "pip install -q -e .\n" in demo and "[" not in demo, demo
+    assert "test/run_demo.py" in demo
+    test = plan("test")
+    assert "pip install -q -e '.[test]'" in test and "lint" not in test and "bench" not in test
+    assert "pip install -q -e '.[lint]'" in plan("lint")
+    assert "pip install -q -e '.[bench]'" in plan("bench")
