@@ -2,7 +2,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# one stamp per set of extras: the demo needs p2psc alone, `make test` adds the test extra,
+# `make lint` and `make bench` theirs (each stamp installs p2psc in editable mode)
+DEMO_STAMP  := $(VENV)/.installed-demo
+TEST_STAMP  := $(VENV)/.installed-test
+LINT_STAMP  := $(VENV)/.installed-lint
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint bench bench-smoke fuzz mutation clean
 
@@ -10,29 +15,42 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml setup.py | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test,lint,bench]'
-	touch $(STAMP)
+$(DEMO_STAMP): pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
 
-demo: $(STAMP)
+# test_bench_smoke.py runs `python -m bench --smoke`, which needs no extra of its own
+$(TEST_STAMP): pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+$(LINT_STAMP): pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[lint]'
+	touch $@
+
+$(BENCH_STAMP): pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python test/run_demo.py
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q test
 
-lint: $(STAMP)
+lint: $(LINT_STAMP)
 	$(BIN)/python -m ruff check p2psc
 	$(BIN)/python -m mypy p2psc
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
-bench-smoke: $(STAMP)
+bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python -m bench --smoke
 
 # the parsers under hypothesis in a long mode for FUZZ_SECONDS (test/fuzz.py); not part of `test`
 FUZZ_SECONDS ?= 60
-fuzz: $(STAMP)
+fuzz: $(TEST_STAMP)
 	$(BIN)/python test/fuzz.py $(FUZZ_SECONDS)
 
 # mutation testing of the sans-IO core with mutmut ([tool.mutmut] in pyproject.toml,

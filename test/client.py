@@ -15,6 +15,16 @@ class Client(TcpP2P):
         loop = asyncio.get_running_loop()
         loop.stop()
 
+    def on_closed(self, exc):
+        # a failed handshake or a lost connection ends the client too, with one line
+        global exitcode
+        if exc is not None:
+            print('connection failed:', exc, file=sys.stderr)
+            exitcode = 1
+        asyncio.get_running_loop().stop()
+
+exitcode = 0
+
 if __name__ == '__main__':
     pwd = os.getcwd()
     config = getConfig(pwd)
@@ -27,5 +37,10 @@ if __name__ == '__main__':
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     p2p = P2PHandler(loop=loop)
-    c = loop.run_until_complete(p2p.connect_peer(sys.argv[1], ProtocolClass=Client))
+    try:
+        c = loop.run_until_complete(p2p.connect_peer(sys.argv[1], ProtocolClass=Client))
+    except Exception as e:
+        print('connection failed:', e, file=sys.stderr)
+        sys.exit(1)
     loop.run_forever()
+    sys.exit(exitcode)
