@@ -268,8 +268,11 @@ def _publish(part: Path, folder: Path, name: str) -> Path:
 
 # -- sender -------------------------------------------------------------------------------------
 
-async def _expect(ch: MessageChannel, what: str) -> bytes:
-    msg = await ch.recv()
+async def _expect(ch: MessageChannel, what: str, within: float) -> bytes:
+    try:
+        msg = await asyncio.wait_for(ch.recv(), within)  # Channel.recv is cancel-safe
+    except asyncio.TimeoutError:
+        raise TransferError(f"no {what} from the receiver within {within:.0f} s") from None
     if msg[:1] == FAIL:
         raise TransferError(decode_fail(msg))
     return msg
@@ -289,7 +292,10 @@ async def send_stream(ch: MessageChannel, src: IO[bytes], *, name: str | None,
     if regular:
         size, digest = known if known is not None else await asyncio.to_thread(hash_file, src)
     await ch.send(encode_header(Header(name, size, digest)))
-    offset, their_prefix = decode_ready(await _expect(ch, "READY"))
+    # the receiver may hash the partial it has before READY, and fsyncs before ACK: both
+    # take at most about what hashing the whole file takes
+    slack = IDLE_TIMEOUT + (size or 0) / PREFIX_HASH_RATE
+    offset, their_prefix = decode_ready(await _expect(ch, "READY", slack))
     h = hashlib.sha256()
     start = 0
     if offset and regular and size is not None and offset <= size:
@@ -316,7 +322,12 @@ async def send_stream(ch: MessageChannel, src: IO[bytes], *, name: str | None,
         if regular and (total != size or h.digest() != digest):
             raise TransferError("the file changed while it was being sent")
         await ch.send(encode_end(total, h.digest()))
-        reply = await failed
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(failed),
+                                           IDLE_TIMEOUT + total / PREFIX_HASH_RATE)
+        except asyncio.TimeoutError:
+            raise TransferError(f"no acknowledgement from the receiver within "
+                                f"{IDLE_TIMEOUT + total / PREFIX_HASH_RATE:.0f} s") from None
     finally:
         if not failed.done():
             failed.cancel()
