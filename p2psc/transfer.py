@@ -48,7 +48,7 @@ __all__ = [
 
 HEADER_MAGIC = b"\x00p2psc-xfer-v1\x00"
 MAX_HEADER_SIZE = 4096
-MAX_NAME_BYTES = 200  # leaves room for ".NAME.p2psc-partial.json" within 255 bytes
+MAX_NAME_BYTES = 200  # leaves room for ".NAME.TAG.p2psc-partial.json" within 255 bytes
 MAX_SIZE = 2**63 - 1
 MAX_REASON_BYTES = 512
 #: Seconds the receiver waits for the sender's next message (a file of known size) before it
@@ -196,10 +196,12 @@ def safe_name(name: str | None) -> str:
     return name
 
 
-def partial_paths(folder: Path, name: str) -> tuple[Path, Path]:
-    """(partial file, sidecar) of the safe name ``name`` in ``folder``."""
-    part = folder / f".{name}{PARTIAL_SUFFIX}"
-    return part, folder / f".{name}{PARTIAL_SUFFIX}.json"
+def partial_paths(folder: Path, name: str, peer: str) -> tuple[Path, Path]:
+    """(partial file, sidecar) of the safe name ``name`` from ``peer`` in ``folder``: each
+    peer has its own, so one peer's transfer never truncates another's partial."""
+    tag = hashlib.sha256(peer.encode("utf-8")).hexdigest()[:8]
+    part = folder / f".{name}.{tag}{PARTIAL_SUFFIX}"
+    return part, folder / f".{name}.{tag}{PARTIAL_SUFFIX}.json"
 
 
 # -- file helpers (blocking; run in a thread) ---------------------------------------------------
@@ -425,7 +427,7 @@ async def receive(ch: Any, header: Header, *, peer: str, folder: Path | None,
         h = hashlib.sha256()
         offset = 0
         if folder is not None:
-            part, side = partial_paths(folder, name)
+            part, side = partial_paths(folder, name, peer)
             offset, h, f = await asyncio.to_thread(_resumable, part, side, header, peer)
         await ch.send(encode_ready(offset, h.digest() if offset else bytes(32)))
         idle = IDLE_TIMEOUT if header.size is not None else None

@@ -85,7 +85,7 @@ def test_partial_symlink_is_not_followed(tmp_path: Path) -> None:
     folder.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"the user's precious file\n")
-    part, _ = t.partial_paths(folder, "f.bin")
+    part, _ = t.partial_paths(folder, "f.bin", "p.test")
     part.symlink_to(victim)
     data = os.urandom(5000)
     _, out = asyncio.run(transfer(data, folder))
@@ -102,7 +102,7 @@ def test_partial_symlink_with_sidecar_is_not_offered_for_resume(tmp_path: Path) 
     data = os.urandom(5000)
     victim = tmp_path / "secret"
     victim.write_bytes(data[:100])  # e.g. a guessable secret outside DIR
-    part, side = t.partial_paths(folder, "f.bin")
+    part, side = t.partial_paths(folder, "f.bin", "p.test")
     part.symlink_to(victim)
     sidecar(side, data)
 
@@ -128,7 +128,7 @@ def test_sidecar_tmp_symlink_is_not_followed(tmp_path: Path) -> None:
     folder.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"keep me\n")
-    _, side = t.partial_paths(folder, "f.bin")
+    _, side = t.partial_paths(folder, "f.bin", "p.test")
     side.with_name(side.name + ".tmp").symlink_to(victim)
     data = os.urandom(3000)
     _, out = asyncio.run(transfer(data, folder))
@@ -141,7 +141,7 @@ def test_sidecar_symlink_is_not_written_through(tmp_path: Path) -> None:
     folder.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"keep me\n")
-    _, side = t.partial_paths(folder, "f.bin")
+    _, side = t.partial_paths(folder, "f.bin", "p.test")
     side.symlink_to(victim)
     data = os.urandom(3000)
     _, out = asyncio.run(transfer(data, folder))
@@ -211,14 +211,14 @@ def test_huge_announced_size_allocates_nothing_and_chunks_beyond_it_fail(
                                        [t.encode_start(0), t.encode_data(b"x" * 10),
                                         t.encode_end(10, hashlib.sha256(b"x" * 10).digest())]))
     assert not out.ok and "size mismatch" in out.reason
-    part, _ = t.partial_paths(tmp_path, "big")
+    part, _ = t.partial_paths(tmp_path, "big", "p.test")
     assert part.stat().st_size == 10 and not (tmp_path / "big").exists()
 
     out, replies = asyncio.run(_manual(tmp_path, t.Header("small", 5, None),
                                        [t.encode_start(0), t.encode_data(b"123"),
                                         t.encode_data(b"456")]))
     assert not out.ok and out.reason == "more data than announced"
-    assert t.partial_paths(tmp_path, "small")[0].read_bytes() == b"123"
+    assert t.partial_paths(tmp_path, "small", "p.test")[0].read_bytes() == b"123"
     assert replies[-1][:1] == t.FAIL
 
 
@@ -250,11 +250,9 @@ def test_end_with_the_right_size_but_another_hash_is_not_published(tmp_path: Pat
     assert all(r[:1] != t.ACK for r in replies)
 
 
-@pytest.mark.xfail(strict=True, reason="a same-name transfer from another peer truncates "
-                   "this peer's partial (partials are keyed by name only)")
 def test_another_peers_transfer_does_not_destroy_a_partial(tmp_path: Path) -> None:
     data = os.urandom(5000)
-    part, side = t.partial_paths(tmp_path, "f.bin")
+    part, side = t.partial_paths(tmp_path, "f.bin", "alice.test")
     part.write_bytes(data[:3000])
     sidecar(side, data, peer="alice.test")
     other = os.urandom(4000)

@@ -169,7 +169,7 @@ def test_sender_interrupted_mid_transfer_listener_once_fails(
         assert snd.stdin is not None
         snd.stdin.write(os.urandom(2 * MiB))
         snd.stdin.flush()
-        part, side = transfer.partial_paths(out, transfer.DEFAULT_NAME)
+        part, side = transfer.partial_paths(out, transfer.DEFAULT_NAME, "b.test")
         progress = part if mode == "out" else stdout
         wait_until(lambda: size_of(progress) >= MiB, 30, "1 MiB received")
         snd.send_signal(sig)
@@ -209,7 +209,7 @@ def test_sender_sigkill_then_resume_and_altered_partial(folders: tuple[Path, Pat
     src = big_file(tmp_path / "big.bin", 64)
     want = sha_file(src)
     out = tmp_path / "dir"
-    part, side = transfer.partial_paths(out, "big.bin")
+    part, side = transfer.partial_paths(out, "big.bin", "b.test")
 
     snd = interrupted(out_listener, b, src, part, signal.SIGKILL)
     assert snd.returncode == -signal.SIGKILL
@@ -256,7 +256,7 @@ def test_listener_interrupted_mid_transfer_send_exits_1(folders: tuple[Path, Pat
     lst = Listener("--workdir", str(a), "--out", str(out), stdout_path=tmp_path / "o.bin")
     try:
         lst.wait_for("listening on")
-        part, _ = transfer.partial_paths(out, "big.bin")
+        part, _ = transfer.partial_paths(out, "big.bin", "b.test")
         snd = interrupted(lst, b, src, part, sig, kill_listener=True)
         _, err = snd.communicate(timeout=30)
         assert snd.returncode == 1, err

@@ -119,7 +119,7 @@ def test_send_receive_resume_and_altered_partial(tmp_path: Path) -> None:
     assert out.path == tmp_path / "f.bin.1"
 
     # a partial of the same file from the same peer is resumed
-    part, side = t.partial_paths(tmp_path, "g.bin")
+    part, side = t.partial_paths(tmp_path, "g.bin", "p.test")
     part.write_bytes(data[:4000])
     side.write_text(json.dumps({"peer": "p.test", "name": "g.bin", "size": len(data),
                                 "sha256": hashlib.sha256(data).hexdigest()}))
@@ -165,7 +165,7 @@ def test_stdin_unknown_size_and_a_short_transfer(tmp_path: Path) -> None:
     out = asyncio.run(short())
     assert not out.ok and "before the end" in out.reason and out.received == 1000
     assert not (tmp_path / "s.bin").exists()
-    part, side = t.partial_paths(tmp_path, "s.bin")
+    part, side = t.partial_paths(tmp_path, "s.bin", "p.test")
     assert part.read_bytes() == data[:1000] and side.exists()
 
     async def wrong_hash() -> tuple[t.Outcome, bytes]:
