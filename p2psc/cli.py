@@ -985,7 +985,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Authenticated, encrypted peer-to-peer channels: set up a peer "
         "folder, exchange keys, and send data between peers.",
-        epilog="Exit codes: 0 success, 1 failure, 2 usage error. `p2psc COMMAND --help` gives "
+        epilog="Exit codes: 0 success, 1 failure, 2 usage error, 130 interrupted (Ctrl-C), 143 "
+        "terminated (SIGTERM; the services listen and serve exit 0). `p2psc COMMAND --help` gives "
         "each command's options; the p2psc README (its 'Command line' section) has a session.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
