@@ -386,16 +386,18 @@ class PeerStore:
     (``peer_pubkey_path``), held in memory after start-up so no file is read on the event loop."""
 
     def __init__(self, known_peers_file: Path, peer_pubkey_path: Path,
-                 addresses: dict[str, PeerAddress], public_keys: dict[str, rsa.RSAPublicKey]):
+                 addresses: dict[str, PeerAddress], public_keys: dict[str, rsa.RSAPublicKey],
+                 *, bad_entries: dict[str, str] | None = None,
+                 kept: dict[str, Any] | None = None):
         self.known_peers_file = known_peers_file
         self.peer_pubkey_path = peer_pubkey_path
         self._addresses = addresses
         self._public_keys = public_keys
         #: entries of the known peers file that did not pass the checks (id -> error message),
         #: only with ``load(..., lenient=True)``: the commands that list and repair them
-        self.bad_entries: dict[str, str] = {}
+        self.bad_entries: dict[str, str] = dict(bad_entries or {})
         #: their raw records, written back unchanged when another entry is written
-        self._kept: dict[str, Any] = {}
+        self._kept: dict[str, Any] = dict(kept or {})
         #: unix time, for the expiry of directory-sourced keys (replaceable in tests)
         self.clock: Callable[[], float] = time.time
 
@@ -430,10 +432,8 @@ class PeerStore:
                     f"{known_peers_file}: known peer {peer_id} has no public key file "
                     f"{pubkey_file(peer_pubkey_path, peer_id)}")
                 bad[peer_id] = (addresses.pop(peer_id).to_json(), "")
-        store = cls(known_peers_file, peer_pubkey_path, addresses, public_keys)
-        store.bad_entries = bad_entries
-        store._kept = {pid: rec for pid, (rec, _) in bad.items()}
-        return store
+        return cls(known_peers_file, peer_pubkey_path, addresses, public_keys,
+                   bad_entries=bad_entries, kept={pid: rec for pid, (rec, _) in bad.items()})
 
     def public_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
         """The peer's public key for a handshake, or None when it is not known, or when it was
