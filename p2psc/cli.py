@@ -42,7 +42,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from . import __version__, keys
 from .config import PeerAddress, PeerStore, known_peers_json, read_config_file, write_peer_files
 from .p2pexcept import ConfigError, P2PError
-from .validators import check_host, check_peer_id, port_arg
+from .validators import check_host, check_peer_id, check_port, port_arg
 
 if TYPE_CHECKING:  # (imported where used: `import p2psc.cli` stays light)
     from .channel import Channel
@@ -127,13 +127,20 @@ def _handler(args: argparse.Namespace) -> P2PHandler:
     return P2PHandler(config=conf)
 
 
-def _peer_store(args: argparse.Namespace) -> tuple[dict[str, Any], PeerStore]:
-    """The config and known peers, without loading the private key."""
+def _peer_store(args: argparse.Namespace, *, lenient: bool = False
+                ) -> tuple[dict[str, Any], PeerStore]:
+    """The config and known peers, without loading the private key; with ``lenient`` (the
+    commands that list and repair the peers) bad entries are in ``store.bad_entries``."""
     conf = read_config_file(_workdir(args))
     for k in ("known_peers_file", "peer_pubkey_path"):
         if not isinstance(conf.get(k), str) or not conf[k]:
             raise ConfigError(f"{conf['__config_file__']}: missing or empty {k!r}")
-    return conf, PeerStore.load(Path(conf["known_peers_file"]), Path(conf["peer_pubkey_path"]))
+    return conf, PeerStore.load(Path(conf["known_peers_file"]), Path(conf["peer_pubkey_path"]),
+                                lenient=lenient)
+
+
+class UsageError(CliError):
+    """A bad argument found after parsing: one line on stderr, exit code 2."""
 
 
 def _own_identity(args: argparse.Namespace) -> tuple[str, Any]:
@@ -298,16 +305,69 @@ def _make_private_dirs(path: Path) -> None:
                 raise
 
 
+#: The public half of the peer's key, beside the private key (``p2psc pubkey`` reads it, so
+#: it needs no passphrase), as in the demo folders.
+PUBLIC_KEY_NAME = "public_key.pem"
+CENTER_KEY_FILE = "p2psc_center.pubkey.pem"
+
+
+def _import_key(path: str) -> tuple[Any, bytes | None]:
+    """``init --import-key FILE``: (the RSA private key, the passphrase it was encrypted
+    with, or None). The passphrase comes from $P2PSC_PRIKEY_PASSWORD or the terminal."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(keys.MAX_KEY_FILE_SIZE)
+    except OSError as exc:
+        raise CliError(f"--import-key: {path}: {exc.strerror or exc}") from None
+    password: bytes | None = None
+    if b"ENCRYPTED" in head:
+        env = os.environ.get(PASSWORD_ENV)
+        if env:
+            password = env.encode("utf-8")
+        elif sys.stdin.isatty():
+            password = getpass.getpass(f"passphrase of {path}: ").encode("utf-8")
+        else:
+            raise CliError(f"--import-key: {path} is encrypted; set {PASSWORD_ENV} to its "
+                           "passphrase")
+    keys_log = logging.getLogger("p2psc.keys")
+    level = keys_log.level
+    keys_log.setLevel(logging.ERROR)  # its mode warning would come before a parse error
+    try:
+        key = keys.load_private_key(path, password)
+    except ConfigError as exc:
+        raise CliError(f"--import-key: {exc}") from None
+    finally:
+        keys_log.setLevel(level)
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("%s is accessible by group or others: the key may have been exposed "
+                        "(the folder's copy is mode 0600)", path)
+    return key, password
+
+
+def _check_directory_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")) or len(url) <= len("https://"):
+        raise UsageError(f"init: --directory-url must be an http:// or https:// URL: {url!r}")
+    return url
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     wd = Path(args.dir if args.dir is not None else args.workdir)
     check_peer_id(args.peer_id)
     check_host(args.host, "--host")
+    if args.directory_url is not None:
+        _check_directory_url(args.directory_url)
+    if args.center_key is not None and args.directory_url is None:
+        raise UsageError("init: --center-key needs --directory-url (the directory it signs for)")
+    center = keys.load_public_key(args.center_key) if args.center_key is not None else None
     key_path = wd / "data" / "private_key.pem"
     conf_path = wd / "conf" / "config.json"
     for p in (key_path, conf_path):
         if p.exists():
             raise CliError(f"{p} already exists; not overwriting an existing peer folder")
-    passphrase: bytes | None = None
+    imported, import_password = (_import_key(args.import_key) if args.import_key is not None
+                                 else (None, None))
+    passphrase: bytes | None = import_password  # an imported key stays encrypted
     if args.passphrase:
         env = os.environ.get(PASSWORD_ENV)
         if env:
@@ -321,14 +381,19 @@ def cmd_init(args: argparse.Namespace) -> int:
             passphrase = first.encode("utf-8")
         else:
             raise CliError(f"--passphrase: no terminal to ask on; set {PASSWORD_ENV}")
-    key = keys.generate_private_key(args.bits)
+    key = imported if imported is not None else keys.generate_private_key(args.bits)
     _make_private_dirs(wd / "conf")
     _make_private_dirs(wd / "data" / "pubkeys")
     keys.write_private_key(key_path, key, passphrase)  # 0600, refuses to overwrite
+    write_peer_files([(wd / "data" / PUBLIC_KEY_NAME, keys.public_key_pem(key))])
     conf = {"my_prikey_file": "$[workdir]$/data/private_key.pem",
             "xconfig": "$[workdir]$/data/config.json",
             "known_peers_file": "$[workdir]$/data/peers.json",
             "peer_pubkey_path": "$[workdir]$/data/pubkeys"}
+    if args.directory_url is not None:
+        conf["find_peer_info_url"] = args.directory_url
+    if center is not None:  # where the directory client looks for it (p2psc_center's key)
+        write_peer_files([(wd / "data" / "pubkeys" / CENTER_KEY_FILE, keys.public_key_pem(center))])
     own = PeerAddress(args.peer_id, args.host, args.port).to_json()
     keys.atomic_write(conf_path, (json.dumps(conf, indent=2) + "\n").encode())
     keys.atomic_write(wd / "data" / "config.json", (json.dumps(own, indent=2) + "\n").encode())
@@ -336,7 +401,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not peers_file.exists():
         write_peer_files([(peers_file, known_peers_json({}))])
     print(f"created peer {args.peer_id} in {wd} ({args.host}:{args.port})")
-    print(f"fingerprint: {keys.fingerprint(key)}")
+    print(f"fingerprint: {keys.fingerprint(key)}" + (" (imported key)" if imported else ""))
+    if args.directory_url is not None:
+        print(f"directory: {args.directory_url}")
+        if center is not None:
+            print(f"center key: {keys.fingerprint(center)} (check it against the directory's "
+                  "page)")
+        else:
+            print(f"no center key yet: copy the directory's {CENTER_KEY_FILE} into "
+                  f"{wd / 'data' / 'pubkeys'}")
     if passphrase:
         print(f"the private key is encrypted: set {PASSWORD_ENV} when running p2psc or "
               "your application")
@@ -345,9 +418,35 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _stored_public_key(args: argparse.Namespace) -> Any:
+    """The public key beside the private key (data/public_key.pem), when present and
+    consistent with it: equal to its public half when the private key is not encrypted, and
+    not older than it when it is (then it cannot be checked without the passphrase)."""
+    conf = read_config_file(_workdir(args))
+    prikey = conf.get("my_prikey_file")
+    if not isinstance(prikey, str) or not prikey:
+        return None
+    pub_path = Path(prikey).parent / PUBLIC_KEY_NAME
+    try:
+        pub_stat, pri_stat = pub_path.stat(), Path(prikey).stat()
+        with open(prikey, "rb") as f:
+            head = f.read(keys.MAX_KEY_FILE_SIZE)
+    except OSError:
+        return None
+    pub = keys.load_public_key(pub_path)
+    if b"ENCRYPTED" in head:
+        return pub if pub_stat.st_mtime >= pri_stat.st_mtime else None
+    if not keys.same_public_key(pub, keys.load_private_key(prikey).public_key()):
+        raise CliError(f"{pub_path} does not match the private key {prikey}; delete it (or "
+                       "write the right one with: p2psc pubkey > it, after deleting it)")
+    return pub
+
+
 def cmd_pubkey(args: argparse.Namespace) -> int:
-    _, key = _own_identity(args)
-    sys.stdout.write(keys.public_key_pem(key).decode("ascii"))
+    pub = _stored_public_key(args)
+    if pub is None:
+        _, pub = _own_identity(args)
+    sys.stdout.write(keys.public_key_pem(pub).decode("ascii"))
     return EXIT_OK
 
 
@@ -362,9 +461,15 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_add_peer(args: argparse.Namespace) -> int:
-    check_peer_id(args.peer_id)
-    check_host(args.host, "--host")
-    conf, store = _peer_store(args)
+    # the rules of the known peers file's reader (validators), checked before anything is
+    # written; a known peer needs a port it listens on (0 would be "never reachable")
+    try:
+        check_peer_id(args.peer_id, "ID")
+        check_host(args.host, "--host")
+        check_port(args.port, "--port")
+    except ConfigError as exc:
+        raise UsageError(f"add-peer: {exc}") from None
+    conf, store = _peer_store(args, lenient=True)
     if args.pubkey == "-":
         pem, where = sys.stdin.buffer.read(keys.MAX_KEY_FILE_SIZE + 1), "stdin"
         key = keys.parse_public_key(pem, where)
@@ -387,12 +492,28 @@ def cmd_add_peer(args: argparse.Namespace) -> int:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    _, store = _peer_store(args)
+    _, store = _peer_store(args, lenient=True)
     for peer_id in store.known_ids():
         addr = store.address(peer_id)
         key = store.pinned_key(peer_id)
         fp = keys.fingerprint(key) if key is not None else "(no public key)"
         print(f"{peer_id}\t{addr.host}:{addr.port}\t{fp}")
+    if not store.bad_entries:
+        return EXIT_OK
+    sys.stdout.flush()
+    for peer_id, message in sorted(store.bad_entries.items()):
+        print(f"{PROG}: bad entry {peer_id!r}: {' '.join(message.split())} (repair it with "
+              f"'p2psc add-peer --replace {peer_id} ...' or 'p2psc remove-peer {peer_id}')",
+              file=sys.stderr)
+    return EXIT_FAIL
+
+
+def cmd_remove_peer(args: argparse.Namespace) -> int:
+    _, store = _peer_store(args, lenient=True)
+    if not store.known_or_bad(args.peer_id):
+        raise CliError(f"unknown peer {args.peer_id!r}: not in {store.known_peers_file}")
+    store.remove(args.peer_id)
+    print(f"removed {args.peer_id}")
     return EXIT_OK
 
 
@@ -994,8 +1115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", parents=[common], help="create a peer folder and its key",
                        description="Create a ready peer folder: conf/config.json, "
-                       "data/config.json, data/peers.json, data/private_key.pem (mode 0600) "
-                       "and data/pubkeys/. Refuses to overwrite an existing key.")
+                       "data/config.json, data/peers.json, data/private_key.pem (mode 0600), "
+                       "data/public_key.pem and data/pubkeys/. Refuses to overwrite an "
+                       "existing key.")
     p.add_argument("dir", nargs="?", metavar="DIR", help="the folder (default: --workdir)")
     p.add_argument("--peer-id", required=True, metavar="ID", help="this peer's id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on and to give "
@@ -1004,6 +1126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=3072, help="RSA key size (default: 3072)")
     p.add_argument("--passphrase", action="store_true",
                    help=f"encrypt the private key (asked on the terminal, or ${PASSWORD_ENV})")
+    p.add_argument("--import-key", metavar="FILE",
+                   help="use this PEM RSA private key instead of generating one (encrypted: "
+                   f"its passphrase from ${PASSWORD_ENV} or the terminal; it stays encrypted)")
+    p.add_argument("--directory-url", metavar="URL",
+                   help="join a peer directory: its lookup URL (find_peer_info_url)")
+    p.add_argument("--center-key", metavar="FILE",
+                   help=f"the directory's center public key, installed as "
+                   f"data/pubkeys/{CENTER_KEY_FILE} (check its fingerprint first)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("pubkey", parents=[common], help="print this peer's public key (PEM)",
@@ -1029,8 +1159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_add_peer)
 
     p = sub.add_parser("peers", parents=[common], help="list the known peers",
-                       description="List the known peers: id, address, key fingerprint.")
+                       description="List the known peers: id, address, key fingerprint. A bad "
+                       "entry of the known peers file is named on stderr (exit code 1).")
     p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser("remove-peer", parents=[common], help="forget a known peer",
+                       description="Remove a known peer: its entry in the known peers file "
+                       "(valid or not) and its public key file.")
+    p.add_argument("peer_id", metavar="ID")
+    p.set_defaults(func=cmd_remove_peer)
 
     p = sub.add_parser("listen", parents=[common], help="serve and print what arrives",
                        description="Listen on this peer's address; write what arrives to "
@@ -1171,7 +1308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verbose:
             traceback.print_exc()
         print(f"{PROG}: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAIL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -283,8 +283,10 @@ def read_public_key(peer_pubkey_path: Path, peer_id: str) -> rsa.RSAPublicKey | 
     return keys.load_public_key(path)
 
 
-def _read_public_keys(peer_pubkey_path: Path) -> dict[str, rsa.RSAPublicKey]:
-    """Every ``<peer_id>.pubkey.pem`` of the folder (files not named by a valid id are skipped)."""
+def _read_public_keys(peer_pubkey_path: Path, bad: dict[str, str] | None = None
+                      ) -> dict[str, rsa.RSAPublicKey]:
+    """Every ``<peer_id>.pubkey.pem`` of the folder (files not named by a valid id are skipped).
+    With ``bad``, an unreadable key file is recorded there (id -> message) instead of raised."""
     public_keys: dict[str, rsa.RSAPublicKey] = {}
     for path in sorted(peer_pubkey_path.glob("*" + keys.PUBKEY_SUFFIX)):
         peer_id = path.name[: -len(keys.PUBKEY_SUFFIX)]
@@ -293,7 +295,12 @@ def _read_public_keys(peer_pubkey_path: Path) -> dict[str, rsa.RSAPublicKey]:
         except ConfigError:
             log.warning("%s: ignored: the file name is not a valid peer id", path)
             continue
-        public_keys[peer_id] = keys.load_public_key(path)
+        try:
+            public_keys[peer_id] = keys.load_public_key(path)
+        except ConfigError as exc:
+            if bad is None:
+                raise
+            bad[peer_id] = str(exc)
     _refuse_case_twins(public_keys, str(peer_pubkey_path))
     return public_keys
 
@@ -306,34 +313,65 @@ def read_known_peers(known_peers_file: Path, *, missing_ok: bool = False) -> dic
     path = Path(known_peers_file)
     if missing_ok and not path.exists():
         return {}
-    raw = _read_json(path, "known peers file")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a JSON object of peer id -> record")
-    addresses = {pid: _parse_address(rec, str(path), pid) for pid, rec in raw.items()}
+    addresses, bad = _read_known_peers(path)
+    for pid, (_, message) in bad.items():
+        raise ConfigError(f"{message}{_repair_hint(pid)}")
     _refuse_case_twins(addresses, str(path))
     return addresses
 
 
-def known_peers_json(addresses: Mapping[str, PeerAddress]) -> bytes:
-    """The contents of a known peers file holding ``addresses`` (the one format written)."""
-    table = {pid: a.to_json() for pid, a in addresses.items()}
+def _repair_hint(peer_id: str) -> str:
+    """How to repair a bad entry of the known peers file (both commands work on it)."""
+    return (f" (repair the entry with 'p2psc add-peer --replace {peer_id} ...' or "
+            f"'p2psc remove-peer {peer_id}')")
+
+
+def _read_known_peers(path: Path) -> tuple[dict[str, PeerAddress], dict[str, tuple[Any, str]]]:
+    """The known peers file: (valid entries, bad entries as id -> (raw record, error message
+    naming the file and the entry)). Whole-file problems raise :class:`ConfigError`."""
+    raw = _read_json(path, "known peers file")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a JSON object of peer id -> record")
+    addresses: dict[str, PeerAddress] = {}
+    bad: dict[str, tuple[Any, str]] = {}
+    for pid, rec in raw.items():
+        try:
+            addresses[pid] = _parse_address(rec, str(path), pid)
+        except ConfigError as exc:
+            msg = str(exc)
+            if repr(pid) not in msg and f"peer {pid}:" not in msg:
+                msg = f"{path}: entry {pid!r}: {msg.removeprefix(f'{path}: ')}"
+            bad[pid] = (rec, msg)
+    return addresses, bad
+
+
+def known_peers_json(addresses: Mapping[str, PeerAddress],
+                     kept: Mapping[str, Any] | None = None) -> bytes:
+    """The contents of a known peers file holding ``addresses`` (the one format written),
+    and ``kept``: entries that did not pass the checks, written back as they were read (so
+    that repairing one entry never silently drops another)."""
+    table: dict[str, Any] = {pid: rec for pid, rec in (kept or {}).items()
+                             if pid not in addresses}
+    table.update({pid: a.to_json() for pid, a in addresses.items()})
     return (json.dumps(table, indent=2, sort_keys=True) + "\n").encode()
 
 
 def peer_files(peer_pubkey_path: Path, known_peers_file: Path, addresses: Mapping[str, PeerAddress],
                address: PeerAddress, public_key: rsa.RSAPublicKey | None, *,
-               key_ids: Iterable[str] = ()) -> list[tuple[Path, bytes]]:
+               key_ids: Iterable[str] = (), kept: Mapping[str, Any] | None = None
+               ) -> list[tuple[Path, bytes]]:
     """The files to write so that ``address`` joins (or replaces its entry in) ``addresses``:
     the peer's public key file (left out when ``public_key`` is None), then the known peers
     file. ``address`` is checked as the reader will check it, and refused when its id differs
-    only in case from one of ``addresses`` or ``key_ids`` (ids with a key file);
-    see :func:`write_peer_files`."""
+    only in case from one of ``addresses`` or ``key_ids`` (ids with a key file); ``kept``:
+    bad entries to write back unchanged (:func:`known_peers_json`); see :func:`write_peer_files`."""
     _parse_address(address.to_json(), str(known_peers_file), address.peer_id)
     _refuse_case_twin(address.peer_id, [*addresses, *key_ids], str(known_peers_file))
     files: list[tuple[Path, bytes]] = []
     if public_key is not None:
         files.append((pubkey_file(peer_pubkey_path, address.peer_id), keys.public_key_pem(public_key)))
-    files.append((Path(known_peers_file), known_peers_json({**addresses, address.peer_id: address})))
+    files.append((Path(known_peers_file),
+                  known_peers_json({**addresses, address.peer_id: address}, kept)))
     return files
 
 
@@ -348,26 +386,54 @@ class PeerStore:
     (``peer_pubkey_path``), held in memory after start-up so no file is read on the event loop."""
 
     def __init__(self, known_peers_file: Path, peer_pubkey_path: Path,
-                 addresses: dict[str, PeerAddress], public_keys: dict[str, rsa.RSAPublicKey]):
+                 addresses: dict[str, PeerAddress], public_keys: dict[str, rsa.RSAPublicKey],
+                 *, bad_entries: dict[str, str] | None = None,
+                 kept: dict[str, Any] | None = None):
         self.known_peers_file = known_peers_file
         self.peer_pubkey_path = peer_pubkey_path
         self._addresses = addresses
         self._public_keys = public_keys
+        #: entries of the known peers file that did not pass the checks (id -> error message),
+        #: only with ``load(..., lenient=True)``: the commands that list and repair them
+        self.bad_entries: dict[str, str] = dict(bad_entries or {})
+        #: their raw records, written back unchanged when another entry is written
+        self._kept: dict[str, Any] = dict(kept or {})
         #: unix time, for the expiry of directory-sourced keys (replaceable in tests)
         self.clock: Callable[[], float] = time.time
 
     @classmethod
-    def load(cls, known_peers_file: Path, peer_pubkey_path: Path) -> PeerStore:
-        """Read the known peers file and every ``*.pubkey.pem`` in the public key folder."""
+    def load(cls, known_peers_file: Path, peer_pubkey_path: Path, *,
+             lenient: bool = False) -> PeerStore:
+        """Read the known peers file and every ``*.pubkey.pem`` in the public key folder.
+
+        A bad entry (or a known peer without a readable key file) is a :class:`ConfigError`
+        naming the file and the entry, and how to repair it; with ``lenient`` (the commands
+        that list and repair the peers) it is left out and recorded in :attr:`bad_entries`.
+        """
         if not peer_pubkey_path.is_dir():
             raise ConfigError(f"{peer_pubkey_path}: peer_pubkey_path is not a folder")
-        addresses = read_known_peers(known_peers_file)
-        public_keys = _read_public_keys(peer_pubkey_path)
-        for peer_id in addresses:
-            if peer_id not in public_keys:
-                raise ConfigError(f"{known_peers_file}: known peer {peer_id} has no public key file "
-                                  f"{pubkey_file(peer_pubkey_path, peer_id)}")
-        return cls(known_peers_file, peer_pubkey_path, addresses, public_keys)
+        if not lenient:
+            addresses = read_known_peers(known_peers_file)
+            public_keys = _read_public_keys(peer_pubkey_path)
+            for peer_id in addresses:
+                if peer_id not in public_keys:
+                    raise ConfigError(f"{known_peers_file}: known peer {peer_id} has no public "
+                                      f"key file {pubkey_file(peer_pubkey_path, peer_id)}"
+                                      f"{_repair_hint(peer_id)}")
+            return cls(known_peers_file, peer_pubkey_path, addresses, public_keys)
+        addresses, bad = _read_known_peers(Path(known_peers_file))
+        bad_keys: dict[str, str] = {}
+        public_keys = _read_public_keys(peer_pubkey_path, bad_keys)
+        _refuse_case_twins(addresses, str(known_peers_file))
+        bad_entries = {pid: message for pid, (_, message) in bad.items()}
+        for peer_id in list(addresses):
+            if peer_id in bad_keys or peer_id not in public_keys:
+                bad_entries[peer_id] = bad_keys.get(peer_id) or (
+                    f"{known_peers_file}: known peer {peer_id} has no public key file "
+                    f"{pubkey_file(peer_pubkey_path, peer_id)}")
+                bad[peer_id] = (addresses.pop(peer_id).to_json(), "")
+        return cls(known_peers_file, peer_pubkey_path, addresses, public_keys,
+                   bad_entries=bad_entries, kept={pid: rec for pid, (rec, _) in bad.items()})
 
     def public_key(self, peer_id: str) -> rsa.RSAPublicKey | None:
         """The peer's public key for a handshake, or None when it is not known, or when it was
@@ -401,7 +467,34 @@ class PeerStore:
                   ) -> list[tuple[Path, bytes]]:
         """The file contents that record ``address`` and ``public_key`` (:func:`peer_files`)."""
         return peer_files(self.peer_pubkey_path, self.known_peers_file, self._addresses,
-                          address, public_key, key_ids=self._public_keys)
+                          address, public_key, key_ids=self._public_keys, kept=self._kept)
+
+    def known_or_bad(self, peer_id: str) -> bool:
+        """Whether the known peers file has an entry ``peer_id``, valid or not."""
+        return peer_id in self._addresses or peer_id in self._kept
+
+    def remove(self, peer_id: str) -> None:
+        """Remove a known peer (a valid or a bad entry) from the known peers file, then delete
+        its public key file (blocking). :class:`UnknownPeerError` when there is no such entry."""
+        if not self.known_or_bad(peer_id):
+            raise UnknownPeerError(f"unknown peer {peer_id!r}: not in {self.known_peers_file}")
+        addresses = {pid: a for pid, a in self._addresses.items() if pid != peer_id}
+        kept = {pid: rec for pid, rec in self._kept.items() if pid != peer_id}
+        write_peer_files([(Path(self.known_peers_file), known_peers_json(addresses, kept))])
+        self._addresses, self._kept = addresses, kept
+        self.bad_entries.pop(peer_id, None)
+        self._public_keys.pop(peer_id, None)
+        try:
+            path = pubkey_file(self.peer_pubkey_path, peer_id)
+        except ConfigError:
+            return  # an invalid id has no key file
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot delete the public key file: "
+                              f"{exc.strerror or exc}") from None
 
     @staticmethod
     def write_files(files: list[tuple[Path, bytes]]) -> None:
@@ -418,6 +511,8 @@ class PeerStore:
                           str(self.known_peers_file))
         if persist:
             self.write_files(self.files_for(address, public_key))
+            self._kept.pop(address.peer_id, None)
+            self.bad_entries.pop(address.peer_id, None)
         self._public_keys[address.peer_id] = public_key
         self._addresses[address.peer_id] = address
 

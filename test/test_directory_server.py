@@ -437,6 +437,9 @@ def test_html_page_lists_peers_and_escapes(k: dict[str, Any], store: DirectorySt
             assert "&lt;script&gt;" in page and "&lt;img src=x onerror=y&gt;" in page
             assert "(unreadable key)" in page
             assert "3 registered peers" in page
+            # the one thing a visitor must check: the center key's fingerprint, in the format
+            # of `p2psc fingerprint`
+            assert f"<code>{keys.fingerprint(k['center'])}</code>" in page
     run(go())
 
 

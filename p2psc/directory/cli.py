@@ -25,8 +25,8 @@ from typing import Any
 
 from .. import keys
 from ..config import write_peer_files
-from ..p2pexcept import P2PError
-from ..validators import check_host, port_arg
+from ..p2pexcept import ConfigError, P2PError
+from ..validators import check_host, check_port, port_arg
 from .record import CENTER_PEER_ID, DEFAULT_RECORD_TTL, MAX_RECORD_TTL, MIN_RECORD_TTL
 
 __all__ = ["add_directory_parser", "main", "run"]
@@ -163,9 +163,65 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PeerFolder:
+    """What ``lookup`` and ``update-address`` take from a peer folder (``--workdir``): the
+    directory URL (find_peer_info_url), the center key (peer_pubkey_path/p2psc_center.pubkey.pem,
+    where the handler's directory client finds it), the private key and the own record."""
+
+    def __init__(self, workdir: str) -> None:
+        from ..config import read_config_file
+        if not (Path(workdir) / "conf" / "config.json").is_file():
+            raise ConfigError(f"{workdir}: not a peer folder (no conf/config.json)")
+        self.conf = read_config_file(workdir)
+        self.where = str(self.conf["__config_file__"])
+
+    def _path(self, name: str) -> Path:
+        value = self.conf.get(name)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self.where}: missing or empty {name!r}")
+        return Path(value)
+
+    def url(self) -> str:
+        url = self.conf.get("find_peer_info_url")
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"{self.where}: no find_peer_info_url (give --url, or set it: "
+                              "p2psc init --directory-url)")
+        return url
+
+    def center_key_file(self) -> Path:
+        return self._path("peer_pubkey_path") / CENTER_PUBKEY_NAME
+
+    def prikey_file(self) -> Path:
+        return self._path("my_prikey_file")
+
+    def password(self) -> bytes | None:
+        pw = self.conf.get("my_prikey_password")
+        return pw.encode("utf-8") if isinstance(pw, str) and pw else _peer_password()
+
+    def own_address(self) -> Any:
+        from ..config import _parse_address, _read_json
+        xconfig = self._path("xconfig")
+        return _parse_address(_read_json(xconfig, "own peer record (xconfig)"), str(xconfig))
+
+
+def _need(value: Any, option: str, command: str) -> Any:
+    if value is None:
+        raise _UsageError(f"directory {command}: give {option} or --workdir (a peer folder)")
+    return value
+
+
+class _UsageError(P2PError):
+    """A missing option found after parsing (exit code 2)."""
+
+
 def _cmd_lookup(args: argparse.Namespace) -> int:
     from .client import fetch_peer_record
-    center = keys.load_public_key(args.center_key)
+    folder = _PeerFolder(args.workdir) if args.workdir is not None else None
+    if folder is not None:
+        args.url = args.url or folder.url()
+        args.center_key = args.center_key or folder.center_key_file()
+    _need(args.url, "--url", "lookup")
+    center = keys.load_public_key(_need(args.center_key, "--center-key", "lookup"))
     rec = asyncio.run(fetch_peer_record(args.url, args.peer_id, center, timeout=args.timeout))
     until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.expires_at))
     print(f"{rec.peer_id}\t{rec.host}:{rec.port}\t{rec.fingerprint}\t(signature verified, "
@@ -175,7 +231,24 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
 
 def _cmd_update(args: argparse.Namespace) -> int:
     from .client import update_address, update_url_for
-    key = keys.load_private_key(args.prikey, _peer_password())
+    folder = _PeerFolder(args.workdir) if args.workdir is not None else None
+    password = _peer_password()
+    if folder is not None:
+        args.url = args.url or folder.url()
+        if args.prikey is None:
+            args.prikey, password = folder.prikey_file(), folder.password()
+        if args.peer_id is None or args.host is None or args.port is None:
+            own = folder.own_address()
+            args.peer_id = args.peer_id or own.peer_id
+            args.host = args.host or own.host
+            args.port = own.port if args.port is None else args.port
+    for value, option in ((args.peer_id, "PEER_ID"), (args.url, "--url"),
+                          (args.prikey, "--prikey"), (args.host, "--host"),
+                          (args.port, "--port")):
+        _need(value, option, "update-address")
+    check_host(args.host, "--host")
+    check_port(args.port, "--port")
+    key = keys.load_private_key(args.prikey, password)
     url = args.url if args.url.rstrip("/").endswith("/update_address") else update_url_for(args.url)
     asyncio.run(update_address(url, args.peer_id, key, args.host, args.port,
                                timeout=args.timeout))
@@ -252,22 +325,30 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     state_args(sp)
     sp.set_defaults(func=_guarded(_cmd_list))
 
+    peer_folder_help = ("a peer folder: the defaults of the other options come from it "
+                        "(find_peer_info_url, its center key, its private key and own record)")
     sp = sub.add_parser("lookup", help="look a peer up and verify the center's signature")
     sp.add_argument("peer_id", metavar="PEER_ID")
-    sp.add_argument("--url", required=True, help="lookup URL (find_peer_info_url)")
-    sp.add_argument("--center-key", required=True, metavar="FILE",
-                    help="the center public key (p2psc_center.pubkey.pem)")
+    sp.add_argument("--workdir", metavar="DIR", default=None, help=peer_folder_help)
+    sp.add_argument("--url", help="lookup URL (default: the folder's find_peer_info_url)")
+    sp.add_argument("--center-key", metavar="FILE",
+                    help="the center public key (default: the folder's "
+                    f"peer_pubkey_path/{CENTER_PUBKEY_NAME})")
     sp.add_argument("--timeout", type=float, default=5.0)
     sp.set_defaults(func=_guarded(_cmd_lookup))
 
     sp = sub.add_parser("update-address", help="move your own entry to a new host and port")
-    sp.add_argument("peer_id", metavar="PEER_ID")
-    sp.add_argument("--url", required=True,
-                    help="lookup URL (find_peer_info_url) or the update_address URL")
-    sp.add_argument("--prikey", required=True, metavar="FILE",
-                    help="your private key (passphrase from $P2PSC_PRIKEY_PASSWORD if any)")
-    sp.add_argument("--host", required=True)
-    sp.add_argument("--port", required=True, type=port_arg)
+    sp.add_argument("peer_id", metavar="PEER_ID", nargs="?",
+                    help="your peer id (default: the folder's)")
+    sp.add_argument("--workdir", metavar="DIR", default=None, help=peer_folder_help)
+    sp.add_argument("--url",
+                    help="lookup URL (find_peer_info_url) or the update_address URL "
+                    "(default: the folder's find_peer_info_url)")
+    sp.add_argument("--prikey", metavar="FILE",
+                    help="your private key (passphrase from $P2PSC_PRIKEY_PASSWORD if any; "
+                    "default: the folder's my_prikey_file)")
+    sp.add_argument("--host", help="the new host (default: the folder's own record)")
+    sp.add_argument("--port", type=port_arg, help="the new port (default: the folder's own record)")
     sp.add_argument("--timeout", type=float, default=5.0)
     sp.set_defaults(func=_guarded(_cmd_update))
     return p
@@ -290,6 +371,9 @@ def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     def func(args: argparse.Namespace) -> int:
         try:
             return cmd(args)
+        except _UsageError as exc:
+            print(f"p2psc {exc}", file=sys.stderr)
+            return 2
         except (P2PError, OSError) as exc:
             if isinstance(exc, P2PError):
                 msg = str(exc)

@@ -88,6 +88,8 @@ class _State:
         self.max_skew = max_skew
         self.clock = clock
         self.record_ttl = record_ttl
+        #: what the HTML page shows a visitor to check against the key they were given
+        self.center_fingerprint = keys.fingerprint(center_private_key)
         self._sigs: OrderedDict[PeerEntry, dict[str, Any]] = OrderedDict()
         self._fingerprints: OrderedDict[str, str] = OrderedDict()
         self.lookups = 0  # lookups served (the tests count requests with it)
@@ -239,6 +241,8 @@ _PAGE = """<!DOCTYPE html>
 <style>body{{font-family:sans-serif}}td,th{{padding:2px 12px;text-align:left}}
 code{{font-size:90%}}</style></head>
 <body><h1>p2psc peer directory</h1>
+<p>Center key fingerprint: <code>{center_fp}</code> (compare it with
+<code>p2psc fingerprint --pubkey p2psc_center.pubkey.pem</code> before trusting this directory)</p>
 <p>{summary}</p>
 <table><thead><tr><th>peer id</th><th>key fingerprint</th><th>address</th><th>updated (UTC)</th>
 </tr></thead><tbody>
@@ -270,7 +274,8 @@ async def _index(request: web.Request) -> web.Response:
     if total > len(listed):
         summary += f" (the first {len(listed):d} are shown)"
     page = _PAGE.format(summary=e(summary), rows=rows, lookup=e(LOOKUP_PATH),
-                        center=e(CENTER_PEER_ID), ttl=state.record_ttl)
+                        center=e(CENTER_PEER_ID), ttl=state.record_ttl,
+                        center_fp=e(state.center_fingerprint))
     return web.Response(text=page, content_type="text/html", charset="utf-8", headers={
         "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
