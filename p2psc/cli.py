@@ -1,9 +1,10 @@
 """The ``p2psc`` command (also ``python -m p2psc``): make a peer folder, exchange keys, and
 try connections without writing code.
 
-Subcommands: ``init``, ``pubkey``, ``fingerprint``, ``add-peer``, ``peers``, ``listen``,
-``send``, ``ping``, ``relay serve`` and ``directory ...``. Every subcommand takes ``--workdir DIR`` (the peer
-folder; default: the current directory) and ``-v`` (debug logging, tracebacks on errors).
+Subcommands: ``init``, ``pubkey``, ``fingerprint``, ``add-peer``, ``peers``,
+``remove-peer``, ``listen``, ``send``, ``ping``, ``netcheck``, ``relay serve`` and
+``directory ...``. Every subcommand takes ``--workdir DIR`` (the peer folder; default: the
+current directory) and ``-v`` (debug logging, tracebacks on errors).
 Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error, 130 Ctrl-C (143
 SIGTERM); ``listen`` and ``relay serve`` exit 0 on either, their normal end.
 
