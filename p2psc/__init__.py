@@ -34,6 +34,7 @@ from .p2pexcept import (
     ReplayError,
     SignCheckError,
     StatusError,
+    TransferError,
     UnknownEntryError,
     UnknownPeerError,
     UsageError,
@@ -53,7 +54,7 @@ __all__ = [
     "ChannelNotReady", "InvalidDataType", "SignCheckError", "StatusError", "HandshakeError",
     "HandshakeTimeout", "ProtocolError", "MessageTooLarge", "ConnectionLost", "DirectoryError",
     "UsageError", "PeerError", "RecordTooLarge", "LimitExceeded", "DirectorySignatureError",
-    "PeerNotInDirectory", "RelayError", "PeerUnreachable",
+    "PeerNotInDirectory", "RelayError", "PeerUnreachable", "TransferError",
     "UnknownEntryError", "ReplayError", "ConnectError", "DirectoryUnreachable", "NotADirectory",
 ]
 

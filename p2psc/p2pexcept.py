@@ -26,6 +26,7 @@ Every exception class of the library is defined here. The tree::
     │       └── PeerUnreachable   no path (direct, punched or relayed) reached the peer
     ├── UnknownPeerError          no public key for a peer id (local lookup or incoming INIT)
     │   └── PeerNotInDirectory    (also a DirectoryError)
+    ├── TransferError             a file transfer of p2psc send/listen failed (p2psc.transfer)
     └── DirectoryError            the peer directory service could not be used
         ├── DirectorySignatureError
         ├── DirectoryUnreachable  no answer from the directory's URL
@@ -68,6 +69,7 @@ __all__ = [
     "StatusError",
     "ChannelNotReady",
     "RelayError",
+    "TransferError",
     "PeerUnreachable",
     "ChannelClosed",
     "PeerError",
@@ -232,6 +234,11 @@ class RelayError(PeerError):
 
 class PeerUnreachable(RelayError):
     """No path reached the peer: not its direct address, not a punched path, not the relay."""
+
+
+class TransferError(P2PError):
+    """A ``p2psc send`` / ``listen`` file transfer failed or a transfer message was malformed
+    (:mod:`p2psc.transfer`); the message says why in one line."""
 
 
 class UnknownPeerError(P2PError):

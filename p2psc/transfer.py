@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from .p2pexcept import TransferError
+
 __all__ = [
     "HEADER_MAGIC", "MAX_HEADER_SIZE", "MAX_NAME_BYTES", "MAX_SIZE", "Header", "Outcome",
     "TransferError", "decode_ack", "decode_end", "decode_fail", "decode_header",
@@ -62,10 +64,6 @@ PARTIAL_SUFFIX = ".p2psc-partial"
 READY, START, DATA, END, ACK, FAIL = b"R", b"S", b"D", b"E", b"A", b"X"
 _Q = struct.Struct("!Q")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class TransferError(Exception):
-    """A malformed message or a failed transfer (one line)."""
 
 
 class MessageChannel(Protocol):

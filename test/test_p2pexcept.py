@@ -21,7 +21,7 @@ PEER = {"ProtocolError", "CRCError", "RecordTooLarge", "LimitExceeded", "Handsha
         "HandshakeTimeout", "ConnectionLost", "RelayError", "PeerUnreachable", "ConnectError"}
 NEITHER = {"P2PError", "UsageError", "PeerError", "UnknownPeerError", "DirectoryError",
            "DirectorySignatureError", "PeerNotInDirectory", "UnknownEntryError", "ReplayError",
-           "DirectoryUnreachable", "NotADirectory"}
+           "DirectoryUnreachable", "NotADirectory", "TransferError"}
 
 #: Each class and its direct bases.
 PARENTS = {
@@ -48,6 +48,7 @@ PARENTS = {
     "PeerUnreachable": ("RelayError",),
     "UnknownPeerError": ("P2PError",),
     "DirectoryError": ("P2PError",),
+    "TransferError": ("P2PError",),
     "DirectorySignatureError": ("DirectoryError",),
     "DirectoryUnreachable": ("DirectoryError",),
     "NotADirectory": ("DirectoryError",),
