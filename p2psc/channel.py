@@ -27,7 +27,7 @@ import asyncio
 import collections
 import functools
 import logging
-import random
+import secrets
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -642,7 +642,7 @@ async def reconnecting(connect: Callable[[], Awaitable[Channel]], peer_id: str, 
         nonlocal failures
         delay = min(max_backoff, initial_backoff * factor ** min(failures, 64))
         failures += 1
-        return delay * random.uniform(0.5, 1.0) if jitter else delay
+        return delay * (0.5 + secrets.randbelow(1 << 20) / (2 << 20)) if jitter else delay
 
     async def until_stopped(aw: Awaitable[T]) -> T:
         task = asyncio.ensure_future(aw)

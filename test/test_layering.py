@@ -264,3 +264,18 @@ def test_no_adapter_module_is_imported_by_the_adapters_base() -> None:
     for low in ("p2psc._aio", "p2psc._host"):
         assert not graph[low] & {"p2psc.p2p", "p2psc.udp_p2p", "p2psc.p2phandler",
                                  "p2psc.channel"}, (low, graph[low])
+
+
+def test_randomness_comes_only_from_os_urandom_or_secrets() -> None:
+    """No module of the package imports ``random`` (a predictable generator): keys, nonces,
+    tokens and even backoff jitter draw from ``os.urandom`` or ``secrets``."""
+    offenders = []
+    for name, path in package_sources().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "random"
+                                                    for a in node.names):
+                offenders.append(name)
+            elif isinstance(node, ast.ImportFrom) and not node.level and \
+                    (node.module or "").split(".")[0] == "random":
+                offenders.append(name)
+    assert offenders == []
