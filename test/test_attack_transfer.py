@@ -10,39 +10,11 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import IO
 
 import pytest
+from test_transfer import pipes, read
 
 from p2psc import transfer as t
-from p2psc.p2pexcept import ChannelClosed
-
-
-class Pipe:
-    """One end of an in-memory channel."""
-
-    def __init__(self, inbox: asyncio.Queue[bytes | None], outbox: asyncio.Queue[bytes | None]):
-        self.inbox, self.outbox = inbox, outbox
-
-    async def send(self, data: bytes) -> None:
-        await self.outbox.put(bytes(data))
-
-    async def recv(self) -> bytes:
-        msg = await self.inbox.get()
-        if msg is None:
-            self.inbox.put_nowait(None)
-            raise ChannelClosed("closed")
-        return msg
-
-
-def pipes() -> tuple[Pipe, Pipe]:
-    a: asyncio.Queue[bytes | None] = asyncio.Queue()
-    b: asyncio.Queue[bytes | None] = asyncio.Queue()
-    return Pipe(a, b), Pipe(b, a)
-
-
-async def read(f: IO[bytes], n: int) -> bytes:
-    return f.read(n)
 
 
 async def transfer(data: bytes, folder: Path, name: str = "f.bin", peer: str = "p.test",
