@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 from conftest import PeerDir, make_peer
+
 from p2psc.nat import wire
 from p2psc.nat.relay_server import RelayServer
 from p2psc.nat.rendezvous import RelayLimits
@@ -260,3 +261,34 @@ async def with_timeout(aw: Awaitable[T], timeout: float = 10.0) -> T:
 
 def random_bytes(n: int) -> bytes:
     return os.urandom(n)
+
+
+# -- peers that use the relay (NatAgent tests) ----------------------------------------------------
+
+def run(coro: Any, timeout: float = 60) -> Any:
+    """``asyncio.run(coro)``, bounded by ``timeout`` seconds."""
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+def with_relay(env: RelayEnv, peer: PeerDir, **settings: Any) -> P2PHandler:
+    """A handler of ``peer`` whose config names ``env``'s relay (short NAT timeouts unless
+    ``settings`` say otherwise)."""
+    peer.update_conf(relay={"peer_id": RELAY_ID, "host": "127.0.0.1", "port": env.port},
+                     **{"nat_punch_timeout": 2.0, "nat_relay_timeout": 3.0, **settings})
+    return P2PHandler(workdir=peer.workdir)
+
+
+async def with_env(tmp_path: Path, body: Callable[[RelayEnv, list[P2PHandler]], Awaitable[None]],
+                   peers: tuple[str, ...] = ("alice.test", "bob.test")) -> None:
+    """Run ``body(env, handlers)`` with a started relay; closes the handlers it appended to
+    ``handlers``, then the relay, whatever happens."""
+    env = await start_relay(tmp_path, peers)
+    handlers: list[P2PHandler] = []
+    try:
+        await body(env, handlers)
+    finally:
+        for h in handlers:
+            await h.close()
+        await env.close()

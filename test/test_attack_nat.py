@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nat_util import RELAY_ID, FrameClient, RelayEnv, probe, start_relay, udp_socket, until
+from nat_util import RELAY_ID, FrameClient, RelayEnv, probe, run, udp_socket, until, with_env
+from nat_util import with_relay as _with_relay
 
 from p2psc.nat import wire
 from p2psc.nat.wire import Addr, RelayAddress
@@ -22,32 +23,13 @@ A, B, C = "alice.test", "bob.test", "carol.test"
 EP_M = b"mallory!"
 
 
+def with_relay(env: RelayEnv, peer: Any, **settings: Any) -> P2PHandler:
+    return _with_relay(env, peer, **{"nat_punch_timeout": 3.0, **settings})
+
+
 class UdpEcho(UdpP2P):
     def on_datagram(self, data: bytes, peer_id: str, addr: Any) -> None:
         self.reply(data)
-
-
-def run(coro: Any, timeout: float = 60) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
-
-
-def with_relay(env: RelayEnv, peer: Any, **settings: Any) -> P2PHandler:
-    peer.update_conf(relay={"peer_id": RELAY_ID, "host": "127.0.0.1", "port": env.port},
-                     nat_punch_timeout=3.0, nat_relay_timeout=3.0, **settings)
-    return P2PHandler(workdir=peer.workdir)
-
-
-async def with_env(tmp_path: Path, body: Any, peers: tuple[str, ...] = (A, B)) -> None:
-    env = await start_relay(tmp_path, peers)
-    handlers: list[P2PHandler] = []
-    try:
-        await body(env, handlers)
-    finally:
-        for h in handlers:
-            await h.close()
-        await env.close()
 
 
 async def udp_server_bob(env: RelayEnv, handlers: list[P2PHandler], **settings: Any

@@ -9,13 +9,12 @@ import hashlib
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PeerDir, server_port
-from nat_util import RELAY_ID, RelayEnv, start_relay
+from conftest import server_port
+from nat_util import RELAY_ID, RelayEnv, run, with_env, with_relay
 
 from p2psc import PeerUnreachable
 from p2psc.nat.wire import RelayAddress
@@ -76,33 +75,6 @@ class UCollect(UdpP2P):
 
     def on_recv(self, data: bytes, addr: Any) -> None:
         self.got.put_nowait((data, self.current_peer, addr))
-
-
-def with_relay(env: RelayEnv, peer: PeerDir, **settings: Any) -> P2PHandler:
-    peer.update_conf(relay={"peer_id": RELAY_ID, "host": "127.0.0.1", "port": env.port},
-                     nat_punch_timeout=2.0, nat_relay_timeout=3.0, **settings)
-    return P2PHandler(workdir=peer.workdir)
-
-
-async def relay_env(tmp_path: Path) -> RelayEnv:
-    return await start_relay(tmp_path)
-
-
-def run(coro: Any, timeout: float = 60) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
-
-
-async def with_env(tmp_path: Path, body: Any) -> None:
-    env = await start_relay(tmp_path)
-    handlers: list[P2PHandler] = []
-    try:
-        await body(env, handlers)
-    finally:
-        for h in handlers:
-            await h.close()
-        await env.close()
 
 
 async def attached(h: P2PHandler) -> None:
