@@ -33,7 +33,8 @@ Every exception class of the library is defined here. The tree::
         ├── NotADirectory         the URL answered, but not as a p2psc directory
         ├── PeerNotInDirectory    (also an UnknownPeerError)
         ├── UnknownEntryError
-        └── ReplayError
+        ├── ReplayError
+        └── DirectoryStoreError   the directory server's database failed or did not answer
 
 :class:`UsageError` means "fix the calling program or its configuration"; :class:`PeerError`
 means "the other side (or the network) is at fault; this connection or session is over".
@@ -90,6 +91,7 @@ __all__ = [
     "PeerNotInDirectory",
     "UnknownEntryError",
     "ReplayError",
+    "DirectoryStoreError",
 ]
 
 
@@ -276,3 +278,9 @@ class UnknownEntryError(DirectoryError):
 
 class ReplayError(DirectoryError):
     """The update nonce was already used (a replayed request)."""
+
+
+class DirectoryStoreError(DirectoryError):
+    """The directory server's own database (SQLite or PostgreSQL) failed, is unreachable or
+    did not answer in time; the server answers such a request 503. The message says which in
+    one line and never holds a password."""

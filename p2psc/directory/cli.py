@@ -3,7 +3,8 @@
 The directory's state lives in a workdir: ``DIR/data/center_private_key.pem`` (the center's
 signing key, mode 0600; ``--key`` overrides), ``DIR/data/p2psc_center.pubkey.pem`` (its public
 half, to copy into every peer's ``peer_pubkey_path``) and ``DIR/data/directory.sqlite3``
-(``--db`` overrides). Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
+(``--db`` overrides, with another file or a ``postgresql://`` URL). Exit codes: 0 success,
+1 failure (one line on stderr), 2 usage error.
 
 The main CLI calls :func:`add_directory_parser`; ``python -m p2psc.directory.cli directory ...``
 runs the same commands standalone.
@@ -13,51 +14,61 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import keys
 from ..config import write_peer_files
 from ..p2pexcept import ConfigError, P2PError
 from ..validators import check_host, check_port, port_arg
 from .record import CENTER_PEER_ID, DEFAULT_RECORD_TTL, MAX_RECORD_TTL, MIN_RECORD_TTL
+from .workers import MAX_WORKERS, PASSWORD_ENV, center_key_password
 
 __all__ = ["add_directory_parser", "main", "run"]
+
+T = TypeVar("T")
 
 CENTER_KEY_NAME = "center_private_key.pem"
 CENTER_PUBKEY_NAME = CENTER_PEER_ID + keys.PUBKEY_SUFFIX
 DB_NAME = "directory.sqlite3"
-#: Environment variable holding the center private key's passphrase, if it has one.
-PASSWORD_ENV = "P2PSC_CENTER_PASSWORD"
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
     return Path(args.workdir) / "data"
 
 
-def _db_path(args: argparse.Namespace) -> Path:
-    return Path(args.db) if getattr(args, "db", None) else _data_dir(args) / DB_NAME
+def _db(args: argparse.Namespace) -> str:
+    """``--db``: an SQLite file (default DIR/data/directory.sqlite3) or a PostgreSQL URL."""
+    return str(args.db) if getattr(args, "db", None) else str(_data_dir(args) / DB_NAME)
+
+
+def _postgres_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The PostgreSQL options given on the command line (only those given)."""
+    given = {"pool_size": getattr(args, "db_pool", None),
+             "timeout": getattr(args, "db_timeout", None)}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _key_path(args: argparse.Namespace) -> Path:
     return Path(args.key) if getattr(args, "key", None) else _data_dir(args) / CENTER_KEY_NAME
 
 
-def _password() -> bytes | None:
-    pw = os.environ.get(PASSWORD_ENV)
-    return pw.encode("utf-8") if pw else None
+def _with_backend(args: argparse.Namespace, use: Callable[[Any], Awaitable[T]]) -> T:
+    """Open the store ``--db`` names, run ``use(backend)``, close it (one event loop)."""
+    from .backend import open_backend  # sqlite3 or asyncpg only for the commands that need it
 
-
-def _open_store(args: argparse.Namespace) -> Any:
-    from .store import open_store  # sqlite only for the commands that need it
-    return open_store(_db_path(args))
+    async def go() -> T:
+        backend = await open_backend(_db(args), **_postgres_options(args))
+        try:
+            return await use(backend)
+        finally:
+            await backend.close()
+    return asyncio.run(go())
 
 
 def _cmd_init_center(args: argparse.Namespace) -> int:
@@ -65,7 +76,7 @@ def _cmd_init_center(args: argparse.Namespace) -> int:
     pub_path = key_path.parent / CENTER_PUBKEY_NAME
     key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (umask may loosen it)
     key = keys.generate_private_key(args.bits)
-    keys.write_private_key(key_path, key, _password())  # mode 0600, refuses to overwrite
+    keys.write_private_key(key_path, key, center_key_password())  # mode 0600, refuses to overwrite
     write_peer_files([(pub_path, keys.public_key_pem(key))])
     print(f"center private key: {key_path}")
     print(f"center public key:  {pub_path}  ({keys.fingerprint(key)})")
@@ -73,47 +84,61 @@ def _cmd_init_center(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_options(args: argparse.Namespace) -> Any:
+    from .workers import ServeOptions
+    return ServeOptions(db=_db(args), key_path=str(_key_path(args)), host=args.host,
+                        port=args.port, max_skew=args.max_skew, record_ttl=args.record_ttl,
+                        postgres=_postgres_options(args))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .backend import is_postgres_url
+    from .workers import load_center_key, serve_until_signal, supervise
     check_host(args.host, "--host")
+    if args.workers != 1 and args.relay_workdir is not None:
+        raise _UsageError("directory serve: --relay-workdir runs one relay, so it needs "
+                          "--workers 1 (run `p2psc relay serve` beside the workers instead)")
+    if _postgres_options(args) and not is_postgres_url(_db(args)):
+        raise _UsageError("directory serve: --db-pool and --db-timeout are for a "
+                          "postgresql:// --db")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    key = keys.load_private_key(_key_path(args), _password())
-    store = _open_store(args)
+    opts = _serve_options(args)
+    key = load_center_key(opts)  # a wrong passphrase or a missing key: one line, exit 1
+
+    if args.workers > 1:
+        # the schema is created or migrated once, here, before any worker starts
+        _with_backend(args, _nothing)
+        try:
+            return supervise(opts, args.workers, announce=lambda line: print(line, flush=True))
+        except KeyboardInterrupt:
+            return 0
 
     relay: Any = None  # the relay service, with --relay-workdir
 
-    def ready(port: int) -> None:
+    def ready(port: int, description: str) -> None:
         print(f"p2psc directory: http://{args.host}:{port}/  (lookups at "
-              f"http://{args.host}:{port}/api/get_peer_info?id=PEER_ID)", flush=True)
+              f"http://{args.host}:{port}/api/get_peer_info?id=PEER_ID; {description})",
+              flush=True)
         if relay is not None:
             print(f"p2psc directory: relay {relay.handler.get_myid()} listening on "
                   f"{relay.describe()}", flush=True)
 
-    async def run_until_signal() -> None:
+    async def start_relay() -> Any:
         nonlocal relay
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        if args.relay_workdir is not None:
-            relay = await _start_relay(args)
-        try:
-            with contextlib.suppress(asyncio.CancelledError):
-                await serve(store, key, host=args.host, port=args.port,
-                            max_skew=args.max_skew, ready=ready, record_ttl=args.record_ttl)
-        finally:
-            if relay is not None:
-                await relay.close()
-                await relay.handler.close()
+        relay = await _start_relay(args)
+        return relay
 
     try:
-        asyncio.run(run_until_signal())
+        asyncio.run(serve_until_signal(
+            opts, key, ready=ready,
+            also=start_relay if args.relay_workdir is not None else None))
     except KeyboardInterrupt:
         pass
-    finally:
-        store.close()
     return 0
+
+
+async def _nothing(_backend: Any) -> None:
+    return None
 
 
 async def _start_relay(args: argparse.Namespace) -> Any:
@@ -129,30 +154,67 @@ async def _start_relay(args: argparse.Namespace) -> Any:
     except BaseException:
         await handler.close()
         raise
-    return relay
+    return _RelayInProcess(relay)
+
+
+class _RelayInProcess:
+    """The relay service started by ``serve --relay-workdir``, closed with its handler."""
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+        self.handler = relay.handler
+
+    def describe(self) -> str:
+        return str(self.relay.describe())
+
+    async def close(self) -> None:
+        await self.relay.close()
+        await self.handler.close()
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
     pem = keys.public_key_pem(keys.load_public_key(args.pubkey)).decode("ascii")
-    with _open_store(args) as store:
-        entry = store.put(args.peer_id, pem, args.host, args.port)
+    entry = _with_backend(args, lambda b: b.put(args.peer_id, pem, args.host, args.port))
     print(f"added {entry.peer_id} at {entry.host}:{entry.port} "
           f"({keys.fingerprint(keys.parse_public_key(pem.encode('ascii')))})")
     return 0
 
 
 def _cmd_remove(args: argparse.Namespace) -> int:
-    with _open_store(args) as store:
-        if not store.remove(args.peer_id):
-            print(f"p2psc directory: peer {args.peer_id!r} is not registered", file=sys.stderr)
-            return 1
+    if not _with_backend(args, lambda b: b.remove(args.peer_id)):
+        print(f"p2psc directory: peer {args.peer_id!r} is not registered", file=sys.stderr)
+        return 1
     print(f"removed {args.peer_id}")
     return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from .backend import is_postgres_url
+    from .pgstore import PostgresBackend
+    from .store import open_store
+    if is_postgres_url(args.from_db) or not is_postgres_url(args.to_db):
+        raise _UsageError("directory migrate: --from is an SQLite file and --to a "
+                          "postgresql:// URL")
+    if not Path(args.from_db).is_file():
+        raise ConfigError(f"{args.from_db}: no such SQLite directory database")
+    with open_store(args.from_db) as source:
+        peers, nonces = source.export()
+
+    async def copy() -> None:
+        target = await PostgresBackend.connect(args.to_db, **_postgres_options(args))
+        try:
+            await target.import_store(peers, nonces)
+        finally:
+            await target.close()
+    asyncio.run(copy())
+    from .pgstore import safe_url
+    print(f"migrated {len(peers)} peer(s) and {len(nonces)} unexpired update nonce(s) from "
+          f"{args.from_db} to {safe_url(args.to_db)}")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
-    with _open_store(args) as store:
-        entries = store.list()
+    entries = _with_backend(args, lambda b: b.list())
     for e in entries:
         try:
             fp = keys.fingerprint(keys.parse_public_key(e.pubkey.encode("ascii")))
@@ -276,8 +338,15 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     def state_args(sp: argparse.ArgumentParser, key: bool = False) -> None:
         sp.add_argument("--workdir", default=".", metavar="DIR",
                         help="directory workdir; state in DIR/data (default: .)")
-        sp.add_argument("--db", metavar="FILE",
-                        help=f"SQLite database (default: DIR/data/{DB_NAME})")
+        sp.add_argument("--db", metavar="FILE|URL",
+                        help=f"SQLite database file (default: DIR/data/{DB_NAME}) or a "
+                             "PostgreSQL URL postgresql://USER@HOST[:PORT]/DBNAME (password "
+                             "from $PGPASSWORD or ~/.pgpass; docs/DIRECTORY.md)")
+        sp.add_argument("--db-pool", type=_pool_arg, default=None, metavar="N",
+                        help="PostgreSQL: connections per process (default: 10)")
+        sp.add_argument("--db-timeout", type=_seconds_arg, default=None, metavar="SECONDS",
+                        help="PostgreSQL: time allowed to get a connection, and again for "
+                             "each query, before the request is answered 503 (default: 3)")
         if key:
             sp.add_argument("--key", metavar="FILE",
                             help=f"center private key (default: DIR/data/{CENTER_KEY_NAME}); "
@@ -300,6 +369,9 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help=f"validity of a signed record, {MIN_RECORD_TTL}-{MAX_RECORD_TTL} "
                          f"(default: {DEFAULT_RECORD_TTL}, 24 hours); a removed peer or a "
                          "replaced key is refused by every client within this time")
+    sp.add_argument("--workers", type=_workers_arg, default=1, metavar="N",
+                    help="server processes sharing the port (SO_REUSEPORT); a dead one is "
+                         "started again (default: 1)")
     sp.add_argument("--relay-workdir", metavar="DIR", default=None,
                     help="also run the NAT relay service (docs/NAT.md) of the peer folder DIR "
                          "in this process, on --host")
@@ -320,6 +392,16 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("peer_id", metavar="PEER_ID")
     state_args(sp)
     sp.set_defaults(func=_guarded(_cmd_remove))
+
+    sp = sub.add_parser("migrate", help="copy an SQLite directory into an empty PostgreSQL one")
+    sp.add_argument("--from", dest="from_db", required=True, metavar="FILE",
+                    help="the SQLite database (e.g. DIR/data/directory.sqlite3)")
+    sp.add_argument("--to", dest="to_db", required=True, metavar="URL",
+                    help="the PostgreSQL database, postgresql://USER@HOST[:PORT]/DBNAME")
+    sp.add_argument("--db-pool", type=_pool_arg, default=None, help=argparse.SUPPRESS)
+    sp.add_argument("--db-timeout", type=_seconds_arg, default=None, metavar="SECONDS",
+                    help="time allowed for each step (default: 3)")
+    sp.set_defaults(func=_guarded(_cmd_migrate))
 
     sp = sub.add_parser("list", help="list the registered peers")
     state_args(sp)
@@ -363,6 +445,37 @@ def _ttl_arg(text: str) -> int:
     if not MIN_RECORD_TTL <= value <= MAX_RECORD_TTL:
         raise argparse.ArgumentTypeError(f"must be from {MIN_RECORD_TTL} to {MAX_RECORD_TTL} "
                                          "seconds")
+    return value
+
+
+def _pool_arg(text: str) -> int:
+    """argparse type of ``--db-pool``."""
+    return _int_in(text, 1, 1000)
+
+
+def _workers_arg(text: str) -> int:
+    """argparse type of ``--workers``."""
+    return _int_in(text, 1, MAX_WORKERS)
+
+
+def _int_in(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be from {low} to {high}")
+    return value
+
+
+def _seconds_arg(text: str) -> float:
+    """argparse type of ``--db-timeout``: positive seconds, at most an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
     return value
 
 

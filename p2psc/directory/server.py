@@ -15,20 +15,21 @@ Every error is a 4xx (or, if something unforeseen breaks, a bare 500) with a JSO
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import html
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Union
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import keys
 from ..p2pexcept import DirectoryError, P2PError
+from .backend import DirectoryBackend, SqliteBackend
 from .record import (
     CENTER_PEER_ID,
     DEFAULT_RECORD_TTL,
@@ -63,7 +64,7 @@ DEFAULT_PORT = 9999
 DEFAULT_MAX_SKEW = 120
 #: Most peers shown on the HTML page.
 MAX_LISTED = 1000
-#: Signed records of lookups without a nonce kept in memory (keyed by the entry's content).
+#: Key fingerprints kept in memory for the HTML page.
 SIG_CACHE_SIZE = 4096
 LOOKUP_PATH = "/api/get_peer_info"
 UPDATE_PATH = "/api/update_address"
@@ -76,12 +77,12 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class _State:
-    """The center key, the clock and the signature cache shared by the handlers."""
+    """The center key, the clock and the backend shared by the handlers."""
 
-    def __init__(self, store: DirectoryStore, center_private_key: rsa.RSAPrivateKey,
+    def __init__(self, backend: DirectoryBackend, center_private_key: rsa.RSAPrivateKey,
                  max_skew: int, clock: Callable[[], float], max_body: int,
                  record_ttl: int) -> None:
-        self.store = store
+        self.backend = backend
         self.max_body = max_body
         self._lock = threading.Lock()
         self.key = center_private_key
@@ -90,40 +91,53 @@ class _State:
         self.record_ttl = record_ttl
         #: what the HTML page shows a visitor to check against the key they were given
         self.center_fingerprint = keys.fingerprint(center_private_key)
-        self._sigs: OrderedDict[PeerEntry, dict[str, Any]] = OrderedDict()
         self._fingerprints: OrderedDict[str, str] = OrderedDict()
         self.lookups = 0  # lookups served (the tests count requests with it)
         self.signatures = 0  # records signed (RSA private-key operations)
 
-    def signed(self, entry: PeerEntry, nonce: str | None = None) -> dict[str, Any]:
-        """The signed record of ``entry``, valid from now for at least half the record TTL.
-
-        With a ``nonce`` the record is signed for this request (one RSA private-key operation).
-        Without one, a signature cached for the same entry content is reused while it has at
-        least ``record_ttl / 2`` seconds left; otherwise the record is signed anew with
-        ``expires_at = now + record_ttl`` and cached. Runs in a worker thread.
-        """
+    def _fresh(self, entry: PeerEntry, rec: dict[str, Any] | None) -> bool:
+        """Whether a cached record is of exactly ``entry``, nonce-less, and valid for at least
+        half the record TTL from now (and not longer than one TTL: a clock set back)."""
+        if rec is None or rec.get("nonce") is not None:
+            return False
+        if any(rec.get(k) != v for k, v in entry.fields().items()):
+            return False
         now = int(self.clock())
-        if nonce is None:
-            with self._lock:
-                rec = self._sigs.get(entry)
-            if rec is not None and \
-                    now + self.record_ttl // 2 <= rec["expires_at"] <= now + self.record_ttl:
-                return rec
-        rec = sign_record(self.key, {**entry.fields(), "expires_at": now + self.record_ttl,
+        expires = rec.get("expires_at")
+        return isinstance(expires, int) and \
+            now + self.record_ttl // 2 <= expires <= now + self.record_ttl
+
+    def _sign(self, entry: PeerEntry, nonce: str | None) -> dict[str, Any]:
+        rec = sign_record(self.key, {**entry.fields(),
+                                     "expires_at": int(self.clock()) + self.record_ttl,
                                      "nonce": nonce})
         with self._lock:
             self.signatures += 1
-            if nonce is None:
-                self._sigs[entry] = rec
-                self._sigs.move_to_end(entry)
-                while len(self._sigs) > SIG_CACHE_SIZE:
-                    self._sigs.popitem(last=False)
         return rec
 
-    def lookup(self, peer_id: str, nonce: str | None) -> dict[str, Any] | None:
-        entry = self.store.get(peer_id)
-        return None if entry is None else self.signed(entry, nonce)
+    async def signed(self, entry: PeerEntry, nonce: str | None = None,
+                     cached: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The signed record of ``entry``, valid from now for at least half the record TTL.
+
+        With a ``nonce`` the record is signed for this request (one RSA private-key operation).
+        Without one, ``cached`` (the backend's cached record) is returned if it is of this
+        entry and has at least ``record_ttl / 2`` seconds left; otherwise the record is signed
+        anew with ``expires_at = now + record_ttl`` and cached in the backend. Signing runs in
+        a worker thread (OpenSSL releases the GIL, so signatures use every core).
+        """
+        if cached is not None and nonce is None and self._fresh(entry, cached):
+            return cached
+        rec = await asyncio.to_thread(self._sign, entry, nonce)
+        if nonce is None:
+            await self.backend.cache_record(entry, rec)
+        return rec
+
+    async def lookup(self, peer_id: str, nonce: str | None) -> dict[str, Any] | None:
+        found = await self.backend.lookup(peer_id)
+        if found is None:
+            return None
+        entry, cached = found
+        return await self.signed(entry, nonce, cached)
 
     def fingerprint(self, pubkey_pem: str) -> str:
         with self._lock:
@@ -139,21 +153,39 @@ class _State:
                     self._fingerprints.popitem(last=False)
         return fp
 
-    def listing(self) -> tuple[list[tuple[PeerEntry, str]], int]:
-        entries = self.store.list(limit=MAX_LISTED)
-        return [(e, self.fingerprint(e.pubkey)) for e in entries], self.store.count()
+    async def listing(self) -> tuple[list[tuple[PeerEntry, str]], int]:
+        entries = await self.backend.list(limit=MAX_LISTED)
+        total = await self.backend.count()
+        listed = await asyncio.to_thread(lambda: [(e, self.fingerprint(e.pubkey))
+                                                  for e in entries])
+        return listed, total
 
 
-STORE_KEY = web.AppKey("p2psc_directory_store", DirectoryStore)
 STATE_KEY = web.AppKey("p2psc_directory_state", _State)
+#: Seconds between purges of expired update nonces (every server process purges).
+NONCE_PURGE_INTERVAL = 60.0
 
 
-# Blocking work (SQLite, whose busy timeout may wait on a CLI writer for seconds and whose
-# commits fsync, and the RSA signature on a cache miss) runs in a worker thread via
-# asyncio.to_thread, so the event loop never stalls; the store's lock serializes its single
-# connection and _State's lock its caches (a lost race only costs one extra signature).
-async def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args)
+async def _purge_nonces(app: web.Application) -> AsyncIterator[None]:
+    """Delete expired nonces now and then, so that the table holds only live ones."""
+    state = app[STATE_KEY]
+
+    async def purge_forever() -> None:
+        while True:
+            await asyncio.sleep(NONCE_PURGE_INTERVAL)
+            try:
+                n = await state.backend.purge_nonces(int(state.clock()))
+            except DirectoryError as exc:
+                log.warning("directory: purging expired nonces failed: %s", exc)
+            else:
+                if n:
+                    log.debug("directory: purged %d expired nonces", n)
+
+    task = asyncio.create_task(purge_forever())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @web.middleware
@@ -172,12 +204,25 @@ async def _json_errors(request: web.Request,
         return _error(exc.status, reason)
     except asyncio.CancelledError:
         raise
-    except DirectoryError as exc:  # a database failure (busy, disk full, ...)
-        log.error("directory: %s %s failed: %s", request.method, request.path, exc)
-        return _error(503, "directory database unavailable")
+    except DirectoryError as exc:  # a database failure (busy, down, timed out, disk full, ...)
+        _log_store_error(request, exc)
+        resp = _error(503, "directory database unavailable, try again shortly")
+        resp.headers["Retry-After"] = "1"
+        return resp
     except Exception:
         log.exception("directory: unexpected error on %s %s", request.method, request.path)
         return _error(500, "internal error")
+
+
+_last_store_error = [0.0]
+
+
+def _log_store_error(request: web.Request, exc: DirectoryError) -> None:
+    """One log line per database failure, at most one a second while the database is down."""
+    now = time.monotonic()
+    if now - _last_store_error[0] >= 1.0:
+        _last_store_error[0] = now
+        log.error("directory: %s %s failed: %s", request.method, request.path, exc)
 
 
 async def _get_peer_info(request: web.Request) -> web.Response:
@@ -194,7 +239,7 @@ async def _get_peer_info(request: web.Request) -> web.Response:
     except DirectoryError as exc:
         return _error(400, str(exc))
     state.lookups += 1
-    rec = await _blocking(state.lookup, peer_id, nonce)
+    rec = await state.lookup(peer_id, nonce)
     if rec is None:
         return _error(404, f"unknown peer {peer_id!r}")
     return web.json_response(rec, headers=_JSON_HEADERS)
@@ -214,7 +259,7 @@ async def _update_address(request: web.Request) -> web.Response:
     if abs(req.timestamp - now) > state.max_skew:
         return _error(400, f"stale or future timestamp (allowed clock difference "
                            f"{state.max_skew} s)")
-    entry = await _blocking(state.store.get, req.peer_id)
+    entry = await state.backend.get(req.peer_id)
     if entry is None:
         return _error(404, f"unknown peer {req.peer_id!r}")
     try:
@@ -223,16 +268,16 @@ async def _update_address(request: web.Request) -> web.Response:
         log.warning("directory: update for %s with a bad signature refused", req.peer_id)
         return _error(403, "signature does not verify with the peer's registered key")
     try:
-        new = await _blocking(functools.partial(
-            state.store.update_address, req.peer_id, req.host, req.port, updated_at=now,
-            nonce=req.nonce, nonce_expires_at=max(req.timestamp, now) + state.max_skew + 1,
-            timestamp=req.timestamp))
+        new = await state.backend.update_address(
+            req.peer_id, req.host, req.port, updated_at=now, nonce=req.nonce,
+            nonce_expires_at=max(req.timestamp, now) + state.max_skew + 1,
+            timestamp=req.timestamp)
     except ReplayError as exc:  # a nonce seen before, or a timestamp not newer than the last
         log.warning("directory: update for %s refused: %s", req.peer_id, exc)
         return _error(409, str(exc))
     except UnknownEntryError:  # removed between the two statements
         return _error(404, f"unknown peer {req.peer_id!r}")
-    rec = await _blocking(state.signed, new, req.nonce)  # the answer carries the request's nonce
+    rec = await state.signed(new, req.nonce)  # the answer carries the request's nonce
     return web.json_response(rec, headers=_JSON_HEADERS)
 
 
@@ -263,7 +308,7 @@ def _utc(ts: object) -> str:
 
 async def _index(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    listed, total = await _blocking(state.listing)
+    listed, total = await state.listing()
     e = html.escape
     rows = "\n".join(
         f"<tr><td>{e(entry.peer_id)}</td><td><code>{e(fp)}</code></td>"
@@ -281,13 +326,23 @@ async def _index(request: web.Request) -> web.Response:
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
 
 
-def make_app(store: DirectoryStore, center_private_key: rsa.RSAPrivateKey, *,
+#: What :func:`make_app` and :func:`serve` store in: an async backend, or an SQLite store
+#: (run in worker threads).
+StoreLike = Union[DirectoryBackend, DirectoryStore]
+
+
+def _backend(store: StoreLike) -> DirectoryBackend:
+    return SqliteBackend(store) if isinstance(store, DirectoryStore) else store
+
+
+def make_app(store: StoreLike, center_private_key: rsa.RSAPrivateKey, *,
              max_skew: int = DEFAULT_MAX_SKEW, clock: Callable[[], float] = time.time,
              client_max_size: int = MAX_UPDATE_BODY,
              record_ttl: int = DEFAULT_RECORD_TTL) -> web.Application:
     """Build the directory web application.
 
-    ``store`` holds the peers; ``center_private_key`` signs every record; ``max_skew`` bounds
+    ``store`` holds the peers (a :class:`~.backend.DirectoryBackend`, e.g. PostgreSQL, or an
+    SQLite :class:`~.store.DirectoryStore`); ``center_private_key`` signs every record; ``max_skew`` bounds
     the clock difference accepted on update timestamps; ``clock`` (unix seconds) is injectable
     for tests; ``client_max_size`` caps request bodies (aiohttp answers 413 beyond it, before
     buffering); ``record_ttl`` is the validity of a signed record in seconds
@@ -299,19 +354,21 @@ def make_app(store: DirectoryStore, center_private_key: rsa.RSAPrivateKey, *,
         raise DirectoryError(f"record TTL must be a whole number of seconds from "
                              f"{MIN_RECORD_TTL} to {MAX_RECORD_TTL}, not {record_ttl!r}")
     app = web.Application(middlewares=[_json_errors], client_max_size=client_max_size)
-    app[STORE_KEY] = store
-    app[STATE_KEY] = _State(store, center_private_key, max_skew, clock, client_max_size,
+    app[STATE_KEY] = _State(_backend(store), center_private_key, max_skew, clock, client_max_size,
                             record_ttl)
     app.router.add_get(LOOKUP_PATH, _get_peer_info)
     app.router.add_get(LOOKUP_PATH + ".dspy", _get_peer_info)
     app.router.add_post(UPDATE_PATH, _update_address)
     app.router.add_get("/", _index)
+    app.cleanup_ctx.append(_purge_nonces)
     return app
 
 
 async def start_server(app: web.Application, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                       *, shutdown_timeout: float = 5.0) -> tuple[web.AppRunner, int]:
-    """Start ``app`` on ``host:port`` (``port=0`` picks a free one) inside the running loop.
+                       *, shutdown_timeout: float = 5.0,
+                       reuse_port: bool = False) -> tuple[web.AppRunner, int]:
+    """Start ``app`` on ``host:port`` (``port=0`` picks a free one) inside the running loop;
+    with ``reuse_port`` the socket has SO_REUSEPORT, so that several processes share the port.
 
     Returns the runner (``await runner.cleanup()`` stops it, waiting at most
     ``shutdown_timeout`` seconds for requests in progress) and the bound port.
@@ -320,7 +377,7 @@ async def start_server(app: web.Application, host: str = DEFAULT_HOST, port: int
                            shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
     except BaseException:
         await runner.cleanup()
@@ -331,13 +388,15 @@ async def start_server(app: web.Application, host: str = DEFAULT_HOST, port: int
     return runner, bound
 
 
-async def serve(store: DirectoryStore, center_private_key: rsa.RSAPrivateKey, *,
+async def serve(store: StoreLike, center_private_key: rsa.RSAPrivateKey, *,
                 host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 max_skew: int = DEFAULT_MAX_SKEW, ready: Callable[[int], None] | None = None,
-                record_ttl: int = DEFAULT_RECORD_TTL) -> None:
-    """Run the directory server until cancelled; ``ready(port)`` is called once it listens."""
+                record_ttl: int = DEFAULT_RECORD_TTL, reuse_port: bool = False) -> None:
+    """Run the directory server until cancelled; ``ready(port)`` is called once it listens.
+    ``reuse_port``: share the port with other processes (SO_REUSEPORT, ``--workers``)."""
     runner, bound = await start_server(make_app(store, center_private_key, max_skew=max_skew,
-                                                record_ttl=record_ttl), host, port)
+                                                record_ttl=record_ttl), host, port,
+                                       reuse_port=reuse_port)
     log.info("directory: serving on http://%s:%d/ (center key %s)", host, bound,
              keys.fingerprint(center_private_key))
     try:

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeAlias, Union
 
-from ..p2pexcept import DirectoryError, ReplayError, UnknownEntryError
+from ..p2pexcept import DirectoryError, DirectoryStoreError, ReplayError, UnknownEntryError
 from .record import check_host, check_peer_id, check_port, check_pubkey_pem, check_timestamp
 
 log = logging.getLogger("p2psc.directory.store")
@@ -69,6 +69,12 @@ class PeerEntry:
                 "port": self.port, "updated_at": self.updated_at}
 
 
+#: :meth:`DirectoryStore.export`'s peers: (entry, last accepted update timestamp)
+PeerRows: TypeAlias = list[tuple[PeerEntry, int]]
+#: :meth:`DirectoryStore.export`'s nonces: (peer_id, nonce, expires_at)
+NonceRows: TypeAlias = list[tuple[str, str, int]]
+
+
 class DirectoryStore:
     """Registered peers and seen nonces in one SQLite file (``":memory:"`` for tests)."""
 
@@ -80,7 +86,7 @@ class DirectoryStore:
             self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
                                        check_same_thread=False)
         except sqlite3.Error as exc:
-            raise DirectoryError(f"{self.path}: cannot open directory database: {exc}") from None
+            raise DirectoryStoreError(f"{self.path}: cannot open directory database: {exc}") from None
         try:
             self._init_schema()
         except BaseException:
@@ -111,13 +117,13 @@ class DirectoryStore:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise DirectoryError(f"directory database busy or unavailable: {exc}") from None
+                raise DirectoryStoreError(f"directory database busy or unavailable: {exc}") from None
             try:
                 yield self._db
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
-                raise DirectoryError(f"directory database write failed: {exc}") from None
+                raise DirectoryStoreError(f"directory database write failed: {exc}") from None
             except BaseException:
                 self._rollback()
                 raise
@@ -134,7 +140,7 @@ class DirectoryStore:
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
-                raise DirectoryError(f"directory database read failed: {exc}") from None
+                raise DirectoryStoreError(f"directory database read failed: {exc}") from None
 
     def close(self) -> None:
         """Close the database."""
@@ -255,6 +261,20 @@ class DirectoryStore:
         with self._tx() as db:
             return db.execute("DELETE FROM seen_nonces WHERE expires_at < ?",
                               (int(time.time()) if now is None else now,)).rowcount
+
+    def export(self, now: int | None = None) -> tuple[PeerRows, NonceRows]:
+        """Everything another store needs to take this one over, read in one transaction:
+        every peer with the timestamp of its last accepted update, and the nonces that have
+        not expired at ``now`` as ``(peer_id, nonce, expires_at)``."""
+        now = int(time.time()) if now is None else now
+        with self._tx() as db:
+            peers = [(PeerEntry(*r[:5]), int(r[5])) for r in db.execute(
+                "SELECT peer_id, pubkey, host, port, updated_at, last_update_ts FROM peers "
+                "ORDER BY peer_id")]
+            nonces = [(str(r[0]), str(r[1]), int(r[2])) for r in db.execute(
+                "SELECT peer_id, nonce, expires_at FROM seen_nonces WHERE expires_at >= ? "
+                "ORDER BY peer_id, nonce", (now,))]
+        return peers, nonces
 
     def nonce_count(self) -> int:
         """Number of nonces currently remembered (for tests and monitoring)."""
