@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from pg_fixtures import own_pg_server, pg_server, pg_url  # noqa: F401 - fixtures for all tests
 
 from p2psc import keys
 
