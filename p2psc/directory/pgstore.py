@@ -136,6 +136,16 @@ async def _migrate(conn: Any, where: str) -> None:
             log.info("directory: %s: database schema migrated to v%d", where, v)
 
 
+def _close(conn: Any) -> None:
+    """Close a pooled connection at once, unless the pool already took it back (asyncpg does
+    when the server closed it)."""
+    try:
+        if not conn.is_closed():
+            conn.terminate()
+    except Exception as exc:  # noqa: BLE001 - already released or closed: nothing to close
+        log.debug("directory: closing a failed connection: %s", _reason(exc))
+
+
 class PostgresBackend:
     """:class:`~.backend.DirectoryBackend` on PostgreSQL (asyncpg, one pool per process).
 
@@ -165,7 +175,7 @@ class PostgresBackend:
             raise DirectoryError("database timeouts must be positive")
         try:
             pool = await asyncio.wait_for(asyncpg.create_pool(
-                url, min_size=1, max_size=pool_size, timeout=connect_timeout,
+                url, min_size=0, max_size=pool_size, timeout=connect_timeout,
                 command_timeout=timeout, max_inactive_connection_lifetime=60.0),
                 connect_timeout + timeout)
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
@@ -199,28 +209,33 @@ class PostgresBackend:
                 f"{self.description}: {what} failed: no database connection free or opened "
                 f"within {self._timeout:g} s (pool of {self._pool.get_max_size()})") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._pool.expire_connections()
+            await self._pool.expire_connections()
             raise DirectoryStoreError(f"{self.description}: {what} failed: cannot connect: "
                                       f"{_reason(exc)}") from None
         try:
             return await fn(conn)
         except DirectoryError:  # ReplayError, UnknownEntryError, a bad field: not the database
             raise
-        except BaseException as exc:
-            conn.terminate()  # a timeout, a lost server or a cancellation: state unknown
-            self.broken_connections += 1
-            if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
-                                asyncpg.InterfaceError)):
-                if not isinstance(exc, (asyncio.TimeoutError, asyncpg.PostgresError)) or \
-                        isinstance(exc, (asyncpg.PostgresConnectionError,
-                                         asyncpg.CannotConnectNowError,
-                                         asyncpg.AdminShutdownError)):
-                    self._pool.expire_connections()  # the server went away: idle ones too
-                raise DirectoryStoreError(f"{self.description}: {what} failed: "
-                                          f"{_reason(exc)}") from None
+        except asyncio.CancelledError:
+            _close(conn)  # interrupted mid-query: its state is unknown
             raise
+        except Exception as exc:
+            # a timeout, a lost server, or the driver's own confusion after one (asyncpg's
+            # InternalClientError): the connection's state is unknown, so it is closed
+            _close(conn)
+            self.broken_connections += 1
+            if not isinstance(exc, (asyncio.TimeoutError, asyncpg.PostgresError)) or \
+                    isinstance(exc, (asyncpg.PostgresConnectionError,
+                                     asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError)):
+                await self._pool.expire_connections()  # the server went away: idle ones too
+            raise DirectoryStoreError(f"{self.description}: {what} failed: "
+                                      f"{_reason(exc)}") from None
         finally:
-            await self._pool.release(conn)
+            try:
+                await self._pool.release(conn)
+            except Exception as exc:  # noqa: BLE001 - resetting it failed: the pool drops it
+                log.debug("directory: returning a connection to the pool: %s", _reason(exc))
+                _close(conn)
 
     # -- reads -----------------------------------------------------------------------------
 
