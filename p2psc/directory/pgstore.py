@@ -219,7 +219,7 @@ class PostgresBackend:
         except asyncio.CancelledError:
             _close(conn)  # interrupted mid-query: its state is unknown
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any driver failure is a database failure
             # a timeout, a lost server, or the driver's own confusion after one (asyncpg's
             # InternalClientError): the connection's state is unknown, so it is closed
             _close(conn)
