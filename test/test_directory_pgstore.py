@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -694,3 +696,46 @@ def test_cli_unreachable_database() -> None:
     finally:
         sock.close()
 
+
+
+# -- the database goes away and comes back --------------------------------------------------
+
+def test_server_answers_503_while_database_is_down(own_pg_server: Any, pems: dict[str, str]) -> None:
+    """503 + Retry-After at once while PostgreSQL is down, the same record once it is back
+    (the pool reconnects by itself); and the pool's idle connections are really expired after
+    a lost connection (Pool.expire_connections is a coroutine: it was never awaited)."""
+    url = own_pg_server.create_database("d")
+    center = rsa_key("center")
+
+    async def go() -> None:
+        b = await asyncio.wait_for(PostgresBackend.connect(url, timeout=2.0, connect_timeout=2.0),
+                                   WAIT)
+        try:
+            await b.put("alice", pems["a"], "127.0.0.1", 7001, updated_at=T0)
+            app = make_app(b, center)
+            async with running(app) as base, aiohttp.ClientSession() as s:
+                async def lookup() -> tuple[int, Any, str | None]:
+                    async with s.get(base + LOOKUP_PATH + "?id=alice",
+                                     timeout=aiohttp.ClientTimeout(total=WAIT)) as r:
+                        return r.status, await r.json(), r.headers.get("Retry-After")
+
+                status, rec, _ = await lookup()
+                assert status == 200 and rec["port"] == 7001
+                await asyncio.wait_for(asyncio.to_thread(own_pg_server.stop), 30)
+                for _ in range(3):  # the pooled connection is gone, then no new one opens
+                    start = time.monotonic()
+                    status, body, retry = await lookup()
+                    assert (status, retry) == (503, "1"), (status, body)
+                    assert body == {"error": "directory database unavailable, try again shortly"}
+                    assert time.monotonic() - start < 2.0 + 2.0 + 1.0
+                await asyncio.wait_for(asyncio.to_thread(own_pg_server.start), 30)
+                status, again, _ = await lookup()  # reconnected by itself
+                assert status == 200 and again == rec
+        finally:
+            await asyncio.wait_for(b.close(), WAIT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(go(), timeout=90)
+        gc.collect()
+    never_awaited = [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert never_awaited == []

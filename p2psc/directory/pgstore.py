@@ -199,7 +199,7 @@ class PostgresBackend:
                 f"{self.description}: {what} failed: no database connection free or opened "
                 f"within {self._timeout:g} s (pool of {self._pool.get_max_size()})") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._pool.expire_connections()
+            await self._pool.expire_connections()
             raise DirectoryStoreError(f"{self.description}: {what} failed: cannot connect: "
                                       f"{_reason(exc)}") from None
         try:
@@ -215,7 +215,7 @@ class PostgresBackend:
                         isinstance(exc, (asyncpg.PostgresConnectionError,
                                          asyncpg.CannotConnectNowError,
                                          asyncpg.AdminShutdownError)):
-                    self._pool.expire_connections()  # the server went away: idle ones too
+                    await self._pool.expire_connections()  # the server went away: idle ones too
                 raise DirectoryStoreError(f"{self.description}: {what} failed: "
                                           f"{_reason(exc)}") from None
             raise
