@@ -33,7 +33,7 @@ from conftest import rsa_key
 from p2psc import keys
 from p2psc.directory.backend import DirectoryBackend, SqliteBackend, open_backend
 from p2psc.directory.client import update_address as client_update_address
-from p2psc.directory.pgstore import SCHEMA_VERSION, PostgresBackend  # asyncpg imported on use
+from p2psc.directory.pgstore import SCHEMA_VERSION, PostgresBackend, safe_url  # asyncpg on use
 from p2psc.directory.record import verify_record
 from p2psc.directory.server import LOOKUP_PATH, STATE_KEY, UPDATE_PATH, make_app, start_server
 from p2psc.directory.store import DirectoryStore, PeerEntry
@@ -600,6 +600,11 @@ def test_record_cache_shared_by_servers(pg_url: str) -> None:
                 assert s2.signatures == 2
                 cached = await sql(pg_url, "SELECT record FROM record_cache")
                 assert [json.loads(r["record"]) for r in cached] == [new]
+                async with aiohttp.ClientSession() as session, session.get(
+                        base2 + "/", timeout=aiohttp.ClientTimeout(total=WAIT)) as r:
+                    page = await r.text()
+                assert r.status == 200 and "1 registered peer<" in page
+                assert "<td>alice</td>" in page and "127.0.0.2:7002" in page
                 # removed: no cached record survives, the lookup is 404
                 assert await b2.remove("alice")
                 assert await sql(pg_url, "SELECT record FROM record_cache") == []
@@ -739,3 +744,16 @@ def test_server_answers_503_while_database_is_down(own_pg_server: Any, pems: dic
         gc.collect()
     never_awaited = [str(w.message) for w in caught if "never awaited" in str(w.message)]
     assert never_awaited == []
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://p2psc:SECRETPW@db.example:5433/dir", "postgresql://p2psc@db.example:5433/dir"),
+    ("postgres://p2psc:SECRETPW@127.0.0.1/dir?password=SECRETPW", "postgres://p2psc@127.0.0.1/dir"),
+    ("postgresql://p2psc:SECRETPW@[::1]:5433/dir", "postgresql://p2psc@[::1]:5433/dir"),
+    ("postgresql://[fe80::1]/dir", "postgresql://[fe80::1]/dir"),
+    ("postgresql://p2psc:SECRETPW@h:notaport/dir", "postgresql://(unparsable URL)"),
+])
+def test_safe_url(url: str, shown: str) -> None:
+    """What messages and logs show of a URL: never its password, an IPv6 host in brackets
+    (else its port cannot be told from the address)."""
+    assert safe_url(url) == shown

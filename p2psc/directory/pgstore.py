@@ -89,6 +89,8 @@ def safe_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         host = parts.hostname or "localhost"
+        if ":" in host:  # IPv6: brackets, as in the URL, so that the port stays apart
+            host = f"[{host}]"
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "postgresql://(unparsable URL)"
