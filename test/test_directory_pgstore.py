@@ -322,6 +322,25 @@ def test_concurrent_same_nonce_accepted_once(pg_url: str, pems: dict[str, str]) 
     run(go())
 
 
+def test_stale_update_never_burns_a_fresh_ones_nonce(pg_url: str, pems: dict[str, str]) -> None:
+    """A stale (not newer) and a fresh update with the same nonce at once: the stale one's
+    nonce insert is rolled back, so the fresh one is always accepted whichever goes first."""
+    async def go() -> None:
+        async with pools(pg_url) as (b1, b2):
+            await b1.put("alice", pems["a"], "h", 1, updated_at=5)
+            for i in range(15):
+                top = T0 + 100 * (i + 1)
+                await move(b1, "alice", "h", 1, top, f"base{i}")
+                stale, fresh = await asyncio.gather(
+                    move(b1 if i % 2 else b2, "alice", "stale.test", 2, top - 50, f"same{i}"),
+                    move(b2 if i % 2 else b1, "alice", "fresh.test", 3, top + 50, f"same{i}"),
+                    return_exceptions=True)
+                assert isinstance(stale, ReplayError), stale
+                assert fresh == PeerEntry("alice", pems["a"], "fresh.test", 3, top + 50)
+            assert await b2.nonce_count() == 30
+    run(go())
+
+
 def _log_updates(url: str) -> Awaitable[list[Any]]:
     """Log every committed change of peers.last_update_ts, in commit order: the row lock
     makes a concurrent update of the row wait for the previous one's commit."""
