@@ -58,7 +58,7 @@ def pems() -> dict[str, str]:
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PGPASSWORD": "", "PGSERVICE": ""}
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def p2psc_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
