@@ -89,6 +89,8 @@ def safe_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         host = parts.hostname or "localhost"
+        if ":" in host:  # IPv6: brackets, as in the URL, so that the port stays apart
+            host = f"[{host}]"
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "postgresql://(unparsable URL)"
@@ -182,17 +184,18 @@ class PostgresBackend:
                 asyncpg.InterfaceError, ValueError) as exc:
             raise DirectoryStoreError(f"{where}: cannot connect to PostgreSQL: "
                                       f"{_reason(exc)}") from None
+        failure = "cannot connect to PostgreSQL"
         try:
-            async with pool.acquire(timeout=timeout) as conn:
+            async with pool.acquire(timeout=connect_timeout + timeout) as conn:
+                failure = "cannot set up the directory schema"
                 await _migrate(conn, where)
         except DirectoryStoreError:
             await pool.close()
             raise
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
                 asyncpg.InterfaceError) as exc:
-            await pool.close()
-            raise DirectoryStoreError(f"{where}: cannot set up the directory schema: "
-                                      f"{_reason(exc)}") from None
+            pool.terminate()
+            raise DirectoryStoreError(f"{where}: {failure}: {_reason(exc)}") from None
         log.info("directory: PostgreSQL %s (pool of %d, timeout %.1f s, schema v%d)", where,
                  pool_size, timeout, SCHEMA_VERSION)
         return cls(pool, f"PostgreSQL {where}", timeout)
