@@ -94,6 +94,7 @@ class _State:
         self._fingerprints: OrderedDict[str, str] = OrderedDict()
         self.lookups = 0  # lookups served (the tests count requests with it)
         self.signatures = 0  # records signed (RSA private-key operations)
+        self.store_error_logged_at = -1e9  # monotonic time of the last database error logged
 
     def _fresh(self, entry: PeerEntry, rec: dict[str, Any] | None) -> bool:
         """Whether a cached record is of exactly ``entry``, nonce-less, and valid for at least
@@ -214,14 +215,12 @@ async def _json_errors(request: web.Request,
         return _error(500, "internal error")
 
 
-_last_store_error = [0.0]
-
-
 def _log_store_error(request: web.Request, exc: DirectoryError) -> None:
-    """One log line per database failure, at most one a second while the database is down."""
+    """Log a database failure: at most one line a second while the database is down."""
+    state = request.app[STATE_KEY]
     now = time.monotonic()
-    if now - _last_store_error[0] >= 1.0:
-        _last_store_error[0] = now
+    if now - state.store_error_logged_at >= 1.0:
+        state.store_error_logged_at = now
         log.error("directory: %s %s failed: %s", request.method, request.path, exc)
 
 
