@@ -154,9 +154,9 @@ class Peers:
         try:
             await backend.import_store(peers, nonces)
             backend_pid = await backend._with("pid", lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+            return _proc_stat(int(backend_pid))[0]  # while that backend lives
         finally:
             await backend.close()
-        return _proc_stat(int(backend_pid))[0]
 
 
 class ServerProcess:
@@ -525,13 +525,16 @@ def profile_server(db: str, pg_pid: int | None, peers: Peers, center: Path, para
     the profile of the same server started and stopped without load (start-up, imports)."""
     out_dir = Path(profile_dir) if profile_dir else root
     idle, prof = out_dir / "directory-postgres-w1-idle.prof", out_dir / "directory-postgres-w1-lookups.prof"
-    ServerProcess(center, db, 1, root / "profile.log", profile=idle).stop()
+    server = ServerProcess(center, db, 1, root / "profile.log", profile=idle)
+    idle_cpu = main_thread_cpu_seconds(server.pid)[0]
+    server.stop()
     server = ServerProcess(center, db, 1, root / "profile.log", profile=prof)
     plan = {"warmup_s": params["warmup_s"], "duration_s": params["profile_s"], "mode": "lookup",
             "ids": peers.ids}
     try:
         n = params["profile_clients"]
         phase = run_phase(server, pg_pid, plan, n, params["generators"], list(range(n)))
+        loaded_cpu = main_thread_cpu_seconds(server.pid)[0]
     finally:
         code = server.stop()
     if not prof.exists() or not idle.exists():
@@ -539,7 +542,8 @@ def profile_server(db: str, pg_pid: int | None, peers: Peers, center: Path, para
     return {"file": str(prof), "baseline_file": str(idle), "clients": params["profile_clients"],
             "lookups_per_s": phase["per_s"], "count": phase["count"], "server_cpu_s": phase["server_cpu_s"],
             "main_thread_cpu_s": phase["server_main_thread_cpu_s"],
-            "other_threads_cpu_s": phase["server_other_threads_cpu_s"], **summarize_profile(prof, idle)}
+            "other_threads_cpu_s": phase["server_other_threads_cpu_s"],
+            "main_thread_cpu_net_s": loaded_cpu - idle_cpu, **summarize_profile(prof, idle)}
 
 
 def summarize_profile(path: Path, baseline: Path) -> dict[str, Any]:
