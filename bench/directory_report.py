@@ -125,8 +125,10 @@ def directory_markdown(directory: dict[str, Any] | None, skipped: dict[str, str]
     p = directory["params"]
     lines += [
         f"- **Setup**: {p['peers']:,} registered peers (sharing {p['peer_keys']} RSA-2048 keys), all on "
-        "127.0.0.1: `python -m p2psc directory serve --port 0 --workers N` as a subprocess; PostgreSQL "
-        "started by test/pgserver.py, a fresh database per row filled as `p2psc directory migrate` does.",
+        "127.0.0.1: `python -m p2psc directory serve --port 0 --workers N` as a subprocess (its log, one "
+        "line per update, to a file); PostgreSQL started by test/pgserver.py with `fsync` and "
+        "`full_page_writes` turned back on, a fresh database per row filled as `p2psc directory migrate` "
+        "does; SQLite with its defaults (a rollback journal, an fsync per commit).",
         f"- **Load**: {p['generators']} load generator processes (raw HTTP/1.1 over asyncio streams, uvloop, "
         "one keep-alive connection per client, one request in flight per client). Lookups: "
         "`GET /api/get_peer_info?id=ID&nonce=32HEX`, a fresh nonce each (one RSA-PSS signature each, no "
@@ -135,7 +137,9 @@ def directory_markdown(directory: dict[str, Any] | None, skipped: dict[str, str]
         "order; the server verifies, writes the nonce and address in one transaction, and signs the answer.",
         "- **CPU**: utime+stime of the server's process tree and of PostgreSQL's (the postmaster and "
         "every backend) from `/proc` at the edges of the timed window; the generators' own process time. "
-        "Both CPUs run everything (server, PostgreSQL, generators): nothing is pinned.",
+        "Both CPUs run everything (server, PostgreSQL, generators): nothing is pinned. One run, no rounds; "
+        "each phase waits (at most a few seconds) for a quiet machine first, and the foreign CPU column "
+        "says how busy other processes kept it.",
         "",
     ]
     return lines
@@ -160,6 +164,8 @@ def plot_directory(directory: dict[str, Any], path: Path) -> None:
             xs = [pt["clients"] for pt in pts]
             ax.plot(xs, [pt[phase]["per_s"] for pt in pts], marker="o", label=name)
         ax.set_xscale("log", base=2)
+        ticks = sorted({pt["clients"] for pts in labels.values() for pt in pts})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.grid(alpha=0.3)
