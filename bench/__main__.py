@@ -9,8 +9,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .common import LOOP_KINDS, parse_size
+from .directory_report import load_saved, plot_directory
 from .report import (
     console_report,
     evaluate_targets,
@@ -27,6 +29,8 @@ log = logging.getLogger("bench")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DOCS_DIR = REPO / "docs"
+#: the directory group's last results, the source of the Directory section of the docs
+DIRECTORY_JSON = "directory.json"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -62,6 +66,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _directory_plot(source: dict[str, Any], no_plot: bool) -> str | None:
+    """Draw docs/directory.png from the directory results, if any; its name, or None."""
+    directory = source.get("directory")
+    if no_plot or not directory or not directory.get("points"):
+        return None
+    png = DOCS_DIR / "directory.png"
+    try:
+        plot_directory(directory, png)
+    except Exception as exc:  # noqa: BLE001 - a missing matplotlib must not stop the docs
+        log.error("directory plot failed: %s", exc)
+        return None
+    return png.name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -75,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 plot(data, png)
             except Exception as exc:  # noqa: BLE001 - a missing matplotlib must not stop the docs
                 log.error("plot failed: %s", exc)
-        write_markdown(data, md, png.name if png.exists() else None, Path(__file__).parent / "NOTES.md")
-        print(f"docs: {md} (from {args.render})")
+        saved = load_saved(args.render.parent / DIRECTORY_JSON)
+        write_markdown(data, md, png.name if png.exists() else None, Path(__file__).parent / "NOTES.md",
+                       saved, _directory_plot(saved or data, args.no_plot))
+        print(f"docs: {md} (from {args.render}" + (f" and {DIRECTORY_JSON})" if saved else ")"))
         return 0
     settings = Settings(loop=args.loop)
     if args.smoke:
@@ -124,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=False), encoding="utf-8")
         os.replace(tmp, target)
 
+    saved = None
+    if data.get("directory") is not None and not args.smoke:  # the Directory section's source
+        data["directory"]["when_utc"] = data["machine"]["when_utc"]
+        saved = {"directory": data["directory"], "machine": data["machine"],
+                 "skipped": {k: v for k, v in data["skipped"].items() if k.startswith("directory")},
+                 "runs": [r for r in data["runs"] if r["test"] == "directory"], "argv": data["argv"]}
+        (out_dir / DIRECTORY_JSON).write_text(json.dumps(saved, indent=1), encoding="utf-8")
     print(console_report(data))
     print(f"\nresults: {out_dir / name}")
 
@@ -139,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_path = None
     if write_docs:
         md = DOCS_DIR / "BENCHMARKS.md"
-        write_markdown(data, md, plot_path.name if plot_path else None, Path(__file__).parent / "NOTES.md")
+        saved = saved or load_saved(out_dir / DIRECTORY_JSON)
+        write_markdown(data, md, plot_path.name if plot_path else None, Path(__file__).parent / "NOTES.md",
+                       saved, _directory_plot(saved or data, args.no_plot))
         print(f"docs: {md}")
     failed = [r for r in data["runs"] if not r["ok"]]
     return 1 if failed else 0

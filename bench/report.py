@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import fmt_num, fmt_stat, size_label
+from .directory_report import directory_markdown, directory_tables
 
 P2PSC_KINDS = ("p2psc", "p2psc-aes", "p2psc-chacha")
 STREAM_ORDER = ("raw", "tls", "p2psc", "p2psc-aes", "p2psc-chacha")
@@ -475,7 +476,7 @@ def console_report(data: dict[str, Any]) -> str:
     for r in failed:
         lines.append(f"FAILED round {r['round'] + 1} {r['test']} {r['transport']}: "
                      f"{r.get('error', '')[:300]}")
-    for title, table in tables(data) + nat_tables(data):
+    for title, table in tables(data) + nat_tables(data) + directory_tables(data.get("directory") or {}):
         lines += ["", title, table]
     return "\n".join(lines)
 
@@ -609,8 +610,12 @@ def plot(data: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # docs/BENCHMARKS.md
 # --------------------------------------------------------------------------------------------
-def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, notes: Path | None) -> None:
-    """Write docs/BENCHMARKS.md: machine, method, tables, plot, how to rerun, and notes."""
+def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, notes: Path | None,
+                   directory: dict[str, Any] | None = None, directory_plot: str | None = None) -> None:
+    """Write docs/BENCHMARKS.md: machine, method, tables, plot, how to rerun, and notes.
+
+    ``directory``: the directory group's last results (bench/results/directory.json, written by
+    every run of the group), shown instead of those in ``data``."""
     m = data["machine"]
     s = data["settings"]
     fc = foreign_cpu_summary(data)
@@ -649,6 +654,8 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, note
     for title, table in tables(data):
         lines += [f"## {title}", "", table, ""]
     lines += nat_markdown(data)
+    source = directory or data  # the saved results of the group's last run win
+    lines += directory_markdown(source.get("directory"), source.get("skipped", {}), directory_plot)
     lines += [
         "## Method",
         "",
@@ -702,6 +709,8 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, note
         ".venv/bin/python -m bench --profile /tmp/prof --only tcp   # cProfile of both processes",
         ".venv/bin/python -m bench --only relay --rounds 3          # the NAT relay on 127.0.0.1",
         ".venv/bin/python -m bench --only natlab --lab-count 10     # the NAT lab (root, nftables)",
+        ".venv/bin/python -m bench --only directory                 # directory load (PostgreSQL: initdb)",
+        ".venv/bin/python -m bench --render bench/results/latest.json   # docs again, + directory.json",
         "```",
         "",
         ("Results: `bench/results/latest.json` (every per-round value, the foreign CPU of each run). "

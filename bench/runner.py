@@ -20,6 +20,7 @@ from .common import (
     summarize,
     wait_for_quiet_cpu,
 )
+from .directory import run_directory
 from .lab import lab_unavailable, run_lab
 from .material import make_p2psc_material, make_tls_material
 from .nat import RELAY_OF, VARIANTS, RelayProcess, make_relay_folder, relay_cpu_seconds
@@ -30,7 +31,7 @@ from .workers import client_process, server_process
 log = logging.getLogger("bench.runner")
 
 NON_DEFAULT_SUITES = ("p2psc-aes", "p2psc-chacha")
-GROUPS = ("tcp", "latency", "handshake", "memory", "udp", "relay", "natlab")
+GROUPS = ("tcp", "latency", "handshake", "memory", "udp", "relay", "natlab", "directory")
 DEFAULT_SIZES = (100, 1024, 64 * 1024, 1 << 20)
 
 
@@ -70,6 +71,15 @@ class Settings:
     relay_cpu: int | None = None
     #: NAT lab (bench/lab.py): fresh client processes per path
     natlab: dict[str, Any] = field(default_factory=lambda: {"count": 10, "gap_s": 0.5})
+    #: peer directory (bench/directory.py): configurations, clients per point, time and count bounds
+    directory: dict[str, Any] = field(default_factory=lambda: {
+        "configs": [{"backend": "sqlite", "workers": 1, "bits": 3072},
+                    {"backend": "postgres", "workers": 1, "bits": 3072},
+                    {"backend": "postgres", "workers": 2, "bits": 3072},
+                    {"backend": "postgres", "workers": 1, "bits": 2048, "clients": [16]}],
+        "clients": [1, 4, 16, 64], "warmup_s": 0.5, "duration_s": 3.0, "max_updates": 20_000,
+        "peers": 1000, "peer_keys": 50, "generators": 2,
+        "profile": True, "profile_clients": 16, "profile_s": 5.0})
 
     def tcp_max_counts(self) -> dict[str, int]:
         """Count bound per message size (the time bound usually ends the blast first)."""
@@ -105,6 +115,11 @@ def smoke_settings(base: Settings) -> Settings:
     base.relay = {"tcp_bytes": 1 << 20, "tcp_size": 64 << 10, "tcp_duration_s": 1.0,
                   "tcp_capped_duration_s": 0.5, "warmup_s": 0.005, "udp_size": 1200, "udp_count": 200,
                   "udp_duration_s": 0.5, "udp_drain_limit_s": 5.0}
+    base.directory = {
+        "configs": [{"backend": "sqlite", "workers": 1, "bits": 2048},
+                    {"backend": "postgres", "workers": 1, "bits": 2048}],
+        "clients": [2], "warmup_s": 0.1, "duration_s": 0.3, "max_updates": 500, "peers": 20, "peer_keys": 2,
+        "generators": 1, "profile": False, "profile_clients": 2, "profile_s": 0.3}
     base.groups = tuple(g for g in base.groups if g != "natlab")  # loopback only: no lab
     return base
 
@@ -472,6 +487,13 @@ def run_all(settings: Settings) -> dict[str, Any]:
             skipped["natlab"] = reason  # the report's one line: "skipped natlab: <reason>"
         else:
             natlab = run_natlab(settings, base / "natlab", runs)
+    directory: dict[str, Any] | None = None
+    if "directory" in settings.groups:
+        directory, pg_reason = run_directory({"quiet_wait_s": settings.quiet_wait_s, **settings.directory},
+                                             base / "directory", runs,
+                                             settings.profile_dir)
+        if pg_reason is not None:
+            skipped["directory-postgres"] = pg_reason
     tmp.cleanup()
     results = col.tree()
     return {
@@ -492,6 +514,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
             "relay": settings.relay,
             "relay_cpu": settings.relay_cpu,
             "natlab": settings.natlab,
+            "directory": settings.directory,
         },
         "transports": transports,
         "p2psc_default_suite": default_suite,
@@ -499,6 +522,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
         "skipped": skipped,
         "results": results,
         "natlab": natlab,
+        "directory": directory,
         "runs": runs,
         "keygen_s": keygen_s,
         "started_unix": started,

@@ -125,3 +125,19 @@ def test_nat_relay(smoke: dict[str, Any]) -> None:
     ran = {(r["test"], r["transport"]) for r in smoke["runs"]}
     assert {("relay-tcp", "relayed"), ("relay-udp", "relayed-cli")} <= ran
     assert "natlab" not in smoke["settings"]["groups"] and smoke["natlab"] is None  # no lab in smoke
+
+
+def test_directory(smoke: dict[str, Any]) -> None:
+    """The directory group served lookups and updates without an error; PostgreSQL rows are
+    there unless the run says why not."""
+    points = smoke["directory"]["points"]
+    backends = {p["backend"] for p in points}
+    assert "sqlite" in backends
+    assert "postgres" in backends or "directory-postgres" in smoke["skipped"]
+    for p in points:
+        for phase in ("lookup", "update"):
+            m = p[phase]
+            assert m["errors"] == 0 and m["count"] > 0, (p["label"], phase, m["error_samples"])
+            for metric in ("per_s", "p50_ms", "p99_ms", "window_s"):
+                assert isinstance(m[metric], float) and m[metric] > 0, (p["label"], phase, metric)
+            assert m["server_cpu_s"] >= 0 and m["generator_cpu_s"] >= 0
