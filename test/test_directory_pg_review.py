@@ -8,11 +8,14 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import run
-from test_directory_pg_faults import _center_workdir, _register, servers
+from test_directory_pg_faults import REPO, _center_workdir, _register, servers
 
 SECRET = "s3cret-Pw-7f1e"
 
@@ -75,3 +78,25 @@ def test_workers_exit_when_the_supervisor_is_sigkilled(pg_url: str, tmp_path: Pa
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
     run(main(), timeout=60)
+
+
+@pytest.mark.parametrize("userinfo", [
+    f"u:123/{SECRET}",     # a '/' in the password: the URL splits before the '@'
+    f"u:pa?{SECRET}",      # a '?': asyncpg reads the rest as a query string
+    f"u:pa#{SECRET}",      # a '#': the rest is a fragment
+    f"u:{SECRET}@127.0.0.1:99999",  # a port out of range (after the real '@')
+])
+def test_a_bad_database_url_is_one_clean_line_without_its_password(userinfo: str,
+                                                                    tmp_path: Path) -> None:
+    """A --db URL whose password has unencoded special characters, or whose port is out of
+    range: one line saying the URL is bad, exit 1, never the password, never a traceback."""
+    url = f"postgresql://{userinfo}@127.0.0.1:1/db".replace(":99999@127.0.0.1:1", ":99999")
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2psc", "directory", "list", "--workdir", str(tmp_path),
+         "--db", url], capture_output=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = proc.stdout + proc.stderr
+    assert SECRET.encode() not in out, out
+    assert proc.returncode == 1, out
+    assert b"unexpected error" not in out and b"Traceback" not in out, out
+    assert b"postgresql://" in proc.stderr, out

@@ -82,6 +82,8 @@ SCHEMA_VERSION = max(MIGRATIONS)
 _PEER_COLUMNS = "peer_id, pubkey, host, port, updated_at"
 
 T = TypeVar("T")
+#: What asyncpg raises for a URL it cannot parse (its message may quote the URL).
+_BAD_URL = (ValueError, TypeError, OverflowError)
 
 
 def safe_url(url: str) -> str:
@@ -91,6 +93,10 @@ def safe_url(url: str) -> str:
         host = parts.hostname or "localhost"
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
+        return "postgresql://(unparsable URL)"
+    if "@" in url and "@" not in parts.netloc:
+        # an unencoded '/', '?' or '#' in the password ends the host part early: what urlsplit
+        # calls the host, port or path would then show the password
         return "postgresql://(unparsable URL)"
     user = f"{parts.username}@" if parts.username else ""
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
@@ -173,13 +179,17 @@ class PostgresBackend:
             raise DirectoryError(f"pool size must be 1 to 1000, not {pool_size}")
         if not timeout > 0 or not connect_timeout > 0:
             raise DirectoryError("database timeouts must be positive")
+        bad_url = (f"{where}: invalid PostgreSQL URL (percent-encode special characters "
+                   "in its user name and password)")
         try:
             pool = await asyncio.wait_for(asyncpg.create_pool(
                 url, min_size=0, max_size=pool_size, timeout=connect_timeout,
                 command_timeout=timeout, max_inactive_connection_lifetime=60.0),
                 connect_timeout + timeout)
+        except _BAD_URL:  # its message may quote the URL, password included
+            raise DirectoryError(bad_url) from None
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
-                asyncpg.InterfaceError, ValueError) as exc:
+                asyncpg.InterfaceError) as exc:
             raise DirectoryStoreError(f"{where}: cannot connect to PostgreSQL: "
                                       f"{_reason(exc)}") from None
         try:
@@ -188,6 +198,9 @@ class PostgresBackend:
         except DirectoryStoreError:
             await pool.close()
             raise
+        except _BAD_URL:  # asyncpg parses the URL when it first connects
+            await pool.close()
+            raise DirectoryError(bad_url) from None
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
                 asyncpg.InterfaceError) as exc:
             await pool.close()
