@@ -49,7 +49,7 @@ def test_worker_command_lines_do_not_show_the_database_password(pg_url: str,
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                 assert b"p2psc.directory.workers" in cmdline
                 assert SECRET.encode() not in cmdline, cmdline
-        code, err = await srv.stop()
+            code, err = await srv.stop()
         assert code == 0, err.decode()[-2000:]
         assert SECRET.encode() not in err
         assert all(SECRET not in line for line in srv.lines)
@@ -100,3 +100,25 @@ def test_a_bad_database_url_is_one_clean_line_without_its_password(userinfo: str
     assert proc.returncode == 1, out
     assert b"unexpected error" not in out and b"Traceback" not in out, out
     assert b"postgresql://" in proc.stderr, out
+
+
+def test_a_worker_that_cannot_load_the_center_key_exits_with_one_line(pg_url: str,
+                                                                      tmp_path: Path) -> None:
+    """The center key file broken while the service runs (a botched key rotation): a worker
+    started again says why in one line and exits 1, the supervisor keeps retrying, the
+    other worker keeps serving; no traceback."""
+    async def main() -> None:
+        await _register(pg_url)
+        workdir = _center_workdir(tmp_path)
+        async with servers(workdir, pg_url, 2) as srv:
+            pids = srv.worker_pids()
+            (workdir / "data" / "center_private_key.pem").write_text("not a key\n")
+            mark = len(srv.lines)
+            os.kill(pids[1], signal.SIGKILL)
+            await srv.wait_for(r"worker 1 \(pid \d+\) died \(signal 9\)", 10, mark)
+            await srv.wait_for(r"worker 1 \(pid \d+\) died \(exit 1\)", 20, mark)
+            code, err = await srv.stop()
+        assert code == 0, err.decode()[-2000:]
+        assert b"Traceback" not in err, err.decode()[-3000:]
+        assert b"not a PEM private key" in err, err.decode()[-3000:]
+    run(main(), timeout=60)

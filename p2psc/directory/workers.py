@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from .. import keys
-from ..p2pexcept import DirectoryError
+from ..p2pexcept import DirectoryError, P2PError
 
 log = logging.getLogger("p2psc.directory.workers")
 
@@ -163,7 +163,7 @@ def _worker_main() -> int:
     try:
         key = load_center_key(opts)
         asyncio.run(_serve_while_parent(opts, key, ready))
-    except (DirectoryError, OSError) as exc:
+    except (P2PError, OSError) as exc:  # the database, the center key (ConfigError), the port
         print(f"p2psc directory: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
         return 1
     except asyncio.CancelledError:  # stopped (SIGTERM, or the supervisor gone) while starting
