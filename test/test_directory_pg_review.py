@@ -12,10 +12,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
-from conftest import run
-from test_directory_pg_faults import REPO, _center_workdir, _register, servers
+from conftest import rsa_key, run
+from test_directory_pg_faults import (
+    PEERS,
+    REPO,
+    TIMEOUT,
+    _center_workdir,
+    _register,
+    servers,
+)
+
+from p2psc.directory.pgstore import PostgresBackend
+from p2psc.directory.record import verify_record
+from p2psc.directory.server import make_app, start_server
 
 SECRET = "s3cret-Pw-7f1e"
 
@@ -122,3 +135,33 @@ def test_a_worker_that_cannot_load_the_center_key_exits_with_one_line(pg_url: st
         assert b"Traceback" not in err, err.decode()[-3000:]
         assert b"not a PEM private key" in err, err.decode()[-3000:]
     run(main(), timeout=60)
+
+
+def test_a_record_cached_in_the_database_under_another_center_key_is_not_served(
+        pg_url: str) -> None:
+    """The record cache is a table now: it outlives a restart with a new center key (a key
+    rotation), and one machine started with the wrong key shares it with the others. A
+    cached record is served only if it verifies with this server's key."""
+    old, new = rsa_key("pg-center"), rsa_key("pg-review-rotated-center")
+
+    async def lookup(key: Any) -> tuple[int, bytes]:
+        backend = await PostgresBackend.connect(pg_url)
+        runner, port = await start_server(make_app(backend, key), "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+                async with session.get(f"http://127.0.0.1:{port}/api/get_peer_info",
+                                       params={"id": PEERS[0]}) as r:
+                    return r.status, await r.read()
+        finally:
+            await runner.cleanup()
+            await backend.close()
+
+    async def main() -> None:
+        await _register(pg_url)
+        status, body = await lookup(old)
+        assert status == 200
+        verify_record(old.public_key(), body, PEERS[0], nonce=None)  # cached now
+        status, body = await lookup(new)
+        assert status == 200
+        verify_record(new.public_key(), body, PEERS[0], nonce=None)
+    run(main(), timeout=30)
