@@ -26,9 +26,11 @@ from test_directory_pg_faults import (
     servers,
 )
 
+from p2psc import keys
 from p2psc.directory.pgstore import PostgresBackend
 from p2psc.directory.record import verify_record
 from p2psc.directory.server import make_app, start_server
+from p2psc.directory.store import PeerEntry
 
 SECRET = "s3cret-Pw-7f1e"
 
@@ -165,3 +167,23 @@ def test_a_record_cached_in_the_database_under_another_center_key_is_not_served(
         assert status == 200
         verify_record(new.public_key(), body, PEERS[0], nonce=None)
     run(main(), timeout=30)
+
+
+def test_migrating_a_large_directory_is_not_cut_off_by_the_per_query_timeout(
+        pg_url: str) -> None:
+    """``directory migrate`` copies every peer in one statement batch: the per-query
+    ``--db-timeout`` (meant for one short request) must not fail a large, healthy copy
+    (about 45 000 rows a second here: 40 000 peers took longer than 0.5 s)."""
+    pem = keys.public_key_pem(rsa_key("pg-review-peer")).decode()
+    n = 40_000
+    peers = [(PeerEntry(f"peer{i}.test", pem, "192.0.2.1", 1000 + i % 60000, 1_700_000_000),
+              1_700_000_000 + i) for i in range(n)]
+
+    async def main() -> None:
+        backend = await PostgresBackend.connect(pg_url, timeout=0.5)
+        try:
+            await backend.import_store(peers, [])
+            assert await backend.count() == n
+        finally:
+            await backend.close()
+    run(main(), timeout=120)
