@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -187,3 +188,49 @@ def test_migrating_a_large_directory_is_not_cut_off_by_the_per_query_timeout(
         finally:
             await backend.close()
     run(main(), timeout=120)
+
+
+def test_a_worker_stopped_while_it_starts_exits_quietly(pg_url: str, tmp_path: Path) -> None:
+    """SIGTERM reaching a worker while it is still setting up its database (the supervisor
+    stopped during a start): exit 0, no traceback."""
+    import asyncpg
+
+    from p2psc.directory.pgstore import _LOCK_ID
+
+    async def main() -> None:
+        await _register(pg_url)
+        workdir = _center_workdir(tmp_path)
+        opts = {"db": pg_url, "key_path": str(workdir / "data" / "center_private_key.pem"),
+                "host": "127.0.0.1", "port": 0, "postgres": {"timeout": 20.0}}
+        blocker = await asyncpg.connect(pg_url, timeout=5)
+        try:
+            # the worker's schema check waits for this lock
+            await blocker.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "p2psc.directory.workers",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(opts).encode() + b"\n")
+            await proc.stdin.drain()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:  # until it waits for the lock
+                waiting = await blocker.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                if waiting:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting, "the worker never reached its schema check"
+            proc.send_signal(signal.SIGTERM)
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), 15)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        finally:
+            await blocker.close(timeout=5)
+        assert b"Traceback" not in err, err.decode()
+        assert proc.returncode == 0, err.decode()
+        assert out == b""
+    run(main(), timeout=60)
