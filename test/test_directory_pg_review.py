@@ -234,3 +234,44 @@ def test_a_worker_stopped_while_it_starts_exits_quietly(pg_url: str, tmp_path: P
         assert proc.returncode == 0, err.decode()
         assert out == b""
     run(main(), timeout=60)
+
+
+def test_a_single_process_server_stopped_while_it_starts_exits_quietly(
+        pg_url: str, tmp_path: Path) -> None:
+    """``directory serve`` (one process) SIGTERMed while it sets up its database (a service
+    manager stopping it during a slow start): exit 0, no traceback."""
+    import asyncpg
+
+    from p2psc.directory.pgstore import _LOCK_ID
+
+    async def main() -> None:
+        workdir = _center_workdir(tmp_path)
+        blocker = await asyncpg.connect(pg_url, timeout=5)
+        try:
+            await blocker.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "p2psc", "directory", "serve", "--workdir",
+                str(workdir), "--db", pg_url, "--port", "0", "--db-timeout", "20",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": str(REPO)})
+            deadline = time.monotonic() + 15
+            waiting = 0
+            while time.monotonic() < deadline:  # until it waits for the lock
+                waiting = await blocker.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                if waiting:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting, "the server never reached its schema check"
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _out, err = await asyncio.wait_for(proc.communicate(), 15)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        finally:
+            await blocker.close(timeout=5)
+        assert b"Traceback" not in err and b"unexpected error" not in err, err.decode()
+        assert proc.returncode == 0, err.decode()
+    run(main(), timeout=60)

@@ -90,22 +90,34 @@ async def serve_until_signal(opts: ServeOptions, key: Any, *, reuse_port: bool =
     from .server import serve
     task = asyncio.current_task()
     assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
     with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    backend = await open_backend(opts.db, **opts.postgres)
-    extra = None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
     try:
-        if also is not None:
-            extra = await also()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serve(backend, key, host=opts.host, port=opts.port, max_skew=opts.max_skew,
-                        record_ttl=opts.record_ttl, reuse_port=reuse_port,
-                        ready=None if ready is None else
-                        (lambda port: ready(port, backend.description)))
-    finally:
-        if extra is not None:
-            await extra.close()
-        await backend.close()
+        backend = await open_backend(opts.db, **opts.postgres)
+        extra = None
+        try:
+            if also is not None:
+                extra = await also()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serve(backend, key, host=opts.host, port=opts.port,
+                            max_skew=opts.max_skew, record_ttl=opts.record_ttl,
+                            reuse_port=reuse_port, ready=None if ready is None else
+                            (lambda port: ready(port, backend.description)))
+        finally:
+            if extra is not None:
+                await extra.close()
+            await backend.close()
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        # SIGTERM while the store or the relay was still starting: a normal stop
 
 
 #: Longest options line a worker reads from its stdin.
