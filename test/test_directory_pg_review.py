@@ -151,10 +151,10 @@ def test_a_record_cached_in_the_database_under_another_center_key_is_not_served(
         backend = await PostgresBackend.connect(pg_url)
         runner, port = await start_server(make_app(backend, key), "127.0.0.1", 0)
         try:
-            async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-                async with session.get(f"http://127.0.0.1:{port}/api/get_peer_info",
-                                       params={"id": PEERS[0]}) as r:
-                    return r.status, await r.read()
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as session, \
+                    session.get(f"http://127.0.0.1:{port}/api/get_peer_info",
+                                params={"id": PEERS[0]}) as r:
+                return r.status, await r.read()
         finally:
             await runner.cleanup()
             await backend.close()
