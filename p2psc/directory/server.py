@@ -40,6 +40,7 @@ from .record import (
     check_peer_id,
     loads_strict,
     sign_record,
+    verify_record,
 )
 from .store import DirectoryStore, PeerEntry, ReplayError, UnknownEntryError
 from .update import MAX_UPDATE_BODY, parse_update_request
@@ -86,6 +87,7 @@ class _State:
         self.max_body = max_body
         self._lock = threading.Lock()
         self.key = center_private_key
+        self.public_key = center_private_key.public_key()
         self.max_skew = max_skew
         self.clock = clock
         self.record_ttl = record_ttl
@@ -97,16 +99,25 @@ class _State:
         self.store_error_logged_at = -1e9  # monotonic time of the last database error logged
 
     def _fresh(self, entry: PeerEntry, rec: dict[str, Any] | None) -> bool:
-        """Whether a cached record is of exactly ``entry``, nonce-less, and valid for at least
-        half the record TTL from now (and not longer than one TTL: a clock set back)."""
+        """Whether a cached record is of exactly ``entry``, nonce-less, valid for at least half
+        the record TTL from now (and not longer than one TTL: a clock set back), and signed by
+        this server's center key."""
         if rec is None or rec.get("nonce") is not None:
             return False
         if any(rec.get(k) != v for k, v in entry.fields().items()):
             return False
         now = int(self.clock())
         expires = rec.get("expires_at")
-        return isinstance(expires, int) and \
-            now + self.record_ttl // 2 <= expires <= now + self.record_ttl
+        if not (isinstance(expires, int) and
+                now + self.record_ttl // 2 <= expires <= now + self.record_ttl):
+            return False
+        # signed by this server's key: the cache may be a database table, which outlives a
+        # change of center key and is shared with other servers (one may have another key)
+        try:
+            verify_record(self.public_key, rec, entry.peer_id, nonce=None, now=now)
+        except DirectoryError:
+            return False
+        return True
 
     def _sign(self, entry: PeerEntry, nonce: str | None) -> dict[str, Any]:
         rec = sign_record(self.key, {**entry.fields(),

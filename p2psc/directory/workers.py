@@ -2,11 +2,16 @@
 
 :func:`serve_until_signal` is one server process: it opens the store that ``--db`` names,
 serves until SIGTERM (or Ctrl-C), then closes the store. :func:`supervise` runs N of them as
-child processes (``python -m p2psc.directory.workers OPTIONS_JSON``), each listening on the
+child processes (``python -m p2psc.directory.workers``, its options as one JSON line on
+stdin: they hold the --db URL, whose password must not show on a command line that every
+local user can read in /proc), each listening on the
 same address with SO_REUSEPORT so that the kernel spreads new connections over them. A
 worker that dies is started again (after 0.5 s, doubling up to 10 s while workers keep dying
 at once), and the others go on answering meanwhile. Nothing a request changes lives in a
 worker: the state is in the shared database (PostgreSQL, or one SQLite file on this machine).
+
+A worker keeps its stdin open to the supervisor and stops when it reaches end of file: a
+supervisor that dies, even by SIGKILL, leaves no orphaned worker serving the port.
 
 Several machines run the same command against one PostgreSQL database, with the same center
 key, behind any load balancer (docs/DIRECTORY.md).
@@ -30,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from .. import keys
-from ..p2pexcept import DirectoryError
+from ..p2pexcept import DirectoryError, P2PError
 
 log = logging.getLogger("p2psc.directory.workers")
 
@@ -85,29 +90,80 @@ async def serve_until_signal(opts: ServeOptions, key: Any, *, reuse_port: bool =
     from .server import serve
     task = asyncio.current_task()
     assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
     with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    backend = await open_backend(opts.db, **opts.postgres)
-    extra = None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
     try:
-        if also is not None:
-            extra = await also()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serve(backend, key, host=opts.host, port=opts.port, max_skew=opts.max_skew,
-                        record_ttl=opts.record_ttl, reuse_port=reuse_port,
-                        ready=None if ready is None else
-                        (lambda port: ready(port, backend.description)))
+        backend = await open_backend(opts.db, **opts.postgres)
+        extra = None
+        try:
+            if also is not None:
+                extra = await also()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serve(backend, key, host=opts.host, port=opts.port,
+                            max_skew=opts.max_skew, record_ttl=opts.record_ttl,
+                            reuse_port=reuse_port, ready=None if ready is None else
+                            (lambda port: ready(port, backend.description)))
+        finally:
+            if extra is not None:
+                await extra.close()
+            await backend.close()
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        # SIGTERM while the store or the relay was still starting: a normal stop
+
+
+#: Longest options line a worker reads from its stdin.
+_MAX_OPTIONS = 65536
+
+
+async def _serve_while_parent(opts: ServeOptions, key: Any,
+                              ready: Callable[[int, str], None]) -> None:
+    """:func:`serve_until_signal`, stopped also when stdin (the supervisor's pipe) reaches
+    end of file: the supervisor is gone."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.warning("directory: worker %d: the supervisor is gone; stopping", os.getpid())
+            task.cancel()
+
+    loop.add_reader(fd, readable)
+    try:
+        await serve_until_signal(opts, key, reuse_port=True, ready=ready)
     finally:
-        if extra is not None:
-            await extra.close()
-        await backend.close()
+        loop.remove_reader(fd)
 
 
-def _worker_main(argv: list[str]) -> int:
-    """A worker process: ``python -m p2psc.directory.workers OPTIONS_JSON``. Tells the
-    supervisor its port with one line ``READY PORT`` on stdout once it listens."""
-    raw = json.loads(argv[0])
-    opts = ServeOptions(**raw)
+def _worker_main() -> int:
+    """A worker process: ``python -m p2psc.directory.workers``, its options as one JSON line
+    on stdin, which stays open (end of file: the supervisor died, the worker stops). Tells
+    the supervisor its port with one line ``READY PORT`` on stdout once it listens."""
+    line = sys.stdin.buffer.readline(_MAX_OPTIONS)
+    try:
+        opts = ServeOptions(**json.loads(line))
+    except (ValueError, TypeError) as exc:
+        print(f"p2psc directory: worker {os.getpid()}: no valid options on stdin ({exc})",
+              file=sys.stderr, flush=True)
+        return 2
     logging.basicConfig(level=opts.log_level,
                         format="%(asctime)s %(name)s[%(process)d] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops workers with SIGTERM
@@ -118,10 +174,12 @@ def _worker_main(argv: list[str]) -> int:
 
     try:
         key = load_center_key(opts)
-        asyncio.run(serve_until_signal(opts, key, reuse_port=True, ready=ready))
-    except (DirectoryError, OSError) as exc:
+        asyncio.run(_serve_while_parent(opts, key, ready))
+    except (P2PError, OSError) as exc:  # the database, the center key (ConfigError), the port
         print(f"p2psc directory: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
         return 1
+    except asyncio.CancelledError:  # stopped (SIGTERM, or the supervisor gone) while starting
+        return 0
     return 0
 
 
@@ -147,10 +205,18 @@ class _Worker:
         self.index = index
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # the options go through stdin, never the command line (the password in --db); the
+        # pipe stays open while the supervisor lives, its end of file stops the worker
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2psc.directory.workers", json.dumps(asdict(opts))],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env)
-        assert self.proc.stdout is not None
+            [sys.executable, "-m", "p2psc.directory.workers"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.stdin: IO[bytes] = self.proc.stdin
+        try:
+            self.stdin.write(json.dumps(asdict(opts)).encode() + b"\n")
+            self.stdin.flush()
+        except OSError:  # it died already: the supervisor sees it exit
+            pass
         self.stdout: IO[bytes] = self.proc.stdout
         os.set_blocking(self.stdout.fileno(), False)
         self.buffer = b""
@@ -179,7 +245,12 @@ class _Worker:
                         self.index, self.proc.pid)
             self.proc.kill()
             self.proc.wait(5)
+        self.close_pipes()
+
+    def close_pipes(self) -> None:
         self.stdout.close()
+        with contextlib.suppress(OSError):
+            self.stdin.close()
 
 
 def supervise(opts: ServeOptions, workers: int,
@@ -231,7 +302,7 @@ def supervise(opts: ServeOptions, workers: int,
                         w.proc.kill()
                     continue
                 sel.unregister(w.stdout)
-                w.stdout.close()
+                w.close_pipes()
                 del pool[i]
                 if not announced and not w.ready:
                     # a worker failed before the service ever listened: a setup error
@@ -263,4 +334,4 @@ def supervise(opts: ServeOptions, workers: int,
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+    sys.exit(_worker_main())
