@@ -76,7 +76,8 @@ class Servers:
     async def start(self) -> Servers:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+            *self.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            start_new_session=True)  # its own process group, as under a service manager
         self._reader = asyncio.create_task(self._read())
         line = await self.wait_for(r"p2psc directory: http://127\.0\.0\.1:(\d+)/", 30)
         self.port = int(line.group(1))

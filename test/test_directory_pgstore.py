@@ -17,6 +17,7 @@ import json
 import os
 import random
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -776,3 +777,22 @@ def test_safe_url(url: str, shown: str) -> None:
     """What messages and logs show of a URL: never its password, an IPv6 host in brackets
     (else its port cannot be told from the address)."""
     assert safe_url(url) == shown
+
+
+def test_migrate_refuses_an_sqlite_file_that_is_not_a_directory_and_leaves_it_alone(
+        pg_url: str, tmp_path: Path) -> None:
+    other = tmp_path / "other.sqlite3"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+    garbage = tmp_path / "garbage.sqlite3"
+    garbage.write_bytes(b"not a database at all")
+    proc = p2psc_cli("migrate", "--from", str(other), "--to", pg_url)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"p2psc directory: {other}: not a p2psc directory database "
+                                   "(no peers and seen_nonces tables)")
+    with sqlite3.connect(other) as db:  # nothing was created in it
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["notes"]
+    proc = p2psc_cli("migrate", "--from", str(garbage), "--to", pg_url)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"p2psc directory: {garbage}: not a readable SQLite database")
+    assert garbage.read_bytes() == b"not a database at all"

@@ -172,3 +172,23 @@ def test_dead_worker_is_restarted_with_backoff_and_sigint_stops_all(pg_url: str,
             assert srv.proc.returncode == 0
             assert not any(_alive(p) for p in srv.worker_pids().values())
     run(main(), timeout=90)
+
+
+def test_sigterm_to_the_whole_group_stops_quietly(pg_url: str, tmp_path: Path) -> None:
+    """A service manager signals every process of the group at once: the supervisor must not
+    report its workers' exits as deaths, nor start them again."""
+    async def main() -> None:
+        await _register(pg_url)
+        srv = await servers(_center_workdir(tmp_path), pg_url, 2).__aenter__()
+        assert srv.proc is not None
+        pids = srv.worker_pids()
+        mark = len(srv.lines)
+        os.killpg(srv.proc.pid, signal.SIGTERM)
+        await asyncio.wait_for(srv.proc.wait(), 20)
+        code, err = await srv.stop()
+        assert code == 0, err.decode()[-2000:]
+        assert not any("died" in line or "serving" in line for line in srv.lines[mark:]), \
+            srv.lines[mark:]
+        assert not any(_alive(p) for p in pids.values())
+        assert b"Traceback" not in err
+    run(main(), timeout=60)

@@ -197,6 +197,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                           "postgresql:// URL")
     if not Path(args.from_db).is_file():
         raise ConfigError(f"{args.from_db}: no such SQLite directory database")
+    _check_is_directory_database(args.from_db)
     with open_store(args.from_db) as source:
         peers, nonces = source.export()
 
@@ -211,6 +212,24 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     print(f"migrated {len(peers)} peer(s) and {len(nonces)} unexpired update nonce(s) from "
           f"{args.from_db} to {safe_url(args.to_db)}")
     return 0
+
+
+def _check_is_directory_database(path: str) -> None:
+    """Refuse, without writing to it, an SQLite file that is not a p2psc directory (opening
+    it as a store would create the directory's tables in it)."""
+    import sqlite3
+    try:
+        db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE "
+                                               "type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path}: not a readable SQLite database: {exc}") from None
+    if not {"peers", "seen_nonces"} <= tables:
+        raise ConfigError(f"{path}: not a p2psc directory database (no peers and "
+                          "seen_nonces tables)")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

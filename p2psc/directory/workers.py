@@ -295,6 +295,8 @@ def supervise(opts: ServeOptions, workers: int,
                                  f"serving on port {port}")
             for i, w in list(pool.items()):
                 code = w.proc.poll()
+                if stopping:  # a signal to the whole group: no restarts, no "died" lines
+                    break
                 if code is None:
                     if not w.ready and time.monotonic() - w.started > WORKER_START_TIMEOUT:
                         log.error("directory: worker %d (pid %d) did not start in %.0f s",
