@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import relayscale
 from .common import LOOP_KINDS, parse_size
 from .report import (
     console_report,
@@ -126,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(console_report(data))
     print(f"\nresults: {out_dir / name}")
+    if data.get("relayscale") and not args.smoke:  # docs/BENCHMARKS.md shows it from any run
+        relayscale.save(data, out_dir / relayscale.SAVED.name)
+        print(f"relayscale: {out_dir / relayscale.SAVED.name}")
 
     write_docs = (args.docs or full_default) and not args.no_docs
     plot_path: Path | None = None

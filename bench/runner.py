@@ -12,6 +12,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from . import relayscale
 from .common import (
     CpuWindow,
     children_cpu_seconds,
@@ -30,7 +31,7 @@ from .workers import client_process, server_process
 log = logging.getLogger("bench.runner")
 
 NON_DEFAULT_SUITES = ("p2psc-aes", "p2psc-chacha")
-GROUPS = ("tcp", "latency", "handshake", "memory", "udp", "relay", "natlab")
+GROUPS = ("tcp", "latency", "handshake", "memory", "udp", "relay", "natlab", "relayscale")
 DEFAULT_SIZES = (100, 1024, 64 * 1024, 1 << 20)
 
 
@@ -70,6 +71,8 @@ class Settings:
     relay_cpu: int | None = None
     #: NAT lab (bench/lab.py): fresh client processes per path
     natlab: dict[str, Any] = field(default_factory=lambda: {"count": 10, "gap_s": 0.5})
+    #: attached peers per relay process (bench/relayscale.py)
+    relayscale: dict[str, Any] = field(default_factory=lambda: dict(relayscale.DEFAULT_PARAMS))
 
     def tcp_max_counts(self) -> dict[str, int]:
         """Count bound per message size (the time bound usually ends the blast first)."""
@@ -105,6 +108,7 @@ def smoke_settings(base: Settings) -> Settings:
     base.relay = {"tcp_bytes": 1 << 20, "tcp_size": 64 << 10, "tcp_duration_s": 1.0,
                   "tcp_capped_duration_s": 0.5, "warmup_s": 0.005, "udp_size": 1200, "udp_count": 200,
                   "udp_duration_s": 0.5, "udp_drain_limit_s": 5.0}
+    base.relayscale = dict(relayscale.SMOKE_PARAMS)
     base.groups = tuple(g for g in base.groups if g != "natlab")  # loopback only: no lab
     return base
 
@@ -325,6 +329,18 @@ def run_natlab(settings: Settings, root: Path, runs: list[dict[str, Any]]) -> di
     return result
 
 
+def run_relayscale_group(settings: Settings, ok: bool, why: str, base: Path, runs: list[dict[str, Any]],
+                         skipped: dict[str, str]) -> dict[str, Any] | None:
+    """The "relayscale" group if requested (once, after the rounds), else None."""
+    if "relayscale" not in settings.groups:
+        return None
+    if not ok:
+        skipped["relayscale"] = f"p2psc not importable ({why.splitlines()[0][:200]})"
+        return None
+    return relayscale.run_group(settings.relayscale, settings.loop, settings.relay_cpu, settings.quiet_wait_s,
+                                base / "relayscale", runs)
+
+
 def run_all(settings: Settings) -> dict[str, Any]:
     """Run every requested group for ``settings.rounds`` interleaved rounds; return the results."""
     started = time.time()
@@ -472,6 +488,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
             skipped["natlab"] = reason  # the report's one line: "skipped natlab: <reason>"
         else:
             natlab = run_natlab(settings, base / "natlab", runs)
+    scale = run_relayscale_group(settings, ok, why, base, runs, skipped)
     tmp.cleanup()
     results = col.tree()
     return {
@@ -492,6 +509,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
             "relay": settings.relay,
             "relay_cpu": settings.relay_cpu,
             "natlab": settings.natlab,
+            "relayscale": settings.relayscale,
         },
         "transports": transports,
         "p2psc_default_suite": default_suite,
@@ -499,6 +517,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
         "skipped": skipped,
         "results": results,
         "natlab": natlab,
+        "relayscale": scale,
         "runs": runs,
         "keygen_s": keygen_s,
         "started_unix": started,
