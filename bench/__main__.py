@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import relayscale
 from .common import LOOP_KINDS, parse_size
 from .directory_report import load_saved, plot_directory
 from .report import (
@@ -153,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out_dir / DIRECTORY_JSON).write_text(json.dumps(saved, indent=1), encoding="utf-8")
     print(console_report(data))
     print(f"\nresults: {out_dir / name}")
+    if data.get("relayscale") and not args.smoke:  # docs/BENCHMARKS.md shows it from any run
+        relayscale.save(data, out_dir / relayscale.SAVED.name)
+        print(f"relayscale: {out_dir / relayscale.SAVED.name}")
 
     write_docs = (args.docs or full_default) and not args.no_docs
     plot_path: Path | None = None

@@ -464,6 +464,96 @@ def nat_markdown(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------------------------
+# NAT relay: attached peers per process (bench/relayscale.py)
+# --------------------------------------------------------------------------------------------
+RELAYSCALE_TITLE = "NAT relay: attached peers per process"
+
+
+def relayscale_table(scale: dict[str, Any] | None) -> str | None:
+    """The table of :func:`bench.relayscale.results_of`'s outcome, one row per step."""
+    if not scale:
+        return None
+    rows = []
+    for st in scale["relayscale"]["steps"]:
+        rows.append([f"{st['peers']:,}", fmt_num(st["rss_mib"]), fmt_num(st["kib_per_peer"]),
+                     f"{fmt_num(st['attaches_per_s'])} ({st['concurrency']} at once)",
+                     fmt_num(st["relay_cpu_ms_per_attach"]), fmt_num(st["client_cpu_ms_per_attach"]),
+                     fmt_num(st["relay_busy_pct_attaching"]), fmt_num(st["idle_relay_cpu_pct"]),
+                     fmt_num(st["idle_cpu_ms_per_peer_per_min"]),
+                     f"{fmt_num(st.get('foreign_cpu_pct_attaching'))} / "
+                     f"{fmt_num(st.get('foreign_cpu_pct_idle'))}"])
+    return md_table(["attached peers", "relay RSS MiB", "KiB per attached peer", "attaches/s",
+                     "relay CPU ms per attach", "client CPU ms per attach", "relay busy % attaching",
+                     "idle: relay CPU %", "idle: relay CPU ms per peer per minute",
+                     "other processes' CPU %: attaching / idle"], rows)
+
+
+def relayscale_tables(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """For the console: the run's own relayscale table, if the group ran."""
+    from .relayscale import results_of
+
+    table = relayscale_table(results_of(data, saved=None))
+    return [(RELAYSCALE_TITLE, table)] if table else []
+
+
+def relayscale_markdown(data: dict[str, Any], saved: Path | None = None) -> list[str]:
+    """The section of docs/BENCHMARKS.md: from run ``data``, else from the saved measurement
+    (``bench/results/relayscale.json``, written by any real run of the group), else nothing."""
+    from .relayscale import SAVED, results_of
+
+    scale = results_of(data, saved=saved or SAVED)
+    table = relayscale_table(scale)
+    if scale is None or table is None:
+        return []
+    r = scale["relayscale"]
+    p = scale["settings"]["relayscale"]
+    last = r["steps"][-1]
+    m = scale.get("machine", {})
+    own = data.get("relayscale") is not None
+    argv = " ".join(scale.get("argv", []))
+    where = ("this run" if own else f"a separate run ({m.get('when_utc', '?')}, `python -m bench {argv}`, "
+             "saved in `bench/results/relayscale.json`)")
+    cap = 10_000
+    mem_cap = r["baseline_rss_mib"] + last["kib_per_peer"] * cap / 1024
+    cpu_cap = last["idle_cpu_ms_per_peer_per_min"] * cap / 60_000 * 100
+    quiet = min(r["steps"], key=lambda st: st.get("foreign_cpu_pct_attaching", 0.0))  # the least disturbed
+    attach_cap = 1e3 / quiet["relay_cpu_ms_per_attach"] if quiet["relay_cpu_ms_per_attach"] > 0 else 0.0
+    return [
+        f"## {RELAYSCALE_TITLE}", "", table, "", *_wrap_bullets([
+            f"**From {where}.** One relay process, `python -m p2psc relay serve` with its default "
+            f"limits (`max_peers` 10,000), pinned to one CPU; one client process on the other CPU holds "
+            "every peer: a `P2PHandler` and its `NatAgent` per peer id, attaching with "
+            "`nat.ensure_link()` (TCP connect, the p2psc handshake with the relay, RSA-2048, its "
+            f"WELCOME, then the peer's HELLO), at most {p['concurrency']} at once. The relay knows "
+            f"{r['known_peers']:,} peer ids, all with one public key (bench/relayscale.py).",
+            f"**Memory**: the relay's VmRSS after {p['warmup']} warm-up attaches (baseline "
+            f"{fmt_num(r['baseline_rss_mib'])} MiB, every peer's key already loaded) and after each "
+            f"step, {p['settle_s']:g} s after its last attach; KiB per attached peer = growth / peers "
+            "attached since the baseline. It includes the control link's TCP transport and p2psc "
+            "connection state, the rendezvous' peer entry and the handshake's INIT replay-cache entry "
+            "(kept for `timestamp_window`, 120 s); the kernel's socket buffers are not in RSS.",
+            "**Attach rate**: the step's new peers / the seconds from the first connect to the last "
+            "WELCOME; relay and client CPU per attach over the same span (the relay's from "
+            "`/proc/<pid>/task/*/schedstat`). 'relay busy %' below 100 means the relay did not set the "
+            "pace (the client, or other processes on the machine did): at its CPU per attach in the "
+            f"least disturbed step ({quiet['peers']:,} peers), the relay alone would do about "
+            f"{fmt_num(attach_cap)} attaches/s. That CPU includes the relay's log line per attach "
+            "(`p2psc relay serve` logs attaches at INFO).",
+            "**Other processes' CPU** (% of all CPUs, from `/proc/stat` minus the relay's and the "
+            "client's): CPU time per attach and per PING holds up under it better than attaches/s, "
+            "though a busy sibling CPU still slows both.",
+            f"**Idle**: the relay's CPU over {fmt_num(last['idle_s'])} s with every peer attached and "
+            "nothing sent but keepalives (each end of a control link sends an authenticated PING after "
+            "25 s without sending; the window spans one interval, so one PING each way per link).",
+            f"**Extrapolated to `max_peers` ({cap:,}) from the last row** (not measured): about "
+            f"{fmt_num(mem_cap)} MiB of RSS and {fmt_num(cpu_cap)} % of one CPU when idle. Peers that "
+            "also serve UDP add a PROBE pair every `nat_probe_interval` (25 s); relayed traffic costs "
+            "what the 'NAT relay on 127.0.0.1' tables show.",
+        ]), "",
+    ]
+
+
 def console_report(data: dict[str, Any]) -> str:
     """The tables plus a short header, for the terminal."""
     m = data["machine"]
@@ -476,7 +566,8 @@ def console_report(data: dict[str, Any]) -> str:
     for r in failed:
         lines.append(f"FAILED round {r['round'] + 1} {r['test']} {r['transport']}: "
                      f"{r.get('error', '')[:300]}")
-    for title, table in tables(data) + nat_tables(data) + directory_tables(data.get("directory") or {}):
+    for title, table in (tables(data) + nat_tables(data) + relayscale_tables(data)
+                         + directory_tables(data.get("directory") or {})):
         lines += ["", title, table]
     return "\n".join(lines)
 
@@ -655,6 +746,7 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, note
         lines += [f"## {title}", "", table, ""]
     lines += nat_markdown(data)
     source = directory or data  # the saved results of the group's last run win
+    lines += relayscale_markdown(data)
     lines += directory_markdown(source.get("directory"), source.get("skipped", {}), directory_plot)
     lines += [
         "## Method",
@@ -710,7 +802,8 @@ def write_markdown(data: dict[str, Any], path: Path, plot_name: str | None, note
         ".venv/bin/python -m bench --only relay --rounds 3          # the NAT relay on 127.0.0.1",
         ".venv/bin/python -m bench --only natlab --lab-count 10     # the NAT lab (root, nftables)",
         ".venv/bin/python -m bench --only directory                 # directory load (PostgreSQL: initdb)",
-        ".venv/bin/python -m bench --render bench/results/latest.json   # docs again, + directory.json",
+        ".venv/bin/python -m bench --only relayscale                # attached peers per relay process",
+        ".venv/bin/python -m bench --render bench/results/latest.json   # docs again (+ directory.json, relayscale.json)",
         "```",
         "",
         ("Results: `bench/results/latest.json` (every per-round value, the foreign CPU of each run). "

@@ -12,6 +12,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from . import relayscale
 from .common import (
     CpuWindow,
     children_cpu_seconds,
@@ -31,7 +32,7 @@ from .workers import client_process, server_process
 log = logging.getLogger("bench.runner")
 
 NON_DEFAULT_SUITES = ("p2psc-aes", "p2psc-chacha")
-GROUPS = ("tcp", "latency", "handshake", "memory", "udp", "relay", "natlab", "directory")
+GROUPS = ("tcp", "latency", "handshake", "memory", "udp", "relay", "natlab", "relayscale", "directory")
 DEFAULT_SIZES = (100, 1024, 64 * 1024, 1 << 20)
 
 
@@ -80,6 +81,8 @@ class Settings:
         "clients": [1, 4, 16, 64], "warmup_s": 0.5, "duration_s": 3.0, "max_updates": 20_000,
         "peers": 1000, "peer_keys": 50, "generators": 2,
         "profile": True, "profile_clients": 16, "profile_s": 5.0})
+    #: attached peers per relay process (bench/relayscale.py)
+    relayscale: dict[str, Any] = field(default_factory=lambda: dict(relayscale.DEFAULT_PARAMS))
 
     def tcp_max_counts(self) -> dict[str, int]:
         """Count bound per message size (the time bound usually ends the blast first)."""
@@ -120,6 +123,7 @@ def smoke_settings(base: Settings) -> Settings:
                     {"backend": "postgres", "workers": 1, "bits": 2048}],
         "clients": [2], "warmup_s": 0.1, "duration_s": 0.3, "max_updates": 500, "peers": 20, "peer_keys": 2,
         "generators": 1, "profile": False, "profile_clients": 2, "profile_s": 0.3}
+    base.relayscale = dict(relayscale.SMOKE_PARAMS)
     base.groups = tuple(g for g in base.groups if g != "natlab")  # loopback only: no lab
     return base
 
@@ -340,6 +344,18 @@ def run_natlab(settings: Settings, root: Path, runs: list[dict[str, Any]]) -> di
     return result
 
 
+def run_relayscale_group(settings: Settings, ok: bool, why: str, base: Path, runs: list[dict[str, Any]],
+                         skipped: dict[str, str]) -> dict[str, Any] | None:
+    """The "relayscale" group if requested (once, after the rounds), else None."""
+    if "relayscale" not in settings.groups:
+        return None
+    if not ok:
+        skipped["relayscale"] = f"p2psc not importable ({why.splitlines()[0][:200]})"
+        return None
+    return relayscale.run_group(settings.relayscale, settings.loop, settings.relay_cpu, settings.quiet_wait_s,
+                                base / "relayscale", runs)
+
+
 def run_all(settings: Settings) -> dict[str, Any]:
     """Run every requested group for ``settings.rounds`` interleaved rounds; return the results."""
     started = time.time()
@@ -494,6 +510,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
                                              settings.profile_dir)
         if pg_reason is not None:
             skipped["directory-postgres"] = pg_reason
+    scale = run_relayscale_group(settings, ok, why, base, runs, skipped)
     tmp.cleanup()
     results = col.tree()
     return {
@@ -515,6 +532,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
             "relay_cpu": settings.relay_cpu,
             "natlab": settings.natlab,
             "directory": settings.directory,
+            "relayscale": settings.relayscale,
         },
         "transports": transports,
         "p2psc_default_suite": default_suite,
@@ -523,6 +541,7 @@ def run_all(settings: Settings) -> dict[str, Any]:
         "results": results,
         "natlab": natlab,
         "directory": directory,
+        "relayscale": scale,
         "runs": runs,
         "keygen_s": keygen_s,
         "started_unix": started,

@@ -141,3 +141,16 @@ def test_directory(smoke: dict[str, Any]) -> None:
             for metric in ("per_s", "p50_ms", "p99_ms", "window_s"):
                 assert isinstance(m[metric], float) and m[metric] > 0, (p["label"], phase, metric)
             assert m["server_cpu_s"] >= 0 and m["generator_cpu_s"] >= 0
+
+
+def test_relay_scale(smoke: dict[str, Any]) -> None:
+    """The relayscale group attached its peers to one relay process and measured it."""
+    scale = smoke["relayscale"]
+    assert scale is not None and scale["steps"], scale
+    assert [s["peers"] for s in scale["steps"]] == smoke["settings"]["relayscale"]["peers"]
+    for step in scale["steps"]:
+        for key in ("attaches_per_s", "relay_cpu_ms_per_attach", "client_cpu_ms_per_attach", "rss_mib"):
+            assert isinstance(step[key], float) and math.isfinite(step[key]) and step[key] > 0, (key, step)
+        for key in ("kib_per_peer", "idle_relay_cpu_pct", "idle_cpu_ms_per_peer_per_min"):
+            assert math.isfinite(step[key]), (key, step)  # a few peers: RSS may not move
+    assert ("relayscale", "relay") in {(r["test"], r["transport"]) for r in smoke["runs"]}
