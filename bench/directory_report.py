@@ -90,7 +90,8 @@ def profile_lines(profile: dict[str, Any] | None) -> list[str]:
         f"`/proc`: main thread {main:.2f} s ({main / total:.0%}), signing threads {other:.2f} s "
         f"({other / total:.0%}) — cProfile sees only the main thread. The main thread's own time by "
         f"where it is spent ({profile['main_busy_s']:.2f} s busy after subtracting an idle start/stop; "
-        f"{profile['main_one_off_s']:.2f} s of imports and new-connection set-up left out; its CPU time "
+        f"{max(0.0, profile['main_one_off_s']):.2f} s of one-off imports and new-connection set-up "
+        "left out; its CPU time "
         f"over the same span, from `/proc`, was {profile.get('main_thread_cpu_net_s', 0.0):.2f} s: "
         "cProfile's clock is the wall clock, so time the process spent preempted counts too, mostly in "
         "the socket `send` that woke the receiver):" if total else "Profile:",
