@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import math
@@ -10,7 +11,7 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -216,3 +217,22 @@ def parse_size(text: str) -> int:
     if value <= 4:
         raise ValueError(f"message size must be more than 4 bytes: {text!r}")
     return value
+
+
+@contextlib.contextmanager
+def once_measured(meta: dict[str, Any], runs: list[dict[str, Any]]) -> Iterator[None]:
+    """Time a group that runs once (not per round): the block's wall time and the CPU that
+    other processes used meanwhile (% of all CPUs) go into ``meta``, which is appended to
+    ``runs``, even when the block fails."""
+    window = CpuWindow()
+    window.start()
+    children0, self0 = children_cpu_seconds(), self_cpu_seconds()
+    try:
+        yield
+    finally:
+        busy, wall = window.stop()
+        ours = (children_cpu_seconds() - children0) + (self_cpu_seconds() - self0)
+        meta["wall_s"] = wall
+        ncpu = os.cpu_count() or 1
+        meta["foreign_cpu_pct"] = max(0.0, (busy - ours) / (wall * ncpu) * 100) if wall > 0 else 0.0
+        runs.append(meta)

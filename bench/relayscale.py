@@ -294,27 +294,19 @@ SMOKE_PARAMS: dict[str, Any] = {"peers": [20], "warmup": 2, "concurrency": 8, "s
 def run_group(params: dict[str, Any], loop: str, relay_cpu: int | None, quiet_wait_s: float, root: Path,
               runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The "relayscale" group, once: its outcome is one entry of ``runs`` (like the NAT lab)."""
-    from .common import children_cpu_seconds, self_cpu_seconds, wait_for_quiet_cpu
+    from .common import once_measured, wait_for_quiet_cpu
 
     waited, quiet = wait_for_quiet_cpu(quiet_wait_s)
-    window = CpuWindow()
-    window.start()
-    children0, self0 = children_cpu_seconds(), self_cpu_seconds()
     meta: dict[str, Any] = {"test": "relayscale", "transport": "relay", "round": 0,
                             "waited_for_quiet_s": waited, "found_quiet": quiet, "ok": True}
     result: dict[str, Any] | None = None
-    try:
-        result = run_relayscale(params, root, loop, relay_cpu)
-    except Exception as exc:  # noqa: BLE001 - the rest of the run goes on
-        log.error("relayscale failed: %s", exc)
-        meta["ok"] = False
-        meta["error"] = f"{type(exc).__name__}: {exc}"
-    busy, wall = window.stop()
-    ours = (children_cpu_seconds() - children0) + (self_cpu_seconds() - self0)
-    meta["wall_s"] = wall
-    ncpu = os.cpu_count() or 1
-    meta["foreign_cpu_pct"] = max(0.0, (busy - ours) / (wall * ncpu) * 100) if wall > 0 else 0.0
-    runs.append(meta)
+    with once_measured(meta, runs):
+        try:
+            result = run_relayscale(params, root, loop, relay_cpu)
+        except Exception as exc:  # noqa: BLE001 - the rest of the run goes on
+            log.error("relayscale failed: %s", exc)
+            meta["ok"] = False
+            meta["error"] = f"{type(exc).__name__}: {exc}"
     return result
 
 

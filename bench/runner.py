@@ -16,6 +16,7 @@ from . import relayscale
 from .common import (
     CpuWindow,
     children_cpu_seconds,
+    once_measured,
     self_cpu_seconds,
     size_label,
     summarize,
@@ -319,28 +320,20 @@ def run_natlab(settings: Settings, root: Path, runs: list[dict[str, Any]]) -> di
     """The NAT lab part, once (not per round); its outcome is one entry of ``runs``."""
     root.mkdir(parents=True, exist_ok=True)
     waited, quiet = wait_for_quiet_cpu(settings.quiet_wait_s)
-    window = CpuWindow()
-    window.start()
-    children0, self0 = children_cpu_seconds(), self_cpu_seconds()
     meta: dict[str, Any] = {"test": "natlab", "transport": "lab", "round": 0, "waited_for_quiet_s": waited,
                             "found_quiet": quiet}
     result: dict[str, Any] | None = None
-    try:
-        result = run_lab(settings.natlab, root)
-        failed = {k: v["errors"] for k, v in result["paths"].items() if v["errors"]}
-        meta["ok"] = not failed
-        if failed:
-            meta["error"] = "; ".join(f"{k}: {len(e)} failed ({e[0]})" for k, e in failed.items())
-    except Exception as exc:  # noqa: BLE001 - the rest of the run goes on
-        log.error("natlab failed: %s", exc)
-        meta["ok"] = False
-        meta["error"] = f"{type(exc).__name__}: {exc}"
-    busy, wall = window.stop()
-    ours = (children_cpu_seconds() - children0) + (self_cpu_seconds() - self0)
-    meta["wall_s"] = wall
-    ncpu = os.cpu_count() or 1
-    meta["foreign_cpu_pct"] = max(0.0, (busy - ours) / (wall * ncpu) * 100) if wall > 0 else 0.0
-    runs.append(meta)
+    with once_measured(meta, runs):
+        try:
+            result = run_lab(settings.natlab, root)
+            failed = {k: v["errors"] for k, v in result["paths"].items() if v["errors"]}
+            meta["ok"] = not failed
+            if failed:
+                meta["error"] = "; ".join(f"{k}: {len(e)} failed ({e[0]})" for k, e in failed.items())
+        except Exception as exc:  # noqa: BLE001 - the rest of the run goes on
+            log.error("natlab failed: %s", exc)
+            meta["ok"] = False
+            meta["error"] = f"{type(exc).__name__}: {exc}"
     return result
 
 

@@ -16,6 +16,7 @@ from .p2pexcept import (
     CRCError,
     DirectoryError,
     DirectorySignatureError,
+    DirectoryStoreError,
     DirectoryUnreachable,
     HandshakeError,
     HandshakeTimeout,
@@ -56,6 +57,7 @@ __all__ = [
     "UsageError", "PeerError", "RecordTooLarge", "LimitExceeded", "DirectorySignatureError",
     "PeerNotInDirectory", "RelayError", "PeerUnreachable", "TransferError",
     "UnknownEntryError", "ReplayError", "ConnectError", "DirectoryUnreachable", "NotADirectory",
+    "DirectoryStoreError",
 ]
 
 

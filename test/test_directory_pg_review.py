@@ -190,6 +190,29 @@ def test_migrating_a_large_directory_is_not_cut_off_by_the_per_query_timeout(
     run(main(), timeout=120)
 
 
+async def _sigterm_while_it_waits_for_the_schema_lock(blocker: Any, proc: Any,
+                                                      what: str) -> tuple[bytes, bytes]:
+    """Wait until ``proc`` waits for the migration's advisory lock (held by ``blocker``),
+    SIGTERM it, and return its output (killing it if it does not end in 15 s)."""
+    deadline = time.monotonic() + 15
+    waiting = 0
+    while time.monotonic() < deadline:  # until it waits for the lock
+        waiting = await blocker.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        if waiting:
+            break
+        await asyncio.sleep(0.05)
+    assert waiting, f"the {what} never reached its schema check"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return out, err
+
+
 def test_a_worker_stopped_while_it_starts_exits_quietly(pg_url: str, tmp_path: Path) -> None:
     """SIGTERM reaching a worker while it is still setting up its database (the supervisor
     stopped during a start): exit 0, no traceback."""
@@ -213,21 +236,7 @@ def test_a_worker_stopped_while_it_starts_exits_quietly(pg_url: str, tmp_path: P
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(opts).encode() + b"\n")
             await proc.stdin.drain()
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:  # until it waits for the lock
-                waiting = await blocker.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-                if waiting:
-                    break
-                await asyncio.sleep(0.05)
-            assert waiting, "the worker never reached its schema check"
-            proc.send_signal(signal.SIGTERM)
-            try:
-                out, err = await asyncio.wait_for(proc.communicate(), 15)
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            out, err = await _sigterm_while_it_waits_for_the_schema_lock(blocker, proc, "worker")
         finally:
             await blocker.close(timeout=5)
         assert b"Traceback" not in err, err.decode()
@@ -254,22 +263,7 @@ def test_a_single_process_server_stopped_while_it_starts_exits_quietly(
                 str(workdir), "--db", pg_url, "--port", "0", "--db-timeout", "20",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
-            deadline = time.monotonic() + 15
-            waiting = 0
-            while time.monotonic() < deadline:  # until it waits for the lock
-                waiting = await blocker.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-                if waiting:
-                    break
-                await asyncio.sleep(0.05)
-            assert waiting, "the server never reached its schema check"
-            proc.send_signal(signal.SIGTERM)
-            try:
-                _out, err = await asyncio.wait_for(proc.communicate(), 15)
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            _out, err = await _sigterm_while_it_waits_for_the_schema_lock(blocker, proc, "server")
         finally:
             await blocker.close(timeout=5)
         assert b"Traceback" not in err and b"unexpected error" not in err, err.decode()

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import rsa_key
+from conftest import rsa_key, run
 
 from p2psc import keys
 from p2psc.directory.backend import DirectoryBackend, SqliteBackend, open_backend
@@ -45,12 +45,6 @@ WAIT = 10.0  # upper bound on any single wait
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000  # signed update timestamps used below
 FAR = 10**10  # a nonce expiry far in the future
-
-
-def run(coro: Awaitable[T], timeout: float = 30.0) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(main())
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ PEER = {"ProtocolError", "CRCError", "RecordTooLarge", "LimitExceeded", "Handsha
         "HandshakeTimeout", "ConnectionLost", "RelayError", "PeerUnreachable", "ConnectError"}
 NEITHER = {"P2PError", "UsageError", "PeerError", "UnknownPeerError", "DirectoryError",
            "DirectorySignatureError", "PeerNotInDirectory", "UnknownEntryError", "ReplayError",
-           "DirectoryUnreachable", "NotADirectory", "TransferError"}
+           "DirectoryUnreachable", "NotADirectory", "TransferError", "DirectoryStoreError"}
 
 #: Each class and its direct bases.
 PARENTS = {
@@ -55,6 +55,7 @@ PARENTS = {
     "PeerNotInDirectory": ("DirectoryError", "UnknownPeerError"),
     "UnknownEntryError": ("DirectoryError",),
     "ReplayError": ("DirectoryError",),
+    "DirectoryStoreError": ("DirectoryError",),
 }
 
 #: Where each class was defined before p2pexcept held them all.
