@@ -48,22 +48,20 @@ RELAY_OF = {"direct": "raised", "relayed": "raised", "relayed-cli": "cli"}
 # --------------------------------------------------------------------------------------------
 # the relay's peer folder and process
 # --------------------------------------------------------------------------------------------
-def make_relay_folder(material: dict[str, str], directory: Path) -> dict[str, str]:
-    """A peer folder for the relay (its own key; knows the bench server and client)."""
+def write_relay_folder(directory: Path, key: Any, known: dict[str, bytes]) -> None:
+    """The relay's peer folder in ``directory``: its private ``key`` and the peers it knows,
+    ``known`` mapping each peer id to its PEM public key (several ids may share one key)."""
     data = directory / "data"
     (directory / "conf").mkdir(parents=True, exist_ok=True)
     (data / "pubkeys").mkdir(parents=True, exist_ok=True)
-    key = _rsa_key(2048)
     private = data / "private_key.pem"
     private.write_bytes(_pem_private(key))
     private.chmod(0o600)
-    public = directory / f"{RELAY_PEER_ID}.pub.pem"
-    public.write_bytes(_pem_public(key))
-    known = {}
-    for peer in (SERVER_PEER_ID, CLIENT_PEER_ID):
-        (data / "pubkeys" / f"{peer}.pubkey.pem").write_bytes(Path(material[f"{peer}:public"]).read_bytes())
-        known[peer] = {"peer_id": peer, "host": HOST, "port": 0}
-    (data / "peers.json").write_text(json.dumps(known))
+    records = {}
+    for peer, public_pem in known.items():
+        (data / "pubkeys" / f"{peer}.pubkey.pem").write_bytes(public_pem)
+        records[peer] = {"peer_id": peer, "host": HOST, "port": 0}
+    (data / "peers.json").write_text(json.dumps(records))
     (data / "config.json").write_text(json.dumps({"peer_id": RELAY_PEER_ID, "host": HOST, "port": 0}))
     (directory / "conf" / "config.json").write_text(json.dumps({
         "my_prikey_file": "$[workdir]$/data/private_key.pem",
@@ -71,6 +69,15 @@ def make_relay_folder(material: dict[str, str], directory: Path) -> dict[str, st
         "known_peers_file": "$[workdir]$/data/peers.json",
         "peer_pubkey_path": "$[workdir]$/data/pubkeys",
     }))
+
+
+def make_relay_folder(material: dict[str, str], directory: Path) -> dict[str, str]:
+    """A peer folder for the relay (its own key; knows the bench server and client)."""
+    key = _rsa_key(2048)
+    write_relay_folder(directory, key, {peer: Path(material[f"{peer}:public"]).read_bytes()
+                                        for peer in (SERVER_PEER_ID, CLIENT_PEER_ID)})
+    public = directory / f"{RELAY_PEER_ID}.pub.pem"
+    public.write_bytes(_pem_public(key))
     return {"workdir": str(directory), "public": str(public)}
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from .common import CLIENT_CPU, HOST, SERVER_CPU, CpuWindow, raise_nofile
 from .material import _pem_private, _pem_public, _rsa_key
-from .nat import RELAY_PEER_ID, RelayProcess, relay_cpu_seconds
+from .nat import RELAY_PEER_ID, RelayProcess, relay_cpu_seconds, write_relay_folder
 
 log = logging.getLogger("bench.relayscale")
 
@@ -54,26 +54,9 @@ def make_scale_folders(directory: Path, count: int) -> dict[str, Any]:
     """The relay's peer folder (knowing ``count`` peer ids, all with one public key) and the
     peers' shared files (private key, the relay's public key); returns their paths."""
     relay_dir = directory / "relay"
-    data = relay_dir / "data"
-    (relay_dir / "conf").mkdir(parents=True, exist_ok=True)
-    (data / "pubkeys").mkdir(parents=True, exist_ok=True)
     relay_key, peer_key = _rsa_key(2048), _rsa_key(2048)
-    (data / "private_key.pem").write_bytes(_pem_private(relay_key))
-    (data / "private_key.pem").chmod(0o600)
     peer_public = _pem_public(peer_key)
-    known = {}
-    for i in range(count):
-        pid = peer_id(i)
-        (data / "pubkeys" / f"{pid}.pubkey.pem").write_bytes(peer_public)
-        known[pid] = {"peer_id": pid, "host": HOST, "port": 0}
-    (data / "peers.json").write_text(json.dumps(known))
-    (data / "config.json").write_text(json.dumps({"peer_id": RELAY_PEER_ID, "host": HOST, "port": 0}))
-    (relay_dir / "conf" / "config.json").write_text(json.dumps({
-        "my_prikey_file": "$[workdir]$/data/private_key.pem",
-        "xconfig": "$[workdir]$/data/config.json",
-        "known_peers_file": "$[workdir]$/data/peers.json",
-        "peer_pubkey_path": "$[workdir]$/data/pubkeys",
-    }))
+    write_relay_folder(relay_dir, relay_key, {peer_id(i): peer_public for i in range(count)})
     peers = directory / "peers"
     (peers / "pubkeys").mkdir(parents=True, exist_ok=True)
     (peers / "private_key.pem").write_bytes(_pem_private(peer_key))

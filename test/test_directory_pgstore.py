@@ -28,15 +28,15 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
-from aiohttp import web
 from conftest import rsa_key, run
+from test_directory_server import running
 
 from p2psc import keys
 from p2psc.directory.backend import DirectoryBackend, SqliteBackend, open_backend
 from p2psc.directory.client import update_address as client_update_address
 from p2psc.directory.pgstore import SCHEMA_VERSION, PostgresBackend, safe_url  # asyncpg on use
 from p2psc.directory.record import verify_record
-from p2psc.directory.server import LOOKUP_PATH, STATE_KEY, UPDATE_PATH, make_app, start_server
+from p2psc.directory.server import LOOKUP_PATH, STATE_KEY, UPDATE_PATH, make_app
 from p2psc.directory.store import DirectoryStore, PeerEntry
 from p2psc.p2pexcept import DirectoryError, DirectoryStoreError, ReplayError, UnknownEntryError
 
@@ -559,15 +559,6 @@ def test_missing_database_is_a_store_error(pg_url: str) -> None:
 
 
 # -- the record cache shared by server processes --------------------------------------------
-
-@contextlib.asynccontextmanager
-async def running(app: web.Application) -> AsyncIterator[str]:
-    runner, port = await asyncio.wait_for(start_server(app, "127.0.0.1", 0), WAIT)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await asyncio.wait_for(runner.cleanup(), WAIT)
-
 
 async def get_json(url: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as s, \

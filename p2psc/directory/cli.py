@@ -457,14 +457,7 @@ def add_directory_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _ttl_arg(text: str) -> int:
     """argparse type of ``--record-ttl``: whole seconds in the accepted range."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
-    if not MIN_RECORD_TTL <= value <= MAX_RECORD_TTL:
-        raise argparse.ArgumentTypeError(f"must be from {MIN_RECORD_TTL} to {MAX_RECORD_TTL} "
-                                         "seconds")
-    return value
+    return _int_in(text, MIN_RECORD_TTL, MAX_RECORD_TTL, " seconds")
 
 
 def _pool_arg(text: str) -> int:
@@ -477,13 +470,15 @@ def _workers_arg(text: str) -> int:
     return _int_in(text, 1, MAX_WORKERS)
 
 
-def _int_in(text: str, low: int, high: int) -> int:
+def _int_in(text: str, low: int, high: int, unit: str = "") -> int:
+    """A whole number from ``low`` to ``high`` (``unit``, e.g. " seconds", in the messages)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        of = f" of{unit}" if unit else ""
+        raise argparse.ArgumentTypeError(f"not a whole number{of}: {text!r}") from None
     if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"must be from {low} to {high}")
+        raise argparse.ArgumentTypeError(f"must be from {low} to {high}{unit}")
     return value
 
 

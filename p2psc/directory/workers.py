@@ -157,15 +157,15 @@ def _worker_main() -> int:
     """A worker process: ``python -m p2psc.directory.workers``, its options as one JSON line
     on stdin, which stays open (end of file: the supervisor died, the worker stops). Tells
     the supervisor its port with one line ``READY PORT`` on stdout once it listens."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s[%(process)d] %(message)s")
     line = sys.stdin.buffer.readline(_MAX_OPTIONS)
     try:
         opts = ServeOptions(**json.loads(line))
     except (ValueError, TypeError) as exc:
-        print(f"p2psc directory: worker {os.getpid()}: no valid options on stdin ({exc})",
-              file=sys.stderr, flush=True)
+        log.error("p2psc directory: worker %d: no valid options on stdin (%s)", os.getpid(), exc)
         return 2
-    logging.basicConfig(level=opts.log_level,
-                        format="%(asctime)s %(name)s[%(process)d] %(message)s")
+    logging.getLogger().setLevel(opts.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops workers with SIGTERM
 
     def ready(port: int, _description: str) -> None:
@@ -176,7 +176,7 @@ def _worker_main() -> int:
         key = load_center_key(opts)
         asyncio.run(_serve_while_parent(opts, key, ready))
     except (P2PError, OSError) as exc:  # the database, the center key (ConfigError), the port
-        print(f"p2psc directory: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
+        log.error("p2psc directory: worker %d: %s", os.getpid(), exc)
         return 1
     except asyncio.CancelledError:  # stopped (SIGTERM, or the supervisor gone) while starting
         return 0
@@ -254,7 +254,7 @@ class _Worker:
 
 
 def supervise(opts: ServeOptions, workers: int,
-              announce: Callable[[str], None] = print) -> int:
+              announce: Callable[[str], None] = log.info) -> int:
     """Run ``workers`` server processes on ``opts.host:opts.port`` until SIGTERM or SIGINT,
     restarting any that dies. ``announce`` gets one line per event (listening, a worker
     started or died). Returns the exit code: 0 after a signal, 1 if the first start failed."""
