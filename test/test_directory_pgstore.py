@@ -781,3 +781,42 @@ def test_migrate_refuses_an_sqlite_file_that_is_not_a_directory_and_leaves_it_al
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"p2psc directory: {garbage}: not a readable SQLite database")
     assert garbage.read_bytes() == b"not a database at all"
+
+
+def test_a_read_only_database_serves_lookups_and_answers_updates_503(pg_url: str) -> None:
+    """A database at this schema version that refuses writes (a streaming replica; here a
+    database with default_transaction_read_only, which refuses them the same way): the server
+    opens it without writing, answers lookups, and answers updates 503 with nothing written."""
+    center, alice = rsa_key("center"), rsa_key("pg-alice")
+    dbname = pg_url.rsplit("/", 1)[1]
+
+    async def go() -> None:
+        writer = await PostgresBackend.connect(pg_url)
+        try:
+            await writer.put("alice", keys.public_key_pem(alice).decode("ascii"), "127.0.0.1",
+                             7001, updated_at=T0)
+        finally:
+            await writer.close()
+        await sql(pg_url, f"ALTER DATABASE {dbname} SET default_transaction_read_only = on")
+        reader = await PostgresBackend.connect(pg_url, timeout=2.0)
+        try:
+            app = make_app(reader, center)
+            async with running(app) as base:
+                status, rec = await get_json(base + LOOKUP_PATH + "?id=alice&nonce=" + "cd" * 16)
+                assert status == 200
+                checked = verify_record(center.public_key(), rec, "alice", nonce="cd" * 16)
+                assert (checked.host, checked.port) == ("127.0.0.1", 7001)
+                # nonce-less: signed (the cache cannot be written), still answered
+                status, rec = await get_json(base + LOOKUP_PATH + "?id=alice")
+                assert status == 200 and rec["nonce"] is None
+                with pytest.raises(DirectoryError, match="HTTP 503"):
+                    await asyncio.wait_for(client_update_address(
+                        base + UPDATE_PATH, "alice", alice, "127.0.0.2", 7002,
+                        center_public_key=center.public_key()), WAIT)
+        finally:
+            await reader.close()
+        rows = await sql(pg_url, "SELECT host, port FROM peers")
+        assert [(r["host"], r["port"]) for r in rows] == [("127.0.0.1", 7001)]
+        assert await sql(pg_url, "SELECT nonce FROM seen_nonces") == []
+        assert await sql(pg_url, "SELECT record FROM record_cache") == []
+    run(go())

@@ -127,13 +127,19 @@ def _reason(exc: BaseException) -> str:
 
 
 async def _migrate(conn: Any, where: str) -> None:
-    """Create or upgrade the schema, once, under an advisory lock held for the transaction."""
+    """Create or upgrade the schema, once, under an advisory lock held for the transaction.
+    A database already at this version is only read, so a read-only one (a replica) opens."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
-        await conn.execute("CREATE TABLE IF NOT EXISTS p2psc_schema (only_row BOOLEAN PRIMARY "
-                           "KEY DEFAULT TRUE CHECK (only_row), version INTEGER NOT NULL)")
-        version = await conn.fetchval("SELECT version FROM p2psc_schema")
+        version = None
+        if await conn.fetchval("SELECT to_regclass('p2psc_schema') IS NOT NULL"):
+            version = await conn.fetchval("SELECT version FROM p2psc_schema")
+        if version == SCHEMA_VERSION:
+            return
         if version is None:
+            await conn.execute("CREATE TABLE IF NOT EXISTS p2psc_schema (only_row BOOLEAN "
+                               "PRIMARY KEY DEFAULT TRUE CHECK (only_row), version INTEGER "
+                               "NOT NULL)")
             version = 0
             await conn.execute("INSERT INTO p2psc_schema (version) VALUES (0)")
         if version > SCHEMA_VERSION:
